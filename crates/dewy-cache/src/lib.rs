@@ -1,1 +1,141 @@
-//! placeholder
+//! The artifact cache of dewy.
+//!
+//! The cache remembers which artifact is current and keeps downloaded
+//! artifacts, so that a restart, a redeploy after a crash, or a rollback needs
+//! no download.
+//!
+//! # Contract
+//!
+//! - Keys are validated [`Key`]s: `<tag>--<artifact>` for artifacts
+//!   ([`Key::artifact`]) and `current` ([`Key::current`]) for the one in use.
+//!   A key can never name a path outside the cache.
+//! - A final key never names a partial value: writes go to a temporary file in
+//!   the same folder, are synced, then renamed, so a crash at any point leaves
+//!   the old value or the new one ([`FileCache`]).
+//! - Large artifacts never pass through memory: [`Cache::put_file`] moves a
+//!   complete file (downloaded into [`Cache::staging_dir`]) under its key, and
+//!   [`Cache::local_path`] hands a file path back for extraction.
+//!
+//! # Layout of the file backend
+//!
+//! ```text
+//! <cache dir>/
+//! ├── .lock                           advisory lock taken around every write
+//! ├── .staging/                       downloads in progress (same filesystem)
+//! ├── current                         value: the artifact key in use
+//! └── v1.2.3--myapp_linux_amd64.tar.gz
+//! ```
+//!
+//! # What this crate must never do
+//!
+//! Network I/O (cloud backends live with their SDKs elsewhere), reading
+//! environment variables (the CLI passes `DEWY_CACHEDIR` in), or exposing a
+//! partially written value under a final key.
+
+#![deny(missing_docs)]
+
+mod file;
+mod key;
+#[cfg(feature = "testing")]
+mod memory;
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+pub use file::{FileCache, Opened};
+pub use key::Key;
+#[cfg(feature = "testing")]
+pub use memory::MemoryCache;
+
+/// One stored value, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its key.
+    pub key: Key,
+    /// Size in bytes.
+    pub size: u64,
+    /// When it was last written.
+    pub modified: SystemTime,
+}
+
+/// Errors of a cache backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A key that would leave the cache, or is otherwise malformed.
+    #[error("invalid cache key `{key}`: {reason}")]
+    InvalidKey {
+        /// The rejected key (with control characters escaped).
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A filesystem operation failed.
+    #[error("failed to {op} `{}`", path.display())]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The path it was applied to.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A failure injected by a test backend.
+    #[error("injected failure: {0}")]
+    Injected(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io { op, path: path.to_path_buf(), source }
+    }
+}
+
+/// A key-value store for artifacts and the `current` marker.
+///
+/// Implementations must make every write atomic (old value or new value,
+/// never a mix) and must reject nothing that [`Key`] accepts.
+#[async_trait::async_trait]
+pub trait Cache: Send + Sync + std::fmt::Debug {
+    /// Reads a small value (such as `current`); `None` when absent.
+    async fn read(&self, key: &Key) -> Result<Option<Vec<u8>>, Error>;
+
+    /// Writes a small value atomically.
+    async fn write(&self, key: &Key, data: &[u8]) -> Result<(), Error>;
+
+    /// Moves the complete file `src` (which should be inside
+    /// [`Cache::staging_dir`]) under `key` atomically.
+    async fn put_file(&self, key: &Key, src: &Path) -> Result<(), Error>;
+
+    /// A local file holding the value of `key`, for extraction; `None` when
+    /// absent.
+    async fn local_path(&self, key: &Key) -> Result<Option<PathBuf>, Error>;
+
+    /// Every stored value except `current`-style markers' internals.
+    async fn list(&self) -> Result<Vec<Entry>, Error>;
+
+    /// Removes a value; absent keys are not an error.
+    async fn delete(&self, key: &Key) -> Result<(), Error>;
+
+    /// A folder on the same filesystem as the cache, for downloads in
+    /// progress.
+    fn staging_dir(&self) -> &Path;
+
+    /// Keeps the artifacts of the newest `keep` releases (by write time) plus
+    /// `protect`, removes the others, and returns what was removed.
+    async fn evict(&self, keep: usize, protect: &[Key]) -> Result<Vec<Key>, Error> {
+        let mut artifacts: Vec<Entry> = self.list().await?.into_iter().filter(|e| e.key.is_artifact()).collect();
+        artifacts.sort_by(|a, b| b.modified.cmp(&a.modified).then_with(|| a.key.cmp(&b.key)));
+        let mut removed = Vec::new();
+        for entry in artifacts.into_iter().skip(keep) {
+            if protect.contains(&entry.key) {
+                continue;
+            }
+            self.delete(&entry.key).await?;
+            tracing::info!(cache_key = %entry.key, "Evicted cached artifact");
+            removed.push(entry.key);
+        }
+        Ok(removed)
+    }
+}
