@@ -1,1 +1,334 @@
-//! placeholder
+//! Release discovery for dewy: which release should this host run, and where
+//! is its artifact?
+//!
+//! # Contract
+//!
+//! - [`Registry::latest`] answers with the newest [`Release`] for this host
+//!   (version scheme, pre-release opt-in and blue/green slot applied), or a
+//!   typed [`Error`]. A release whose artifact is missing is
+//!   [`Error::ArtifactNotFound`] with its publish time, so the caller can
+//!   apply the grace period; several matching artifacts are
+//!   [`Error::AmbiguousArtifact`], never a silent first pick.
+//! - Backends are chosen by URL scheme through one table ([`open`]); an
+//!   unknown scheme or query option is an error that names it and lists the
+//!   valid ones.
+//! - [`Downloader`] turns an artifact location into a verified file:
+//!   streamed to a temporary file beside the cache, hashed with SHA-256 while
+//!   streaming, resumed with HTTP `Range`, retried with backoff and jitter,
+//!   bounded in size and time, and checked against the release's checksum.
+//!   Memory use does not grow with the artifact's size.
+//! - URLs in logs and errors go through [`SafeUrl`], which masks secrets.
+//!
+//! # Layout of the `file://` registry
+//!
+//! ```text
+//! /srv/releases/                      file:///srv/releases
+//! ├── v1.2.3/
+//! │   ├── myapp_linux_amd64.tar.gz    artifact (chosen by OS/arch tokens)
+//! │   └── SHA256SUMS                  optional: verified when present
+//! └── v1.2.4/ ...
+//! ```
+//!
+//! # What this crate must never do
+//!
+//! Read configuration files or flags (the CLI passes options in), log a
+//! secret, or keep a whole artifact in memory.
+
+#![deny(missing_docs)]
+
+mod artifact;
+mod download;
+mod file;
+mod redact;
+mod version;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use artifact::{Choice, Platform, choose_artifact};
+pub use download::{DownloadPolicy, DownloadProgress, Downloaded, Downloader, NoProgress};
+pub use file::FileRegistry;
+pub use redact::SafeUrl;
+pub use version::{CalVerFormat, Scheme, Selection, Version, choose_latest, parse_semver};
+
+/// A SHA-256 digest that an artifact must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checksum {
+    /// Lower-case hex.
+    pub sha256: String,
+    /// Where it came from (`SHA256SUMS`, `app.tar.gz.sha256`, the registry's digest).
+    pub source: String,
+}
+
+/// The release a registry chose for this host.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// A stable identifier of the release in its registry.
+    pub id: String,
+    /// The tag as published (`v1.2.3`).
+    pub tag: String,
+    /// The parsed version.
+    pub version: Version,
+    /// The artifact's file name.
+    pub artifact_name: String,
+    /// Where to download it (`file://`, `http(s)://`).
+    pub artifact_url: String,
+    /// When the release was published, when known.
+    pub published_at: Option<jiff::Timestamp>,
+    /// The blue/green slot (build metadata), if any.
+    pub slot: Option<String>,
+    /// The checksum the artifact must match, when the registry knows one.
+    pub checksum: Option<Checksum>,
+}
+
+/// A deployment to record in the registry's audit trail.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The release deployed.
+    pub tag: String,
+    /// `server` or `assets`.
+    pub command: String,
+    /// The host's name.
+    pub hostname: String,
+    /// When.
+    pub at: jiff::Timestamp,
+    /// The error, when the deployment failed.
+    pub error: Option<String>,
+}
+
+/// Everything a registry or a download can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The chosen release has no artifact for this host (yet).
+    #[error("artifact not found: {} in release `{tag}`", wanted.as_deref().unwrap_or("(none matches this host)"))]
+    ArtifactNotFound {
+        /// The release's tag.
+        tag: String,
+        /// The artifact asked for with `artifact=`, if any.
+        wanted: Option<String>,
+        /// When the release was published: inside the grace period a missing
+        /// artifact is not an error.
+        published_at: Option<jiff::Timestamp>,
+    },
+    /// Several artifacts fit this host.
+    #[error("several artifacts of release `{tag}` fit this host: {}; choose one with `artifact=`", candidates.join(", "))]
+    AmbiguousArtifact {
+        /// The release's tag.
+        tag: String,
+        /// The candidates.
+        candidates: Vec<String>,
+    },
+    /// No tag parsed as a version (of the slot, when one is set).
+    #[error("no valid versioned release found in `{location}`")]
+    NoVersion {
+        /// The registry (redacted).
+        location: String,
+    },
+    /// A registry URL with a scheme no backend handles.
+    #[error("unsupported registry scheme `{scheme}`; supported schemes: {}", valid.join(", "))]
+    UnknownScheme {
+        /// The scheme given.
+        scheme: String,
+        /// The schemes this build supports.
+        valid: Vec<&'static str>,
+    },
+    /// An unknown query option.
+    #[error("unknown registry option `{option}`; valid options: {}", valid.join(", "))]
+    UnknownOption {
+        /// The option given.
+        option: String,
+        /// The options this backend takes.
+        valid: Vec<&'static str>,
+    },
+    /// A malformed URL or option value.
+    #[error("invalid registry `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL (redacted).
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A local filesystem operation failed.
+    #[error("failed to {op} `{}`", path.display())]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server answered with an error status.
+    #[error("download of `{url}` failed with HTTP status {status}")]
+    HttpStatus {
+        /// The URL (redacted).
+        url: String,
+        /// The status code.
+        status: u16,
+    },
+    /// The connection failed or timed out.
+    #[error("download of `{url}` failed")]
+    Transport {
+        /// The URL (redacted).
+        url: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The artifact does not match its checksum; nothing was cached.
+    #[error("checksum mismatch for `{url}`: expected sha256 {expected} (from {source_name}), got {actual}")]
+    ChecksumMismatch {
+        /// The URL (redacted).
+        url: String,
+        /// The expected digest.
+        expected: String,
+        /// The digest of what arrived.
+        actual: String,
+        /// Where the expected digest came from.
+        source_name: String,
+    },
+    /// The artifact is larger than the configured maximum.
+    #[error("artifact `{url}` exceeds the maximum size of {limit} bytes")]
+    TooLarge {
+        /// The URL (redacted).
+        url: String,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { op, path: path.into(), source }
+    }
+
+    /// Whether retrying the same request later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport { .. } => true,
+            Self::HttpStatus { status, .. } => *status == 429 || *status == 408 || *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// The backend of one registry URL.
+///
+/// Implementations answer from the registry's current state each call; they
+/// may cache internally (conditional requests) but must not return a release
+/// older than one they returned before.
+#[async_trait::async_trait]
+pub trait Registry: Send + Sync + std::fmt::Debug {
+    /// The newest release for this host. Reserve errors for real failures:
+    /// a missing artifact is [`Error::ArtifactNotFound`].
+    async fn latest(&self) -> Result<Release, Error>;
+
+    /// Records a deployment in the registry's audit trail. The default does
+    /// nothing.
+    async fn report(&self, _report: &Report) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Options that come from flags rather than the registry URL.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Blue/green slot (`--slot`).
+    pub slot: Option<String>,
+    /// CalVer format (`--calver`); overrides a `calver=` query option.
+    pub calver: Option<String>,
+    /// The host platform for artifact choice.
+    pub platform: Platform,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self { slot: None, calver: None, platform: Platform::host() }
+    }
+}
+
+/// The scheme table: every registry backend this build has.
+const SCHEMES: &[(&str, fn(&url::Url, &OpenOptions) -> Result<Arc<dyn Registry>, Error>)] =
+    &[("file", |url, opts| Ok(Arc::new(FileRegistry::from_url(url, opts)?)))];
+
+/// Opens the registry named by `url`, choosing the backend by scheme.
+pub fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Registry>, Error> {
+    let valid = || SCHEMES.iter().map(|(s, _)| *s).collect::<Vec<_>>();
+    let Some((scheme, _)) = url.split_once("://") else {
+        return Err(Error::InvalidUrl {
+            url: SafeUrl(url).to_string(),
+            reason: format!("expected scheme://path, for example file:///srv/releases; supported schemes: {}", valid().join(", ")),
+        });
+    };
+    let parsed = url::Url::parse(url)
+        .map_err(|e| Error::InvalidUrl { url: SafeUrl(url).to_string(), reason: e.to_string() })?;
+    match SCHEMES.iter().find(|(s, _)| *s == scheme) {
+        Some((_, make)) => make(&parsed, options),
+        None => Err(Error::UnknownScheme { scheme: scheme.to_owned(), valid: valid() }),
+    }
+}
+
+/// Query options shared by the release registries.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CommonOptions {
+    pub(crate) pre_release: bool,
+    pub(crate) artifact: Option<String>,
+    pub(crate) calver: Option<String>,
+}
+
+impl CommonOptions {
+    const VALID: &'static [&'static str] = &["pre-release", "artifact", "calver"];
+
+    pub(crate) fn parse(url: &url::Url) -> Result<Self, Error> {
+        let mut out = Self::default();
+        for (k, v) in url.query_pairs() {
+            match k.as_ref() {
+                "pre-release" => {
+                    out.pre_release = match v.as_ref() {
+                        "true" | "1" | "" => true,
+                        "false" | "0" => false,
+                        other => {
+                            return Err(Error::InvalidUrl {
+                                url: SafeUrl(url.as_str()).to_string(),
+                                reason: format!("`pre-release={other}` is not a boolean (true or false)"),
+                            });
+                        }
+                    }
+                }
+                "artifact" => out.artifact = Some(v.into_owned()).filter(|a| !a.is_empty()),
+                "calver" => out.calver = Some(v.into_owned()).filter(|a| !a.is_empty()),
+                other => return Err(Error::UnknownOption { option: other.to_owned(), valid: Self::VALID.to_vec() }),
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn selection(&self, opts: &OpenOptions, url: &url::Url) -> Result<Selection, Error> {
+        let scheme = match opts.calver.as_ref().or(self.calver.as_ref()) {
+            Some(f) => Scheme::CalVer(
+                CalVerFormat::new(f).map_err(|reason| Error::InvalidUrl { url: SafeUrl(url.as_str()).to_string(), reason })?,
+            ),
+            None => Scheme::SemVer,
+        };
+        Ok(Selection { scheme, pre_release: self.pre_release, slot: opts.slot.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheme_and_option_errors_name_the_culprit() {
+        let err = open("ftp://x/y", &OpenOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("`ftp`") && err.contains("file"), "{err}");
+        let err = open("file:///srv?bogus=1", &OpenOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("`bogus`") && err.contains("pre-release"), "{err}");
+        let err = open("/srv/releases", &OpenOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("scheme://"), "{err}");
+        let err = open("file:///srv?pre-release=maybe", &OpenOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("pre-release=maybe"), "{err}");
+    }
+}
