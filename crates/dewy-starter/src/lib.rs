@@ -1,1 +1,147 @@
-//! placeholder
+//! Zero-downtime restarts by holding the application's listening sockets.
+//!
+//! dewy binds the application's sockets once ([`Listeners::bind`]) and keeps
+//! them open for as long as it runs. Each *generation* of the application
+//! receives them as inherited file descriptors starting at 3, so a restart
+//! never refuses a connection: the kernel keeps queueing connections on the
+//! same sockets while one generation hands over to the next.
+//!
+//! # Protocols (public API: apps depend on them)
+//!
+//! - Server::Starter: `SERVER_STARTER_PORT=host:port=fd;...` in the same
+//!   spelling Perl's `start_server` uses for the same `--port` values (`8000=3`
+//!   for a bare port, `127.0.0.1:8000=3`, `/run/app.sock=3`), and
+//!   `SERVER_STARTER_GENERATION=N`.
+//! - systemd: `LISTEN_FDS=n`, `LISTEN_FDNAMES=name:name`, and `LISTEN_PID` set
+//!   to the child's own pid. The pid is only known after fork, and setting an
+//!   environment variable between fork and exec is not async-signal-safe, so
+//!   the child is started through `/bin/sh -c 'LISTEN_PID=$$ exec "$0" "$@"'`,
+//!   which execs the app in the same process: no race, no wrapper left.
+//! - Readiness: with [`Readiness::Notify`] the child gets `NOTIFY_SOCKET` (a
+//!   private datagram socket per generation) and is ready when it sends
+//!   `READY=1`, as under systemd's `Type=notify`.
+//!
+//! # Readiness and its limits
+//!
+//! A restart starts generation N+1, waits until it is ready, and only then
+//! sends the stop signal to generation N (default SIGTERM, then SIGKILL after
+//! the stop timeout). Ready means, per [`Readiness`]:
+//!
+//! - `Notify`: `READY=1` arrived on the generation's own notify socket;
+//! - `Http`: a GET of the health path answered 2xx. A probe through the shared
+//!   port cannot tell the generations apart while the old one still accepts,
+//!   so each generation gets one more inherited socket, a private loopback
+//!   listener named `dewy-health` in `LISTEN_FDNAMES` and listed last in
+//!   `SERVER_STARTER_PORT`; the probe connects there and so reaches the new
+//!   generation only. **Limit:** the app must serve every socket it inherits
+//!   (Server::Starter and listenfd apps that loop over all of them do); an app
+//!   that serves only the first socket never becomes ready under `Http` and
+//!   should use `Notify` or `Alive`;
+//! - `Alive`: the process is still running after the interval (what
+//!   server-starter does).
+//!
+//! If the new generation exits or is not ready by the deadline, it is
+//! stopped, the old one keeps serving, and [`Starter::restart`] returns an
+//! [`Error`] naming the cause (exit status or signal, and the last lines of
+//! its stderr).
+//!
+//! A generation that dies on its own is restarted with exponential backoff;
+//! repeated crashes are reported as [`Event::CrashLoop`].
+//!
+//! Children run in their own process group; stopping signals the whole group.
+//! Each child has `PR_SET_PDEATHSIG` set to SIGTERM, so a dewy killed with
+//! SIGKILL leaves no orphan.
+//!
+//! # What this crate must never do
+//!
+//! Handle signals sent to dewy itself (dewy-cli does), close the listening
+//! sockets while the [`Starter`] lives, or read dewy's environment: the child's
+//! environment is exactly what the caller passes in [`StarterConfig::env`].
+//!
+//! This is the only dewy crate allowed `unsafe`: the `pre_exec` hook that
+//! places descriptors and sets the parent-death signal between fork and exec.
+//! Every block says why it is sound.
+
+#![allow(unsafe_code)]
+#![deny(missing_docs)]
+
+mod listeners;
+mod process;
+
+pub use listeners::{ListenSpec, Listeners, parse_ports};
+pub use process::{Event, ExitInfo, GenerationInfo, Readiness, Starter, StarterConfig};
+
+use std::path::PathBuf;
+
+/// Errors of the starter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A `--port` value that does not parse.
+    #[error("invalid port specification `{spec}`: {reason}")]
+    InvalidPort {
+        /// The value.
+        spec: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A socket could not be bound.
+    #[error("failed to listen on `{spec}`")]
+    Bind {
+        /// The listener.
+        spec: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The application could not be started.
+    #[error("failed to start `{}`", command.display())]
+    Spawn {
+        /// The command.
+        command: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The new generation exited before it was ready.
+    #[error("generation {generation} exited before it was ready: {exit}{}", tail(stderr))]
+    ExitedEarly {
+        /// Its number.
+        generation: u64,
+        /// How it ended.
+        exit: ExitInfo,
+        /// Its last stderr lines.
+        stderr: Vec<String>,
+    },
+    /// The new generation did not become ready in time.
+    #[error("generation {generation} was not ready within {timeout:?}: {reason}{}", tail(stderr))]
+    NotReady {
+        /// Its number.
+        generation: u64,
+        /// The deadline.
+        timeout: std::time::Duration,
+        /// The last probe result.
+        reason: String,
+        /// Its last stderr lines.
+        stderr: Vec<String>,
+    },
+    /// An operation needs a running generation.
+    #[error("the application is not running")]
+    NotRunning,
+    /// The starter is shutting down.
+    #[error("the starter is shutting down")]
+    ShuttingDown,
+    /// An operating-system call failed.
+    #[error("failed to {op}")]
+    Os {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn tail(lines: &[String]) -> String {
+    if lines.is_empty() { String::new() } else { format!("; last stderr lines:\n{}", lines.join("\n")) }
+}

@@ -503,3 +503,28 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Ok((status, body))
 }
+
+/// The path of the example app `demo-app` (examples/demo-app), built on
+/// first use into the same target folder as the running test.
+pub fn demo_app() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // <target>/<profile>/deps/<test binary>
+            let exe = std::env::current_exe().expect("current exe");
+            let profile_dir = exe.parent().and_then(Path::parent).expect("test binary in <target>/<profile>/deps");
+            let target_dir = profile_dir.parent().expect("target dir");
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            cmd.current_dir(&workspace).args(["build", "--quiet", "-p", "demo-app", "--target-dir"]).arg(target_dir);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo to build demo-app");
+            assert!(status.success(), "building demo-app failed");
+            let path = profile_dir.join("demo-app");
+            assert!(path.exists(), "demo-app not found at {}", path.display());
+            path
+        })
+        .clone()
+}
