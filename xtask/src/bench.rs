@@ -20,7 +20,6 @@ pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
     }
 }
 
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -35,7 +34,7 @@ fn semi_compressible(len: usize, seed: u64) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 3 == 0 {
+        if x.is_multiple_of(3) {
             out.extend_from_slice(b"symbol_table_entry_for_function_");
         } else {
             out.extend_from_slice(&x.to_le_bytes());
@@ -53,14 +52,20 @@ fn build_tree(root: &Path, scale: usize) -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         let mut f = std::fs::File::create(dir.join(format!("file{i}.txt")))?;
         for line in 0..(50 + i % 200) {
-            writeln!(f, "line {line} of file {i}: the quick brown fox jumps over the lazy dog")?;
+            writeln!(
+                f,
+                "line {line} of file {i}: the quick brown fox jumps over the lazy dog"
+            )?;
         }
     }
     Ok(())
 }
 
 fn peak_rss_kib(stderr: &str) -> Option<u64> {
-    stderr.lines().find_map(|l| l.strip_prefix("peak_rss_kib=")).and_then(|v| v.trim().parse().ok())
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("peak_rss_kib="))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn time_cmd(cmd: &mut Command) -> Result<(Duration, String)> {
@@ -74,8 +79,14 @@ fn time_cmd(cmd: &mut Command) -> Result<(Duration, String)> {
 }
 
 fn archive(args: &[String]) -> Result<()> {
-    let scale: usize = args.iter().find_map(|a| a.strip_prefix("--scale=")).map_or(Ok(1), str::parse)?;
-    let rounds: usize = args.iter().find_map(|a| a.strip_prefix("--rounds=")).map_or(Ok(5), str::parse)?;
+    let scale: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--scale="))
+        .map_or(Ok(1), str::parse)?;
+    let rounds: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--rounds="))
+        .map_or(Ok(5), str::parse)?;
     for tool in ["tar", "unzip", "zstd"] {
         if !crate::have(tool) {
             bail!("`{tool}` is needed as the peer of this benchmark (apt-get install tar unzip zstd)");
@@ -83,7 +94,15 @@ fn archive(args: &[String]) -> Result<()> {
     }
     run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(workspace_root())
-        .args(["build", "--release", "--quiet", "-p", "dewy-archive", "--example", "extract"]))?;
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "dewy-archive",
+            "--example",
+            "extract",
+        ]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
     let extract = target.join("release/examples/extract");
 
@@ -95,8 +114,16 @@ fn archive(args: &[String]) -> Result<()> {
     let tzst = work.path().join("app.tar.zst");
     let zip = work.path().join("app.zip");
     run(Command::new("tar").arg("-C").arg(&tree).arg("-czf").arg(&tgz).arg("."))?;
-    run(Command::new("tar").arg("-C").arg(&tree).arg("--zstd").arg("-cf").arg(&tzst).arg("."))?;
-    run(Command::new("sh").arg("-c").arg(format!("cd {} && zip -q -r {} .", tree.display(), zip.display())))?;
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .arg("--zstd")
+        .arg("-cf")
+        .arg(&tzst)
+        .arg("."))?;
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {} && zip -q -r {} .", tree.display(), zip.display())))?;
 
     println!("format   archive MiB  dewy median  peer median  speed ratio (peer/dewy)  dewy peak RSS");
     let mut n = 0;
@@ -117,7 +144,9 @@ fn archive(args: &[String]) -> Result<()> {
             std::fs::remove_dir_all(&d)?;
             let d = work.path().join(format!("peer{n}"));
             std::fs::create_dir_all(&d)?;
-            let sh = peer.replace("{a}", &file.display().to_string()).replace("{d}", &d.display().to_string());
+            let sh = peer
+                .replace("{a}", &file.display().to_string())
+                .replace("{d}", &d.display().to_string());
             let (t, _) = time_cmd(Command::new("sh").arg("-c").arg(&sh))?;
             theirs.push(t);
             std::fs::remove_dir_all(&d)?;

@@ -20,7 +20,10 @@ fn main() -> std::process::ExitCode {
         Some("install-test-servers") => install_test_servers(),
         Some("bench") => bench::run_bench(args.get(1).map(String::as_str), &args[2.min(args.len())..]),
         _ => {
-            eprintln!("usage: cargo xtask <test | install-test-servers | bench NAME>\n\nbenches: {}", bench::NAMES.join(", "));
+            eprintln!(
+                "usage: cargo xtask <test | install-test-servers | bench NAME>\n\nbenches: {}",
+                bench::NAMES.join(", ")
+            );
             return std::process::ExitCode::from(2);
         }
     };
@@ -34,7 +37,10 @@ fn main() -> std::process::ExitCode {
 }
 
 pub(crate) fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
@@ -60,16 +66,24 @@ fn cargo() -> Command {
 }
 
 pub(crate) fn have(program: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {program} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program} >/dev/null 2>&1"))
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Installs what the test suite's real servers need, skipping what is there.
 fn install_test_servers() -> Result<()> {
-    let missing: Vec<&str> = [("start_server", "libserver-starter-perl"), ("wrk", "wrk"), ("openssl", "openssl")]
-        .into_iter()
-        .filter(|(bin, _)| !have(bin))
-        .map(|(_, pkg)| pkg)
-        .collect();
+    let missing: Vec<&str> = [
+        ("start_server", "libserver-starter-perl"),
+        ("wrk", "wrk"),
+        ("openssl", "openssl"),
+    ]
+    .into_iter()
+    .filter(|(bin, _)| !have(bin))
+    .map(|(_, pkg)| pkg)
+    .collect();
     if !missing.is_empty() {
         if !have("apt-get") {
             bail!("missing programs from Debian packages {missing:?} and no apt-get to install them");
@@ -111,13 +125,24 @@ fn install_test_servers() -> Result<()> {
 }
 
 fn nix_is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn test() -> Result<()> {
     install_test_servers()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo().args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]))?;
     if !have("cargo-deny") {
         run(cargo().args(["install", "cargo-deny", "--locked"]))?;

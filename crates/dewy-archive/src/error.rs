@@ -139,11 +139,18 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io { op, path: path.to_path_buf(), source }
+        Self::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     pub(crate) fn unsafe_entry(entry: impl Into<PathBuf>, reason: UnsafeReason) -> Self {
-        Self::UnsafeEntry { entry: entry.into(), reason }
+        Self::UnsafeEntry {
+            entry: entry.into(),
+            reason,
+        }
     }
 
     /// The reason, when this is an [`Error::UnsafeEntry`].

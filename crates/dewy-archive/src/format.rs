@@ -86,7 +86,13 @@ fn is_tar_header(block: &[u8]) -> bool {
     let sum: u32 = block[..512]
         .iter()
         .enumerate()
-        .map(|(i, b)| if (148..156).contains(&i) { u32::from(b' ') } else { u32::from(*b) })
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                u32::from(b' ')
+            } else {
+                u32::from(*b)
+            }
+        })
         .sum();
     sum == stored && block[0] != 0
 }
@@ -104,9 +110,11 @@ fn is_executable(head: &[u8]) -> bool {
 
 fn name_says_tar(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    [".tar", ".tgz", ".tbz2", ".tbz", ".txz", ".tzst", ".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst"]
-        .iter()
-        .any(|ext| n.ends_with(ext))
+    [
+        ".tar", ".tgz", ".tbz2", ".tbz", ".txz", ".tzst", ".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst",
+    ]
+    .iter()
+    .any(|ext| n.ends_with(ext))
 }
 
 fn read_head(reader: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
@@ -131,7 +139,10 @@ fn describe(head: &[u8]) -> String {
 pub fn detect(path: &Path) -> Result<Format, Error> {
     let mut file = File::open(path).map_err(|source| Error::io("open", path, source))?;
     let head = read_head(&mut file, 512).map_err(|source| Error::io("read", path, source))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if ZIP.iter().any(|m| head.starts_with(m)) {
         return Ok(Format::Zip);
     }
@@ -151,7 +162,10 @@ pub fn detect(path: &Path) -> Result<Format, Error> {
         }
         return Err(Error::UnknownFormat {
             path: path.to_path_buf(),
-            seen: format!("{compression:?}-compressed data that is neither a tar archive nor an executable ({})", describe(&inner)),
+            seen: format!(
+                "{compression:?}-compressed data that is neither a tar archive nor an executable ({})",
+                describe(&inner)
+            ),
         });
     }
     if is_tar_header(&head) {
@@ -160,7 +174,10 @@ pub fn detect(path: &Path) -> Result<Format, Error> {
     if is_executable(&head) {
         return Ok(Format::SingleFile(Compression::None));
     }
-    Err(Error::UnknownFormat { path: path.to_path_buf(), seen: describe(&head) })
+    Err(Error::UnknownFormat {
+        path: path.to_path_buf(),
+        seen: describe(&head),
+    })
 }
 
 /// A reader that decompresses `inner`.
@@ -183,7 +200,10 @@ pub(crate) fn decoder<'a, R: BufRead + Send + 'a>(
 /// The name a single-file artifact is placed under: the archive's name
 /// without its compression suffix.
 pub(crate) fn single_file_name(archive: &Path, compression: Compression) -> String {
-    let name = archive.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "app".to_owned());
+    let name = archive
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "app".to_owned());
     let suffixes: &[&str] = match compression {
         Compression::None => &[],
         Compression::Gzip => &[".gz"],
@@ -192,10 +212,10 @@ pub(crate) fn single_file_name(archive: &Path, compression: Compression) -> Stri
         Compression::Zstd => &[".zst", ".zstd"],
     };
     for s in suffixes {
-        if let Some(stem) = name.strip_suffix(s) {
-            if !stem.is_empty() {
-                return stem.to_owned();
-            }
+        if let Some(stem) = name.strip_suffix(s)
+            && !stem.is_empty()
+        {
+            return stem.to_owned();
         }
     }
     name

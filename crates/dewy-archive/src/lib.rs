@@ -153,7 +153,9 @@ impl Extractor {
         progress: Option<&dyn Progress>,
     ) -> Result<Manifest, Error> {
         if dest.symlink_metadata().is_ok() {
-            return Err(Error::DestinationExists { path: dest.to_path_buf() });
+            return Err(Error::DestinationExists {
+                path: dest.to_path_buf(),
+            });
         }
         let format = detect(archive)?;
         let parent = match dest.parent() {
@@ -169,9 +171,15 @@ impl Extractor {
             .len();
         let mut sink = sink::Sink::new(staging.path(), &self.limits, compressed_size, progress);
         let result = self.unpack(archive, format, &mut sink).map_err(|e| match e {
-            Error::Corrupt { archive: a, entry, source } if a.as_os_str().is_empty() => {
-                Error::Corrupt { archive: archive.to_path_buf(), entry, source }
-            }
+            Error::Corrupt {
+                archive: a,
+                entry,
+                source,
+            } if a.as_os_str().is_empty() => Error::Corrupt {
+                archive: archive.to_path_buf(),
+                entry,
+                source,
+            },
             other => other,
         });
         let result = result.and_then(|()| sink.finish());
@@ -183,7 +191,10 @@ impl Extractor {
                     Error::io("rename staging directory to", dest, source)
                 })?;
                 tracing::debug!(dest = %dest.display(), entries = entries.len(), "Extracted archive");
-                Ok(Manifest { format: Some(format), entries })
+                Ok(Manifest {
+                    format: Some(format),
+                    entries,
+                })
             }
             // Dropping `staging` removes the partial tree.
             Err(err) => Err(err),

@@ -110,12 +110,24 @@ mod tests {
     #[test]
     fn link_resolution() {
         let none = |_: &Path| None;
-        assert_eq!(resolve_link(Path::new("a/b"), "../c", &none, 0).unwrap(), PathBuf::from("a/c"));
-        assert_eq!(resolve_link(Path::new(""), "..", &none, 0), Err(UnsafeReason::LinkEscapesRoot("..".into())));
+        assert_eq!(
+            resolve_link(Path::new("a/b"), "../c", &none, 0).unwrap(),
+            PathBuf::from("a/c")
+        );
+        assert_eq!(
+            resolve_link(Path::new(""), "..", &none, 0),
+            Err(UnsafeReason::LinkEscapesRoot("..".into()))
+        );
         // a/b -> .. resolves to the root; c -> a/b/.. then leaves it.
         let chain = |p: &Path| (p == Path::new("a/b")).then(|| "..".to_owned());
-        assert!(matches!(resolve_link(Path::new(""), "a/b/..", &chain, 0), Err(UnsafeReason::LinkEscapesRoot(_))));
+        assert!(matches!(
+            resolve_link(Path::new(""), "a/b/..", &chain, 0),
+            Err(UnsafeReason::LinkEscapesRoot(_))
+        ));
         let looped = |p: &Path| (p == Path::new("x")).then(|| "x".to_owned());
-        assert_eq!(resolve_link(Path::new(""), "x", &looped, 0), Err(UnsafeReason::LinkLoop));
+        assert_eq!(
+            resolve_link(Path::new(""), "x", &looped, 0),
+            Err(UnsafeReason::LinkLoop)
+        );
     }
 }

@@ -28,7 +28,12 @@ pub(crate) struct Sink<'a> {
 }
 
 impl<'a> Sink<'a> {
-    pub(crate) fn new(root: &'a Path, limits: &'a Limits, compressed_size: u64, progress: Option<&'a dyn Progress>) -> Self {
+    pub(crate) fn new(
+        root: &'a Path,
+        limits: &'a Limits,
+        compressed_size: u64,
+        progress: Option<&'a dyn Progress>,
+    ) -> Self {
         Self {
             root,
             limits,
@@ -47,11 +52,16 @@ impl<'a> Sink<'a> {
 
     /// Normalizes a raw entry name, refusing unsafe ones.
     pub(crate) fn name(raw: &[u8]) -> Result<PathBuf, Error> {
-        path::normalize_entry(raw).map_err(|reason| Error::unsafe_entry(String::from_utf8_lossy(raw).into_owned(), reason))
+        path::normalize_entry(raw)
+            .map_err(|reason| Error::unsafe_entry(String::from_utf8_lossy(raw).into_owned(), reason))
     }
 
     fn limit(&self, limit: LimitKind, limit_value: u64, entry: &Path) -> Error {
-        Error::LimitExceeded { limit, limit_value, entry: entry.to_path_buf() }
+        Error::LimitExceeded {
+            limit,
+            limit_value,
+            entry: entry.to_path_buf(),
+        }
     }
 
     /// Counts an entry and checks that nothing above it is one of the
@@ -62,7 +72,10 @@ impl<'a> Sink<'a> {
         }
         for ancestor in rel.ancestors().skip(1) {
             if self.links.contains_key(ancestor) {
-                return Err(Error::unsafe_entry(rel, UnsafeReason::ThroughSymlink(ancestor.to_path_buf())));
+                return Err(Error::unsafe_entry(
+                    rel,
+                    UnsafeReason::ThroughSymlink(ancestor.to_path_buf()),
+                ));
             }
         }
         if self.links.contains_key(rel) || self.files.contains(rel) {
@@ -108,7 +121,11 @@ impl<'a> Sink<'a> {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(source) => {
-                    return Err(Error::Corrupt { archive: PathBuf::new(), entry: Some(rel.to_path_buf()), source });
+                    return Err(Error::Corrupt {
+                        archive: PathBuf::new(),
+                        entry: Some(rel.to_path_buf()),
+                        source,
+                    });
                 }
             };
             size += n as u64;
@@ -119,12 +136,12 @@ impl<'a> Sink<'a> {
             if self.total > self.limits.max_total_bytes {
                 return Err(self.limit(LimitKind::TotalBytes, self.limits.max_total_bytes, rel));
             }
-            if self.total > self.limits.ratio_floor
-                && self.total / self.compressed_size.max(1) > self.limits.max_ratio
+            if self.total > self.limits.ratio_floor && self.total / self.compressed_size.max(1) > self.limits.max_ratio
             {
                 return Err(self.limit(LimitKind::CompressionRatio, self.limits.max_ratio, rel));
             }
-            out.write_all(&self.buf[..n]).map_err(|source| Error::io("write", &abs, source))?;
+            out.write_all(&self.buf[..n])
+                .map_err(|source| Error::io("write", &abs, source))?;
         }
         let mode = mode & MODE_MASK;
         fs::set_permissions(&abs, fs::Permissions::from_mode(mode))
@@ -207,7 +224,8 @@ impl<'a> Sink<'a> {
                 _ => Error::io("create symbolic link", &abs, source),
             })?;
         }
-        self.dir_modes.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        self.dir_modes
+            .sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (rel, mode) in &self.dir_modes {
             let abs = self.root.join(rel);
             fs::set_permissions(&abs, fs::Permissions::from_mode(*mode))

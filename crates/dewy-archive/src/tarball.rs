@@ -9,7 +9,11 @@ use crate::Error;
 use crate::sink::Sink;
 
 fn corrupt(entry: Option<PathBuf>, source: std::io::Error) -> Error {
-    Error::Corrupt { archive: PathBuf::new(), entry, source }
+    Error::Corrupt {
+        archive: PathBuf::new(),
+        entry,
+        source,
+    }
 }
 
 pub(crate) fn unpack(reader: impl Read, sink: &mut Sink<'_>) -> Result<(), Error> {

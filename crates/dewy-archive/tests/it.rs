@@ -5,7 +5,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use dewy_archive::{Error, Extractor, Format, Compression, LimitKind, Limits, UnsafeReason};
+use dewy_archive::{Compression, Error, Extractor, Format, LimitKind, Limits, UnsafeReason};
 
 struct Case {
     dir: tempfile::TempDir,
@@ -13,7 +13,9 @@ struct Case {
 
 impl Case {
     fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap() }
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -33,7 +35,10 @@ impl Case {
     }
     /// After a refused extraction nothing may exist but the (empty) parent.
     fn assert_clean(&self) {
-        let left: Vec<_> = std::fs::read_dir(self.path("out")).unwrap().map(|e| e.unwrap().path()).collect();
+        let left: Vec<_> = std::fs::read_dir(self.path("out"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         assert!(left.is_empty(), "left behind: {left:?}");
         assert!(!self.dir.path().parent().unwrap().join("evil").exists());
         assert!(!self.path("evil").exists());
@@ -104,7 +109,8 @@ fn zip_of(entries: &[(&str, &[u8], Option<u32>)], symlinks: &[(&str, &str)]) -> 
         z.write_all(data).unwrap();
     }
     for (name, target) in symlinks {
-        z.add_symlink(*name, *target, zip::write::SimpleFileOptions::default()).unwrap();
+        z.add_symlink(*name, *target, zip::write::SimpleFileOptions::default())
+            .unwrap();
     }
     z.finish().unwrap().into_inner()
 }
@@ -120,31 +126,73 @@ fn reason(result: Result<dewy_archive::Manifest, Error>) -> UnsafeReason {
 fn malicious_tars_are_refused_and_leave_nothing() {
     type Check = fn(&UnsafeReason) -> bool;
     let cases: Vec<(&str, Vec<u8>, Check)> = vec![
-        ("zip-slip", raw_tar(&[Raw::File(b"../evil", b"x", 0o644)]), |r| *r == UnsafeReason::EscapesRoot),
-        ("deep zip-slip", raw_tar(&[Raw::File(b"a/../../evil", b"x", 0o644)]), |r| *r == UnsafeReason::EscapesRoot),
-        ("absolute path", raw_tar(&[Raw::File(b"/tmp/evil", b"x", 0o644)]), |r| *r == UnsafeReason::AbsolutePath),
+        ("zip-slip", raw_tar(&[Raw::File(b"../evil", b"x", 0o644)]), |r| {
+            *r == UnsafeReason::EscapesRoot
+        }),
+        (
+            "deep zip-slip",
+            raw_tar(&[Raw::File(b"a/../../evil", b"x", 0o644)]),
+            |r| *r == UnsafeReason::EscapesRoot,
+        ),
+        ("absolute path", raw_tar(&[Raw::File(b"/tmp/evil", b"x", 0o644)]), |r| {
+            *r == UnsafeReason::AbsolutePath
+        }),
         (
             "file through symlink",
             raw_tar(&[Raw::Symlink(b"link", b"sub"), Raw::File(b"link/evil", b"x", 0o644)]),
             |r| matches!(r, UnsafeReason::ThroughSymlink(_)),
         ),
-        ("absolute symlink", raw_tar(&[Raw::Symlink(b"link", b"/etc")]), |r| matches!(r, UnsafeReason::AbsoluteLinkTarget(_))),
-        ("escaping symlink", raw_tar(&[Raw::Symlink(b"a/link", b"../../etc")]), |r| matches!(r, UnsafeReason::LinkEscapesRoot(_))),
+        ("absolute symlink", raw_tar(&[Raw::Symlink(b"link", b"/etc")]), |r| {
+            matches!(r, UnsafeReason::AbsoluteLinkTarget(_))
+        }),
         (
-            "symlink chain escaping in two hops",
-            raw_tar(&[Raw::Dir(b"a"), Raw::Symlink(b"a/up", b".."), Raw::Symlink(b"out", b"a/up/..")]),
+            "escaping symlink",
+            raw_tar(&[Raw::Symlink(b"a/link", b"../../etc")]),
             |r| matches!(r, UnsafeReason::LinkEscapesRoot(_)),
         ),
-        ("hard link outside", raw_tar(&[Raw::HardLink(b"h", b"../../etc/passwd")]), |r| matches!(r, UnsafeReason::HardLinkTarget(_))),
-        ("hard link before target", raw_tar(&[Raw::HardLink(b"h", b"later"), Raw::File(b"later", b"x", 0o644)]), |r| {
-            matches!(r, UnsafeReason::HardLinkTarget(_))
+        (
+            "symlink chain escaping in two hops",
+            raw_tar(&[
+                Raw::Dir(b"a"),
+                Raw::Symlink(b"a/up", b".."),
+                Raw::Symlink(b"out", b"a/up/.."),
+            ]),
+            |r| matches!(r, UnsafeReason::LinkEscapesRoot(_)),
+        ),
+        (
+            "hard link outside",
+            raw_tar(&[Raw::HardLink(b"h", b"../../etc/passwd")]),
+            |r| matches!(r, UnsafeReason::HardLinkTarget(_)),
+        ),
+        (
+            "hard link before target",
+            raw_tar(&[Raw::HardLink(b"h", b"later"), Raw::File(b"later", b"x", 0o644)]),
+            |r| matches!(r, UnsafeReason::HardLinkTarget(_)),
+        ),
+        (
+            "char device",
+            raw_tar(&[Raw::Special(b"dev", tar::EntryType::Char)]),
+            |r| matches!(r, UnsafeReason::SpecialFile(_)),
+        ),
+        (
+            "block device",
+            raw_tar(&[Raw::Special(b"dev", tar::EntryType::Block)]),
+            |r| matches!(r, UnsafeReason::SpecialFile(_)),
+        ),
+        ("fifo", raw_tar(&[Raw::Special(b"fifo", tar::EntryType::Fifo)]), |r| {
+            matches!(r, UnsafeReason::SpecialFile(_))
         }),
-        ("char device", raw_tar(&[Raw::Special(b"dev", tar::EntryType::Char)]), |r| matches!(r, UnsafeReason::SpecialFile(_))),
-        ("block device", raw_tar(&[Raw::Special(b"dev", tar::EntryType::Block)]), |r| matches!(r, UnsafeReason::SpecialFile(_))),
-        ("fifo", raw_tar(&[Raw::Special(b"fifo", tar::EntryType::Fifo)]), |r| matches!(r, UnsafeReason::SpecialFile(_))),
-        ("NUL in name", raw_tar(&[Raw::File(b"a\x01b", b"x", 0o644)]), |r| *r == UnsafeReason::ControlCharacter),
-        ("non-UTF-8 name", raw_tar(&[Raw::File(b"caf\xe9", b"x", 0o644)]), |r| *r == UnsafeReason::NonUtf8Name),
-        ("duplicate file", raw_tar(&[Raw::File(b"a", b"x", 0o644), Raw::File(b"a", b"y", 0o644)]), |r| *r == UnsafeReason::Duplicate),
+        ("NUL in name", raw_tar(&[Raw::File(b"a\x01b", b"x", 0o644)]), |r| {
+            *r == UnsafeReason::ControlCharacter
+        }),
+        ("non-UTF-8 name", raw_tar(&[Raw::File(b"caf\xe9", b"x", 0o644)]), |r| {
+            *r == UnsafeReason::NonUtf8Name
+        }),
+        (
+            "duplicate file",
+            raw_tar(&[Raw::File(b"a", b"x", 0o644), Raw::File(b"a", b"y", 0o644)]),
+            |r| *r == UnsafeReason::Duplicate,
+        ),
     ];
     for (name, tar, check) in cases {
         for (ext, bytes) in [("tar", tar.clone()), ("tar.gz", gz(&tar))] {
@@ -171,7 +219,10 @@ fn malicious_zips_are_refused() {
 
     let case = Case::new();
     let archive = case.write("link.zip", &zip_of(&[], &[("l", "/etc/passwd")]));
-    assert!(matches!(reason(case.extract(&archive)), UnsafeReason::AbsoluteLinkTarget(_)));
+    assert!(matches!(
+        reason(case.extract(&archive)),
+        UnsafeReason::AbsoluteLinkTarget(_)
+    ));
     case.assert_clean();
 
     let case = Case::new();
@@ -201,31 +252,61 @@ fn bombs_of_every_format_are_refused_early() {
         b.append_data(&mut h, "zeros", zeros.as_slice()).unwrap();
         b.into_inner().unwrap()
     };
-    let limits = Limits { max_ratio: 20, ratio_floor: 1 << 20, ..Limits::default() };
-    for (ext, bytes) in [("tar.gz", gz(&tar)), ("tar.bz2", bz2(&tar)), ("tar.xz", xz(&tar)), ("tar.zst", zst(&tar))] {
+    let limits = Limits {
+        max_ratio: 20,
+        ratio_floor: 1 << 20,
+        ..Limits::default()
+    };
+    for (ext, bytes) in [
+        ("tar.gz", gz(&tar)),
+        ("tar.bz2", bz2(&tar)),
+        ("tar.xz", xz(&tar)),
+        ("tar.zst", zst(&tar)),
+    ] {
         let case = Case::new();
         let archive = case.write(&format!("bomb.{ext}"), &bytes);
-        assert_eq!(limit_of(case.extract_with(&archive, limits)), LimitKind::CompressionRatio, "{ext}");
+        assert_eq!(
+            limit_of(case.extract_with(&archive, limits)),
+            LimitKind::CompressionRatio,
+            "{ext}"
+        );
         case.assert_clean();
     }
     let case = Case::new();
     let archive = case.write("bomb.zip", &zip_of(&[("zeros", &zeros, None)], &[]));
-    assert_eq!(limit_of(case.extract_with(&archive, limits)), LimitKind::CompressionRatio);
+    assert_eq!(
+        limit_of(case.extract_with(&archive, limits)),
+        LimitKind::CompressionRatio
+    );
     case.assert_clean();
 
     let case = Case::new();
     let archive = case.write("big.tar", &tar);
-    let small = Limits { max_total_bytes: 1 << 20, ..Limits::default() };
+    let small = Limits {
+        max_total_bytes: 1 << 20,
+        ..Limits::default()
+    };
     assert_eq!(limit_of(case.extract_with(&archive, small)), LimitKind::TotalBytes);
-    let small = Limits { max_entry_bytes: 1 << 20, ..Limits::default() };
+    let small = Limits {
+        max_entry_bytes: 1 << 20,
+        ..Limits::default()
+    };
     assert_eq!(limit_of(case.extract_with(&archive, small)), LimitKind::EntryBytes);
     case.assert_clean();
 
     let many: Vec<_> = (0..20).map(|i| format!("f{i}")).collect();
-    let many_tar = raw_tar(&many.iter().map(|n| Raw::File(n.as_bytes(), b"x", 0o644)).collect::<Vec<_>>());
+    let many_tar = raw_tar(
+        &many
+            .iter()
+            .map(|n| Raw::File(n.as_bytes(), b"x", 0o644))
+            .collect::<Vec<_>>(),
+    );
     let case = Case::new();
     let archive = case.write("many.tar", &many_tar);
-    let few = Limits { max_entries: 10, ..Limits::default() };
+    let few = Limits {
+        max_entries: 10,
+        ..Limits::default()
+    };
     assert_eq!(limit_of(case.extract_with(&archive, few)), LimitKind::Entries);
     case.assert_clean();
 }
@@ -251,7 +332,10 @@ fn truncated_and_corrupt_archives_are_refused() {
         let case = Case::new();
         let archive = case.write(&format!("cut.{ext}"), &bytes[..bytes.len() / 2]);
         let err = case.extract(&archive).unwrap_err();
-        assert!(matches!(err, Error::Corrupt { .. } | Error::UnknownFormat { .. }), "{ext}: {err:?}");
+        assert!(
+            matches!(err, Error::Corrupt { .. } | Error::UnknownFormat { .. }),
+            "{ext}: {err:?}"
+        );
         case.assert_clean();
     }
     // A tar header whose checksum is wrong.
@@ -349,15 +433,19 @@ fn zip_entries_of_every_method_and_zip64() {
         ("zstd", zip::CompressionMethod::Zstd),
     ];
     for (name, method) in methods {
-        let o = zip::write::SimpleFileOptions::default().compression_method(method).unix_permissions(0o755);
+        let o = zip::write::SimpleFileOptions::default()
+            .compression_method(method)
+            .unix_permissions(0o755);
         z.start_file(format!("{name}.txt"), o).unwrap();
         z.write_all(name.repeat(100).as_bytes()).unwrap();
     }
     let o = zip::write::SimpleFileOptions::default().large_file(true);
     z.start_file("zip64.bin", o).unwrap();
     z.write_all(b"zip64").unwrap();
-    z.add_directory("dir/", zip::write::SimpleFileOptions::default()).unwrap();
-    z.add_symlink("link", "stored.txt", zip::write::SimpleFileOptions::default()).unwrap();
+    z.add_directory("dir/", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    z.add_symlink("link", "stored.txt", zip::write::SimpleFileOptions::default())
+        .unwrap();
     let bytes = z.finish().unwrap().into_inner();
     let case = Case::new();
     let archive = case.write("app.zip", &bytes);
@@ -365,13 +453,23 @@ fn zip_entries_of_every_method_and_zip64() {
     assert_eq!(m.format, Some(Format::Zip));
     let root = case.path("out/release");
     for (name, _) in methods {
-        assert_eq!(std::fs::read_to_string(root.join(format!("{name}.txt"))).unwrap(), name.repeat(100));
-        let mode = std::fs::metadata(root.join(format!("{name}.txt"))).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            std::fs::read_to_string(root.join(format!("{name}.txt"))).unwrap(),
+            name.repeat(100)
+        );
+        let mode = std::fs::metadata(root.join(format!("{name}.txt")))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o755);
     }
     assert_eq!(std::fs::read(root.join("zip64.bin")).unwrap(), b"zip64");
     assert!(root.join("dir").is_dir());
-    assert_eq!(std::fs::read_link(root.join("link")).unwrap(), PathBuf::from("stored.txt"));
+    assert_eq!(
+        std::fs::read_link(root.join("link")).unwrap(),
+        PathBuf::from("stored.txt")
+    );
 }
 
 #[test]
@@ -389,7 +487,10 @@ fn many_small_files() {
     let archive = case.write("many.tar.gz", &gz(&b.into_inner().unwrap()));
     let m = case.extract(&archive).unwrap();
     assert_eq!(m.entries.len(), 3000);
-    assert_eq!(std::fs::read_to_string(case.path("out/release/d7/f2999.txt")).unwrap(), "d7/f2999.txt");
+    assert_eq!(
+        std::fs::read_to_string(case.path("out/release/d7/f2999.txt")).unwrap(),
+        "d7/f2999.txt"
+    );
 }
 
 #[test]

@@ -30,7 +30,8 @@ impl FileCache {
         let dir = dir.into();
         let staging = dir.join(".staging");
         fs::create_dir_all(&staging).map_err(|e| Error::io("create cache directory", &staging, e))?;
-        let probe = tempfile::NamedTempFile::new_in(&staging).map_err(|e| Error::io("write in cache directory", &dir, e))?;
+        let probe =
+            tempfile::NamedTempFile::new_in(&staging).map_err(|e| Error::io("write in cache directory", &dir, e))?;
         drop(probe);
         Ok(Self { dir, staging })
     }
@@ -41,7 +42,10 @@ impl FileCache {
     pub fn open_or_fallback(preferred: impl Into<PathBuf>) -> Result<Opened, Error> {
         let preferred = preferred.into();
         match Self::open(&preferred) {
-            Ok(cache) => Ok(Opened { cache, fallback_from: None }),
+            Ok(cache) => Ok(Opened {
+                cache,
+                fallback_from: None,
+            }),
             Err(err) => {
                 let tmp = std::env::temp_dir();
                 let fallback = tempfile::Builder::new()
@@ -56,7 +60,10 @@ impl FileCache {
                     "Cache directory unusable, falling back to a temporary directory"
                 );
                 let cache = Self::open(&fallback)?;
-                Ok(Opened { cache, fallback_from: Some((preferred, err)) })
+                Ok(Opened {
+                    cache,
+                    fallback_from: Some((preferred, err)),
+                })
             }
         }
     }
@@ -83,7 +90,9 @@ impl FileCache {
     }
 
     fn sync_dir(&self) -> Result<(), Error> {
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", &self.dir, e))
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("sync directory", &self.dir, e))
     }
 
     fn write_blocking(&self, key: &Key, data: &[u8]) -> Result<(), Error> {
@@ -95,7 +104,8 @@ impl FileCache {
         tmp.write_all(data).map_err(|e| Error::io("write", tmp.path(), e))?;
         tmp.as_file().sync_all().map_err(|e| Error::io("sync", tmp.path(), e))?;
         let dest = self.path(key);
-        tmp.persist(&dest).map_err(|e| Error::io("rename into", &dest, e.error))?;
+        tmp.persist(&dest)
+            .map_err(|e| Error::io("rename into", &dest, e.error))?;
         self.sync_dir()?;
         tracing::debug!(path = %dest.display(), "Write file");
         Ok(())
@@ -103,7 +113,9 @@ impl FileCache {
 
     fn put_file_blocking(&self, key: &Key, src: &Path) -> Result<(), Error> {
         let _lock = self.lock()?;
-        File::open(src).and_then(|f| f.sync_all()).map_err(|e| Error::io("sync", src, e))?;
+        File::open(src)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io("sync", src, e))?;
         let dest = self.path(key);
         if let Err(err) = fs::rename(src, &dest) {
             if err.kind() != std::io::ErrorKind::CrossesDevices {
@@ -117,7 +129,8 @@ impl FileCache {
                 .map_err(|e| Error::io("create temporary file in", &self.dir, e))?;
             fs::copy(src, tmp.path()).map_err(|e| Error::io("copy", src, e))?;
             tmp.as_file().sync_all().map_err(|e| Error::io("sync", tmp.path(), e))?;
-            tmp.persist(&dest).map_err(|e| Error::io("rename into", &dest, e.error))?;
+            tmp.persist(&dest)
+                .map_err(|e| Error::io("rename into", &dest, e.error))?;
             let _ = fs::remove_file(src);
         }
         self.sync_dir()?;
@@ -137,7 +150,11 @@ impl FileCache {
                 continue;
             }
             let modified = meta.modified().map_err(|e| Error::io("stat", &entry.path(), e))?;
-            out.push(Entry { key, size: meta.len(), modified });
+            out.push(Entry {
+                key,
+                size: meta.len(),
+                modified,
+            });
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
@@ -145,9 +162,13 @@ impl FileCache {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::io("run blocking cache task for", Path::new("<cache>"), std::io::Error::other(e)))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Error::io(
+            "run blocking cache task for",
+            Path::new("<cache>"),
+            std::io::Error::other(e),
+        )
+    })?
 }
 
 #[async_trait::async_trait]

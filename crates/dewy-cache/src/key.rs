@@ -16,7 +16,12 @@ impl Key {
     /// Validates `key`.
     pub fn new(key: impl Into<String>) -> Result<Self, Error> {
         let key = key.into();
-        let bad = |reason| Err(Error::InvalidKey { key: key.escape_debug().to_string(), reason });
+        let bad = |reason| {
+            Err(Error::InvalidKey {
+                key: key.escape_debug().to_string(),
+                reason,
+            })
+        };
         if key.is_empty() {
             return bad("empty");
         }
@@ -80,10 +85,26 @@ mod tests {
 
     #[test]
     fn validation() {
-        for bad in ["", "../x", "a/b", "/etc/passwd", "a\0b", "..", ".", ".lock", "a\nb", &"x".repeat(256)] {
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            "/etc/passwd",
+            "a\0b",
+            "..",
+            ".",
+            ".lock",
+            "a\nb",
+            &"x".repeat(256),
+        ] {
             assert!(Key::new(bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["current", "v1.2.3--app_linux_amd64.tar.gz", "2024.01.15--a.zip", "v1..2"] {
+        for good in [
+            "current",
+            "v1.2.3--app_linux_amd64.tar.gz",
+            "2024.01.15--a.zip",
+            "v1..2",
+        ] {
             assert!(Key::new(good).is_ok(), "{good:?} rejected");
         }
         let k = Key::artifact("v1.2.3", "app.tar.gz").unwrap();

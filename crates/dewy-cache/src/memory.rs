@@ -37,7 +37,11 @@ impl MemoryCache {
         let dir = tempfile::tempdir().expect("create a temporary folder for MemoryCache");
         let staging = dir.path().join(".staging");
         std::fs::create_dir_all(&staging).expect("create staging folder");
-        Self { dir, staging, state: Mutex::new(State::default()) }
+        Self {
+            dir,
+            staging,
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// Makes the next `n` writes (and file puts) fail.
@@ -73,7 +77,9 @@ impl Cache for MemoryCache {
             return Ok(Some(v.clone()));
         }
         if s.files.contains_key(key) {
-            return std::fs::read(self.dir.path().join(key.as_str())).map(Some).map_err(|e| Error::io("read", Path::new(key.as_str()), e));
+            return std::fs::read(self.dir.path().join(key.as_str()))
+                .map(Some)
+                .map_err(|e| Error::io("read", Path::new(key.as_str()), e));
         }
         Ok(None)
     }
@@ -108,8 +114,16 @@ impl Cache for MemoryCache {
         let mut out: Vec<Entry> = s
             .values
             .iter()
-            .map(|(k, (v, t))| Entry { key: k.clone(), size: v.len() as u64, modified: *t })
-            .chain(s.files.iter().map(|(k, t)| Entry { key: k.clone(), size: 0, modified: *t }))
+            .map(|(k, (v, t))| Entry {
+                key: k.clone(),
+                size: v.len() as u64,
+                modified: *t,
+            })
+            .chain(s.files.iter().map(|(k, t)| Entry {
+                key: k.clone(),
+                size: 0,
+                modified: *t,
+            }))
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)

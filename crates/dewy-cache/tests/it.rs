@@ -12,7 +12,9 @@ const HELPER_ENV: &str = "DEWY_CACHE_TEST_HELPER";
 /// Re-runs this test binary as a helper process that writes to a cache.
 fn helper(mode: &str, dir: &Path) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "helper_process", "--nocapture"]).env(HELPER_ENV, mode).env("DEWY_CACHE_TEST_DIR", dir);
+    cmd.args(["--exact", "helper_process", "--nocapture"])
+        .env(HELPER_ENV, mode)
+        .env("DEWY_CACHE_TEST_DIR", dir);
     cmd
 }
 
@@ -81,7 +83,13 @@ async fn a_writer_killed_midway_leaves_the_old_or_new_value() {
         assert!(v[0] == b'o' || v[0] == b'n');
     }
     // Killed writers may leave temporary files, never a listed key.
-    let keys: Vec<_> = cache.list().await.unwrap().into_iter().map(|e| e.key.to_string()).collect();
+    let keys: Vec<_> = cache
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key.to_string())
+        .collect();
     assert_eq!(keys, vec!["value".to_owned()]);
 }
 
@@ -97,7 +105,12 @@ async fn put_file_moves_a_complete_file_and_failure_keeps_the_old_one() {
     let path = cache.local_path(&key).await.unwrap().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"artifact v1");
     // A failed put (the source vanished) leaves the old value.
-    assert!(cache.put_file(&key, &cache.staging_dir().join("missing")).await.is_err());
+    assert!(
+        cache
+            .put_file(&key, &cache.staging_dir().join("missing"))
+            .await
+            .is_err()
+    );
     assert_eq!(std::fs::read(&path).unwrap(), b"artifact v1");
     assert_eq!(cache.local_path(&Key::new("other").unwrap()).await.unwrap(), None);
     assert_eq!(cache.read(&Key::current()).await.unwrap(), None);
@@ -107,11 +120,18 @@ async fn put_file_moves_a_complete_file_and_failure_keeps_the_old_one() {
 async fn eviction_keeps_the_newest_and_the_protected() {
     let dir = tempfile::tempdir().unwrap();
     let cache = FileCache::open(dir.path()).unwrap();
-    let keys: Vec<Key> = (1..=9).map(|i| Key::artifact(&format!("v1.0.{i}"), "app.tar.gz").unwrap()).collect();
+    let keys: Vec<Key> = (1..=9)
+        .map(|i| Key::artifact(&format!("v1.0.{i}"), "app.tar.gz").unwrap())
+        .collect();
     for (i, key) in keys.iter().enumerate() {
         cache.write(key, b"x").await.unwrap();
         let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + i as u64 * 60);
-        std::fs::File::options().write(true).open(dir.path().join(key.as_str())).unwrap().set_modified(t).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join(key.as_str()))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
     }
     cache.write(&Key::current(), keys[0].as_str().as_bytes()).await.unwrap();
     let removed = cache.evict(3, &[keys[0].clone()]).await.unwrap();
@@ -119,8 +139,23 @@ async fn eviction_keeps_the_newest_and_the_protected() {
     removed.sort();
     let want: Vec<String> = keys[1..6].iter().map(ToString::to_string).collect();
     assert_eq!(removed, want);
-    let left: Vec<String> = cache.list().await.unwrap().into_iter().map(|e| e.key.to_string()).collect();
-    assert_eq!(left, vec!["current", "v1.0.1--app.tar.gz", "v1.0.7--app.tar.gz", "v1.0.8--app.tar.gz", "v1.0.9--app.tar.gz"]);
+    let left: Vec<String> = cache
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key.to_string())
+        .collect();
+    assert_eq!(
+        left,
+        vec![
+            "current",
+            "v1.0.1--app.tar.gz",
+            "v1.0.7--app.tar.gz",
+            "v1.0.8--app.tar.gz",
+            "v1.0.9--app.tar.gz"
+        ]
+    );
 }
 
 #[tokio::test]

@@ -21,7 +21,11 @@ impl Platform {
         } else {
             None
         };
-        Self { os: std::env::consts::OS.to_owned(), arch: std::env::consts::ARCH.to_owned(), libc }
+        Self {
+            os: std::env::consts::OS.to_owned(),
+            arch: std::env::consts::ARCH.to_owned(),
+            libc,
+        }
     }
 
     fn os_tokens(&self) -> &'static [&'static str] {
@@ -49,8 +53,26 @@ impl Platform {
 /// Files published beside artifacts that are never artifacts themselves.
 fn is_auxiliary(lower: &str) -> bool {
     const SUFFIXES: &[&str] = &[
-        ".sha256", ".sha256sum", ".sha512", ".md5", ".sig", ".asc", ".pem", ".crt", ".minisig", ".sbom", ".json",
-        ".txt", ".intoto.jsonl", ".spdx", ".deb", ".rpm", ".apk", ".msi", ".dmg", ".pkg",
+        ".sha256",
+        ".sha256sum",
+        ".sha512",
+        ".md5",
+        ".sig",
+        ".asc",
+        ".pem",
+        ".crt",
+        ".minisig",
+        ".sbom",
+        ".json",
+        ".txt",
+        ".intoto.jsonl",
+        ".spdx",
+        ".deb",
+        ".rpm",
+        ".apk",
+        ".msi",
+        ".dmg",
+        ".pkg",
     ];
     SUFFIXES.iter().any(|s| lower.ends_with(s)) || lower.contains("checksums") || lower == "sha256sums"
 }
@@ -58,7 +80,11 @@ fn is_auxiliary(lower: &str) -> bool {
 /// Lower-cased tokens of a file name, with `x86_64`/`x86-64` kept whole.
 fn tokens(lower: &str) -> Vec<String> {
     let joined = lower.replace("x86_64", "x86~64").replace("x86-64", "x86~64");
-    joined.split(|c: char| !(c.is_ascii_alphanumeric() || c == '~')).filter(|t| !t.is_empty()).map(|t| t.replace('~', "_")).collect()
+    joined
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '~'))
+        .filter(|t| !t.is_empty())
+        .map(|t| t.replace('~', "_"))
+        .collect()
 }
 
 /// Why no single artifact could be chosen.
@@ -90,15 +116,19 @@ pub fn choose_artifact<'a>(names: impl IntoIterator<Item = &'a str>, platform: &
             (has(os) && has(arch)).then_some((name, toks))
         })
         .collect();
-    if matches.len() > 1 {
-        if let Some(libc) = &platform.libc {
-            let other = if libc == "musl" { "gnu" } else { "musl" };
-            let preferred: Vec<_> = matches.iter().filter(|(_, t)| t.iter().any(|x| x == libc)).cloned().collect();
-            if !preferred.is_empty() {
-                matches = preferred;
-            } else {
-                matches.retain(|(_, t)| !t.iter().any(|x| x == other));
-            }
+    if matches.len() > 1
+        && let Some(libc) = &platform.libc
+    {
+        let other = if libc == "musl" { "gnu" } else { "musl" };
+        let preferred: Vec<_> = matches
+            .iter()
+            .filter(|(_, t)| t.iter().any(|x| x == libc))
+            .cloned()
+            .collect();
+        if !preferred.is_empty() {
+            matches = preferred;
+        } else {
+            matches.retain(|(_, t)| !t.iter().any(|x| x == other));
         }
     }
     match matches.len() {
@@ -117,7 +147,11 @@ mod tests {
     use super::*;
 
     fn p(os: &str, arch: &str, libc: Option<&str>) -> Platform {
-        Platform { os: os.into(), arch: arch.into(), libc: libc.map(Into::into) }
+        Platform {
+            os: os.into(),
+            arch: arch.into(),
+            libc: libc.map(Into::into),
+        }
     }
 
     #[test]
@@ -138,20 +172,56 @@ mod tests {
             "app-x86_64-unknown-linux-gnu.tar.xz.sha256",
         ];
         let cases: Vec<(&[&str], Platform, Choice)> = vec![
-            (&goreleaser, p("linux", "x86_64", Some("gnu")), Choice::One("dewy_1.2.3_linux_amd64.tar.gz".into())),
-            (&goreleaser, p("linux", "aarch64", Some("gnu")), Choice::One("dewy_1.2.3_linux_arm64.tar.gz".into())),
-            (&goreleaser, p("macos", "aarch64", None), Choice::One("dewy_1.2.3_darwin_arm64.tar.gz".into())),
-            (&rust, p("linux", "x86_64", Some("gnu")), Choice::One("app-x86_64-unknown-linux-gnu.tar.xz".into())),
-            (&rust, p("linux", "x86_64", Some("musl")), Choice::One("app-x86_64-unknown-linux-musl.tar.xz".into())),
-            (&rust, p("macos", "aarch64", None), Choice::One("app-aarch64-apple-darwin.tar.xz".into())),
+            (
+                &goreleaser,
+                p("linux", "x86_64", Some("gnu")),
+                Choice::One("dewy_1.2.3_linux_amd64.tar.gz".into()),
+            ),
+            (
+                &goreleaser,
+                p("linux", "aarch64", Some("gnu")),
+                Choice::One("dewy_1.2.3_linux_arm64.tar.gz".into()),
+            ),
+            (
+                &goreleaser,
+                p("macos", "aarch64", None),
+                Choice::One("dewy_1.2.3_darwin_arm64.tar.gz".into()),
+            ),
+            (
+                &rust,
+                p("linux", "x86_64", Some("gnu")),
+                Choice::One("app-x86_64-unknown-linux-gnu.tar.xz".into()),
+            ),
+            (
+                &rust,
+                p("linux", "x86_64", Some("musl")),
+                Choice::One("app-x86_64-unknown-linux-musl.tar.xz".into()),
+            ),
+            (
+                &rust,
+                p("macos", "aarch64", None),
+                Choice::One("app-aarch64-apple-darwin.tar.xz".into()),
+            ),
             // `arm` must not match `arm64` by substring (a Go original bug).
             (&goreleaser, p("linux", "arm", None), Choice::None),
-            (&["app_linux_amd64.zip", "app_linux_x86_64.tar.gz"], p("linux", "x86_64", None), Choice::Ambiguous(vec!["app_linux_amd64.zip".into(), "app_linux_x86_64.tar.gz".into()])),
-            (&["app_linux_amd64"], p("linux", "x86_64", None), Choice::One("app_linux_amd64".into())),
+            (
+                &["app_linux_amd64.zip", "app_linux_x86_64.tar.gz"],
+                p("linux", "x86_64", None),
+                Choice::Ambiguous(vec!["app_linux_amd64.zip".into(), "app_linux_x86_64.tar.gz".into()]),
+            ),
+            (
+                &["app_linux_amd64"],
+                p("linux", "x86_64", None),
+                Choice::One("app_linux_amd64".into()),
+            ),
             (&["linuxtool_amd64.tar.gz"], p("linux", "x86_64", None), Choice::None),
         ];
         for (names, platform, want) in cases {
-            assert_eq!(choose_artifact(names.iter().copied(), &platform), want, "{names:?} on {platform:?}");
+            assert_eq!(
+                choose_artifact(names.iter().copied(), &platform),
+                want,
+                "{names:?} on {platform:?}"
+            );
         }
     }
 }

@@ -80,21 +80,33 @@ impl Downloader {
             .read_timeout(policy.idle_timeout)
             .user_agent(concat!("dewy/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| Error::Transport { url: "(client)".into(), source: Box::new(e) })?;
+            .map_err(|e| Error::Transport {
+                url: "(client)".into(),
+                source: Box::new(e),
+            })?;
         Ok(Self { client, policy })
     }
 
     /// Downloads the artifact of `release` into `staging`, verifies it
     /// against the release's checksum, and returns the file. On any error
     /// nothing is left in `staging`.
-    pub async fn fetch(&self, release: &Release, staging: &Path, progress: &dyn DownloadProgress) -> Result<Downloaded, Error> {
+    pub async fn fetch(
+        &self,
+        release: &Release,
+        staging: &Path,
+        progress: &dyn DownloadProgress,
+    ) -> Result<Downloaded, Error> {
         let url = release.artifact_url.as_str();
         let tmp = tempfile::Builder::new()
             .prefix(".download-")
             .tempfile_in(staging)
             .map_err(|e| Error::io("create download file in", staging, e))?;
         let (std_file, path) = tmp.into_parts();
-        let mut partial = Partial { file: tokio::fs::File::from_std(std_file), hasher: Sha256::new(), size: 0 };
+        let mut partial = Partial {
+            file: tokio::fs::File::from_std(std_file),
+            hasher: Sha256::new(),
+            size: 0,
+        };
         if let Some(rest) = url.strip_prefix("file://") {
             let src = url::Url::parse(url)
                 .ok()
@@ -110,37 +122,63 @@ impl Downloader {
             });
         }
         partial.file.flush().await.map_err(|e| Error::io("write", &*path, e))?;
-        partial.file.sync_all().await.map_err(|e| Error::io("sync", &*path, e))?;
+        partial
+            .file
+            .sync_all()
+            .await
+            .map_err(|e| Error::io("sync", &*path, e))?;
         let sha256 = hex::encode(partial.hasher.finalize());
-        if let Some(expected) = &release.checksum {
-            if !expected.sha256.eq_ignore_ascii_case(&sha256) {
-                return Err(Error::ChecksumMismatch {
-                    url: SafeUrl(url).to_string(),
-                    expected: expected.sha256.clone(),
-                    actual: sha256,
-                    source_name: expected.source.clone(),
-                });
-            }
+        if let Some(expected) = &release.checksum
+            && !expected.sha256.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(Error::ChecksumMismatch {
+                url: SafeUrl(url).to_string(),
+                expected: expected.sha256.clone(),
+                actual: sha256,
+                source_name: expected.source.clone(),
+            });
         }
-        Ok(Downloaded { path, sha256, size: partial.size })
+        Ok(Downloaded {
+            path,
+            sha256,
+            size: partial.size,
+        })
     }
 
     async fn append(&self, url: &str, partial: &mut Partial, chunk: &[u8]) -> Result<(), Error> {
         partial.size += chunk.len() as u64;
         if partial.size > self.policy.max_bytes {
-            return Err(Error::TooLarge { url: SafeUrl(url).to_string(), limit: self.policy.max_bytes });
+            return Err(Error::TooLarge {
+                url: SafeUrl(url).to_string(),
+                limit: self.policy.max_bytes,
+            });
         }
         partial.hasher.update(chunk);
-        partial.file.write_all(chunk).await.map_err(|e| Error::io("write download of", PathBuf::from(SafeUrl(url).to_string()), e))
+        partial
+            .file
+            .write_all(chunk)
+            .await
+            .map_err(|e| Error::io("write download of", PathBuf::from(SafeUrl(url).to_string()), e))
     }
 
-    async fn copy_local(&self, src: &Path, url: &str, partial: &mut Partial, progress: &dyn DownloadProgress) -> Result<(), Error> {
+    async fn copy_local(
+        &self,
+        src: &Path,
+        url: &str,
+        partial: &mut Partial,
+        progress: &dyn DownloadProgress,
+    ) -> Result<(), Error> {
         use tokio::io::AsyncReadExt;
-        let mut file = tokio::fs::File::open(src).await.map_err(|e| Error::io("open artifact", src, e))?;
+        let mut file = tokio::fs::File::open(src)
+            .await
+            .map_err(|e| Error::io("open artifact", src, e))?;
         let total = file.metadata().await.ok().map(|m| m.len());
         let mut buf = vec![0u8; 256 * 1024];
         loop {
-            let n = file.read(&mut buf).await.map_err(|e| Error::io("read artifact", src, e))?;
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::io("read artifact", src, e))?;
             if n == 0 {
                 return Ok(());
             }
@@ -170,8 +208,16 @@ impl Downloader {
 
     async fn restart(&self, partial: &mut Partial, url: &str) -> Result<(), Error> {
         use tokio::io::AsyncSeekExt;
-        partial.file.set_len(0).await.map_err(|e| Error::io("truncate download of", PathBuf::from(SafeUrl(url).to_string()), e))?;
-        partial.file.seek(std::io::SeekFrom::Start(0)).await.map_err(|e| Error::io("rewind download of", PathBuf::from(SafeUrl(url).to_string()), e))?;
+        partial
+            .file
+            .set_len(0)
+            .await
+            .map_err(|e| Error::io("truncate download of", PathBuf::from(SafeUrl(url).to_string()), e))?;
+        partial
+            .file
+            .seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| Error::io("rewind download of", PathBuf::from(SafeUrl(url).to_string()), e))?;
         partial.hasher = Sha256::new();
         partial.size = 0;
         Ok(())
@@ -185,7 +231,10 @@ impl Downloader {
         validator: &mut Option<String>,
     ) -> Result<(), Error> {
         let safe = || SafeUrl(url).to_string();
-        let transport = |e: reqwest::Error| Error::Transport { url: SafeUrl(url).to_string(), source: Box::new(e) };
+        let transport = |e: reqwest::Error| Error::Transport {
+            url: SafeUrl(url).to_string(),
+            source: Box::new(e),
+        };
         let mut req = self.client.get(url);
         let resuming = partial.size > 0 && validator.is_some();
         if resuming {
@@ -200,13 +249,23 @@ impl Downloader {
         let status = resp.status().as_u16();
         let total = match status {
             206 if resuming => {
-                let range = resp.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or_default();
-                let start = range.strip_prefix("bytes ").and_then(|r| r.split('-').next()).and_then(|s| s.parse::<u64>().ok());
+                let range = resp
+                    .headers()
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                let start = range
+                    .strip_prefix("bytes ")
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.parse::<u64>().ok());
                 if start != Some(partial.size) {
                     // The server resumed somewhere else: start over.
                     self.restart(partial, url).await?;
                     *validator = None;
-                    return Err(Error::Transport { url: safe(), source: format!("unexpected Content-Range `{range}`").into() });
+                    return Err(Error::Transport {
+                        url: safe(),
+                        source: format!("unexpected Content-Range `{range}`").into(),
+                    });
                 }
                 tracing::info!(url = %SafeUrl(url), offset = partial.size, "Resuming download");
                 range.rsplit('/').next().and_then(|t| t.parse::<u64>().ok())
@@ -219,26 +278,36 @@ impl Downloader {
             }
             _ => return Err(Error::HttpStatus { url: safe(), status }),
         };
-        if let Some(t) = total {
-            if t > self.policy.max_bytes {
-                return Err(Error::TooLarge { url: safe(), limit: self.policy.max_bytes });
-            }
+        if let Some(t) = total
+            && t > self.policy.max_bytes
+        {
+            return Err(Error::TooLarge {
+                url: safe(),
+                limit: self.policy.max_bytes,
+            });
         }
         *validator = resp
             .headers()
             .get("etag")
             .or_else(|| resp.headers().get("last-modified"))
             .and_then(|v| v.to_str().ok())
-            .filter(|_| resp.headers().get("accept-ranges").is_some_and(|v| v.as_bytes() == b"bytes"))
+            .filter(|_| {
+                resp.headers()
+                    .get("accept-ranges")
+                    .is_some_and(|v| v.as_bytes() == b"bytes")
+            })
             .map(str::to_owned);
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             self.append(url, partial, &chunk).await?;
             progress.on_progress(partial.size, total);
         }
-        if let Some(t) = total {
-            if partial.size != t {
-                return Err(Error::Transport { url: safe(), source: format!("body ended after {} of {t} bytes", partial.size).into() });
-            }
+        if let Some(t) = total
+            && partial.size != t
+        {
+            return Err(Error::Transport {
+                url: safe(),
+                source: format!("body ended after {} of {t} bytes", partial.size).into(),
+            });
         }
         Ok(())
     }

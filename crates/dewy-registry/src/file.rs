@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::artifact::{Choice, Platform, choose_artifact};
-use crate::{Checksum, CommonOptions, Error, OpenOptions, Registry, Release, Report, SafeUrl, Selection, choose_latest};
+use crate::{
+    Checksum, CommonOptions, Error, OpenOptions, Registry, Release, Report, SafeUrl, Selection, choose_latest,
+};
 
 /// A registry in a local folder.
 #[derive(Debug, Clone)]
@@ -18,7 +20,12 @@ pub struct FileRegistry {
 impl FileRegistry {
     /// A registry on `root` with the given choice rules.
     pub fn new(root: impl Into<PathBuf>, selection: Selection, artifact: Option<String>, platform: Platform) -> Self {
-        Self { root: root.into(), selection, artifact, platform }
+        Self {
+            root: root.into(),
+            selection,
+            artifact,
+            platform,
+        }
     }
 
     /// Builds one from `file:///PATH?pre-release=&artifact=&calver=`. A
@@ -33,7 +40,10 @@ impl FileRegistry {
         };
         let root = PathBuf::from(percent_decode(&root.to_string_lossy()));
         if root.as_os_str().is_empty() {
-            return Err(Error::InvalidUrl { url: SafeUrl(url.as_str()).to_string(), reason: "the path is empty".into() });
+            return Err(Error::InvalidUrl {
+                url: SafeUrl(url.as_str()).to_string(),
+                reason: "the path is empty".into(),
+            });
         }
         Ok(Self::new(root, selection, common.artifact, opts.platform.clone()))
     }
@@ -45,20 +55,28 @@ impl FileRegistry {
 
     async fn names_in(&self, dir: &Path, want_dirs: bool) -> Result<Vec<String>, Error> {
         let mut out = Vec::new();
-        let mut rd = tokio::fs::read_dir(dir).await.map_err(|e| Error::io("list registry folder", dir, e))?;
-        while let Some(entry) = rd.next_entry().await.map_err(|e| Error::io("list registry folder", dir, e))? {
+        let mut rd = tokio::fs::read_dir(dir)
+            .await
+            .map_err(|e| Error::io("list registry folder", dir, e))?;
+        while let Some(entry) = rd
+            .next_entry()
+            .await
+            .map_err(|e| Error::io("list registry folder", dir, e))?
+        {
             let Ok(ty) = entry.file_type().await else { continue };
             let is_dir = if ty.is_symlink() {
-                tokio::fs::metadata(entry.path()).await.map(|m| m.is_dir()).unwrap_or(false)
+                tokio::fs::metadata(entry.path())
+                    .await
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false)
             } else {
                 ty.is_dir()
             };
-            if is_dir == want_dirs {
-                if let Some(name) = entry.file_name().to_str() {
-                    if !name.starts_with('.') {
-                        out.push(name.to_owned());
-                    }
-                }
+            if is_dir == want_dirs
+                && let Some(name) = entry.file_name().to_str()
+                && !name.starts_with('.')
+            {
+                out.push(name.to_owned());
             }
         }
         out.sort();
@@ -67,16 +85,22 @@ impl FileRegistry {
 
     async fn checksum_for(&self, dir: &Path, artifact: &str) -> Option<Checksum> {
         let own = format!("{artifact}.sha256");
-        if let Ok(text) = tokio::fs::read_to_string(dir.join(&own)).await {
-            if let Some(hex) = text.split_whitespace().next().filter(|h| is_sha256(h)) {
-                return Some(Checksum { sha256: hex.to_ascii_lowercase(), source: own });
-            }
+        if let Ok(text) = tokio::fs::read_to_string(dir.join(&own)).await
+            && let Some(hex) = text.split_whitespace().next().filter(|h| is_sha256(h))
+        {
+            return Some(Checksum {
+                sha256: hex.to_ascii_lowercase(),
+                source: own,
+            });
         }
         for list in ["SHA256SUMS", "sha256sums.txt", "checksums.txt"] {
-            if let Ok(text) = tokio::fs::read_to_string(dir.join(list)).await {
-                if let Some(sum) = find_in_sums(&text, artifact) {
-                    return Some(Checksum { sha256: sum, source: list.to_owned() });
-                }
+            if let Ok(text) = tokio::fs::read_to_string(dir.join(list)).await
+                && let Some(sum) = find_in_sums(&text, artifact)
+            {
+                return Some(Checksum {
+                    sha256: sum,
+                    source: list.to_owned(),
+                });
             }
         }
         None
@@ -103,26 +127,44 @@ fn percent_decode(s: &str) -> String {
 
 fn file_url(path: &Path) -> String {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    url::Url::from_file_path(&abs).map(|u| u.to_string()).unwrap_or_else(|()| format!("file://{}", abs.display()))
+    url::Url::from_file_path(&abs)
+        .map(|u| u.to_string())
+        .unwrap_or_else(|()| format!("file://{}", abs.display()))
 }
 
 #[async_trait::async_trait]
 impl Registry for FileRegistry {
     async fn latest(&self) -> Result<Release, Error> {
         let versions = self.names_in(&self.root, true).await?;
-        let version = choose_latest(versions.iter().map(String::as_str), &self.selection)
-            .ok_or_else(|| Error::NoVersion { location: file_url(&self.root) })?;
+        let version =
+            choose_latest(versions.iter().map(String::as_str), &self.selection).ok_or_else(|| Error::NoVersion {
+                location: file_url(&self.root),
+            })?;
         let dir = self.root.join(&version.tag);
-        let meta = tokio::fs::metadata(&dir).await.map_err(|e| Error::io("read metadata of", &dir, e))?;
+        let meta = tokio::fs::metadata(&dir)
+            .await
+            .map_err(|e| Error::io("read metadata of", &dir, e))?;
         let published_at = meta.modified().ok().and_then(|t| jiff::Timestamp::try_from(t).ok());
         let files = self.names_in(&dir, false).await?;
         let tag = version.tag.clone();
         let artifact = match &self.artifact {
             Some(name) if files.iter().any(|f| f == name) => name.clone(),
-            Some(name) => return Err(Error::ArtifactNotFound { tag, wanted: Some(name.clone()), published_at }),
+            Some(name) => {
+                return Err(Error::ArtifactNotFound {
+                    tag,
+                    wanted: Some(name.clone()),
+                    published_at,
+                });
+            }
             None => match choose_artifact(files.iter().map(String::as_str), &self.platform) {
                 Choice::One(name) => name,
-                Choice::None => return Err(Error::ArtifactNotFound { tag, wanted: None, published_at }),
+                Choice::None => {
+                    return Err(Error::ArtifactNotFound {
+                        tag,
+                        wanted: None,
+                        published_at,
+                    });
+                }
                 Choice::Ambiguous(candidates) => return Err(Error::AmbiguousArtifact { tag, candidates }),
             },
         };
@@ -144,9 +186,15 @@ impl Registry for FileRegistry {
     /// release's folder, as the Go original does on S3 and GCS.
     async fn report(&self, report: &Report) -> Result<(), Error> {
         let at = report.at.strftime("%Y%m%dT%H%M%S.%fZ").to_string();
-        let name = format!("shipped_to_{}_{}_at_{at}.txt", report.hostname.to_lowercase(), report.command);
+        let name = format!(
+            "shipped_to_{}_{}_at_{at}.txt",
+            report.hostname.to_lowercase(),
+            report.command
+        );
         let path = self.root.join(&report.tag).join(name);
-        tokio::fs::write(&path, b"").await.map_err(|e| Error::io("write deployment report", &path, e))
+        tokio::fs::write(&path, b"")
+            .await
+            .map_err(|e| Error::io("write deployment report", &path, e))
     }
 }
 

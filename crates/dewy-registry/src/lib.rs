@@ -201,7 +201,11 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { op, path: path.into(), source }
+        Self::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 
     /// Whether retrying the same request later may succeed.
@@ -245,13 +249,19 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        Self { slot: None, calver: None, platform: Platform::host() }
+        Self {
+            slot: None,
+            calver: None,
+            platform: Platform::host(),
+        }
     }
 }
 
+/// Builds a backend from its URL.
+type Constructor = fn(&url::Url, &OpenOptions) -> Result<Arc<dyn Registry>, Error>;
+
 /// The scheme table: every registry backend this build has.
-const SCHEMES: &[(&str, fn(&url::Url, &OpenOptions) -> Result<Arc<dyn Registry>, Error>)] =
-    &[("file", |url, opts| Ok(Arc::new(FileRegistry::from_url(url, opts)?)))];
+const SCHEMES: &[(&str, Constructor)] = &[("file", |url, opts| Ok(Arc::new(FileRegistry::from_url(url, opts)?)))];
 
 /// Opens the registry named by `url`, choosing the backend by scheme.
 pub fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Registry>, Error> {
@@ -259,14 +269,22 @@ pub fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Registry>, Error
     let Some((scheme, _)) = url.split_once("://") else {
         return Err(Error::InvalidUrl {
             url: SafeUrl(url).to_string(),
-            reason: format!("expected scheme://path, for example file:///srv/releases; supported schemes: {}", valid().join(", ")),
+            reason: format!(
+                "expected scheme://path, for example file:///srv/releases; supported schemes: {}",
+                valid().join(", ")
+            ),
         });
     };
-    let parsed = url::Url::parse(url)
-        .map_err(|e| Error::InvalidUrl { url: SafeUrl(url).to_string(), reason: e.to_string() })?;
+    let parsed = url::Url::parse(url).map_err(|e| Error::InvalidUrl {
+        url: SafeUrl(url).to_string(),
+        reason: e.to_string(),
+    })?;
     match SCHEMES.iter().find(|(s, _)| *s == scheme) {
         Some((_, make)) => make(&parsed, options),
-        None => Err(Error::UnknownScheme { scheme: scheme.to_owned(), valid: valid() }),
+        None => Err(Error::UnknownScheme {
+            scheme: scheme.to_owned(),
+            valid: valid(),
+        }),
     }
 }
 
@@ -299,7 +317,12 @@ impl CommonOptions {
                 }
                 "artifact" => out.artifact = Some(v.into_owned()).filter(|a| !a.is_empty()),
                 "calver" => out.calver = Some(v.into_owned()).filter(|a| !a.is_empty()),
-                other => return Err(Error::UnknownOption { option: other.to_owned(), valid: Self::VALID.to_vec() }),
+                other => {
+                    return Err(Error::UnknownOption {
+                        option: other.to_owned(),
+                        valid: Self::VALID.to_vec(),
+                    });
+                }
             }
         }
         Ok(out)
@@ -307,12 +330,17 @@ impl CommonOptions {
 
     pub(crate) fn selection(&self, opts: &OpenOptions, url: &url::Url) -> Result<Selection, Error> {
         let scheme = match opts.calver.as_ref().or(self.calver.as_ref()) {
-            Some(f) => Scheme::CalVer(
-                CalVerFormat::new(f).map_err(|reason| Error::InvalidUrl { url: SafeUrl(url.as_str()).to_string(), reason })?,
-            ),
+            Some(f) => Scheme::CalVer(CalVerFormat::new(f).map_err(|reason| Error::InvalidUrl {
+                url: SafeUrl(url.as_str()).to_string(),
+                reason,
+            })?),
             None => Scheme::SemVer,
         };
-        Ok(Selection { scheme, pre_release: self.pre_release, slot: opts.slot.clone() })
+        Ok(Selection {
+            scheme,
+            pre_release: self.pre_release,
+            slot: opts.slot.clone(),
+        })
     }
 }
 
@@ -324,11 +352,15 @@ mod tests {
     fn scheme_and_option_errors_name_the_culprit() {
         let err = open("ftp://x/y", &OpenOptions::default()).unwrap_err().to_string();
         assert!(err.contains("`ftp`") && err.contains("file"), "{err}");
-        let err = open("file:///srv?bogus=1", &OpenOptions::default()).unwrap_err().to_string();
+        let err = open("file:///srv?bogus=1", &OpenOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`bogus`") && err.contains("pre-release"), "{err}");
         let err = open("/srv/releases", &OpenOptions::default()).unwrap_err().to_string();
         assert!(err.contains("scheme://"), "{err}");
-        let err = open("file:///srv?pre-release=maybe", &OpenOptions::default()).unwrap_err().to_string();
+        let err = open("file:///srv?pre-release=maybe", &OpenOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pre-release=maybe"), "{err}");
     }
 }

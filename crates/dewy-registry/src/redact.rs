@@ -4,8 +4,18 @@ use std::fmt;
 
 /// Query parameters whose values are secrets (compared case-insensitively;
 /// a trailing `*` matches a prefix).
-const SECRET_PARAMS: &[&str] =
-    &["token", "access_token", "password", "secret", "key", "signature", "sig", "x-amz-*", "x-goog-*", "code"];
+const SECRET_PARAMS: &[&str] = &[
+    "token",
+    "access_token",
+    "password",
+    "secret",
+    "key",
+    "signature",
+    "sig",
+    "x-amz-*",
+    "x-goog-*",
+    "code",
+];
 
 /// Displays a URL with the password, the user name when a password is
 /// present, and secret query values replaced by `****`.

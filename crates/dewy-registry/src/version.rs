@@ -31,7 +31,9 @@ impl PartialOrd for Ident {
 }
 
 fn parse_pre(pre: &str) -> Vec<Ident> {
-    pre.split('.').map(|p| p.parse::<u64>().map_or_else(|_| Ident::Alpha(p.to_owned()), Ident::Num)).collect()
+    pre.split('.')
+        .map(|p| p.parse::<u64>().map_or_else(|_| Ident::Alpha(p.to_owned()), Ident::Num))
+        .collect()
 }
 
 /// SemVer §11: a release is higher than any pre-release; pre-releases
@@ -113,7 +115,12 @@ pub fn parse_semver(tag: &str) -> Option<Version> {
     let c = semver_regex().captures(tag)?;
     let numbers = (1..=3).map(|i| c[i].parse::<u64>().ok()).collect::<Option<Vec<_>>>()?;
     let pre = c.get(4).map(|m| parse_pre(m.as_str())).unwrap_or_default();
-    Some(Version { tag: tag.to_owned(), numbers, pre, build: c.get(5).map(|m| m.as_str().to_owned()) })
+    Some(Version {
+        tag: tag.to_owned(),
+        numbers,
+        pre,
+        build: c.get(5).map(|m| m.as_str().to_owned()),
+    })
 }
 
 /// A CalVer format such as `YYYY.0M.0D.MICRO`.
@@ -156,11 +163,17 @@ impl CalVerFormat {
             }
         }
         if groups == 0 {
-            return Err(format!("invalid calver format `{format}`: it has none of the tokens YYYY, YY, 0Y, MM, 0M, WW, 0W, DD, 0D, MICRO"));
+            return Err(format!(
+                "invalid calver format `{format}`: it has none of the tokens YYYY, YY, 0Y, MM, 0M, WW, 0W, DD, 0D, MICRO"
+            ));
         }
         pattern.push_str(r"(?:-([0-9A-Za-z.-]+))?(?:\+([0-9A-Za-z.-]+))?$");
         let regex = Regex::new(&pattern).map_err(|e| format!("invalid calver format `{format}`: {e}"))?;
-        Ok(Self { format: format.to_owned(), regex, groups })
+        Ok(Self {
+            format: format.to_owned(),
+            regex,
+            groups,
+        })
     }
 
     /// The format string.
@@ -170,10 +183,20 @@ impl CalVerFormat {
 
     fn parse(&self, tag: &str) -> Option<Version> {
         let c = self.regex.captures(tag)?;
-        let numbers = (1..=self.groups).map(|i| c[i].parse::<u64>().ok()).collect::<Option<Vec<_>>>()?;
-        let pre = c.get(self.groups + 1).map(|m| parse_pre(m.as_str())).unwrap_or_default();
+        let numbers = (1..=self.groups)
+            .map(|i| c[i].parse::<u64>().ok())
+            .collect::<Option<Vec<_>>>()?;
+        let pre = c
+            .get(self.groups + 1)
+            .map(|m| parse_pre(m.as_str()))
+            .unwrap_or_default();
         let build = c.get(self.groups + 2).map(|m| m.as_str().to_owned());
-        Some(Version { tag: tag.to_owned(), numbers, pre, build })
+        Some(Version {
+            tag: tag.to_owned(),
+            numbers,
+            pre,
+            build,
+        })
     }
 }
 
@@ -191,7 +214,11 @@ pub struct Selection {
 impl Selection {
     /// SemVer, no pre-releases, no slot.
     pub fn semver() -> Self {
-        Self { scheme: Scheme::SemVer, pre_release: false, slot: None }
+        Self {
+            scheme: Scheme::SemVer,
+            pre_release: false,
+            slot: None,
+        }
     }
 }
 
@@ -210,10 +237,10 @@ pub fn choose_latest<'a>(tags: impl IntoIterator<Item = &'a str>, selection: &Se
         if v.is_prerelease() && !selection.pre_release {
             continue;
         }
-        if let Some(slot) = &selection.slot {
-            if v.build.as_deref() != Some(slot.as_str()) {
-                continue;
-            }
+        if let Some(slot) = &selection.slot
+            && v.build.as_deref() != Some(slot.as_str())
+        {
+            continue;
         }
         let better = match &best {
             None => true,
@@ -235,50 +262,101 @@ mod tests {
     use super::*;
 
     fn latest(tags: &[&str], pre: bool, slot: Option<&str>) -> Option<String> {
-        let sel = Selection { scheme: Scheme::SemVer, pre_release: pre, slot: slot.map(str::to_owned) };
+        let sel = Selection {
+            scheme: Scheme::SemVer,
+            pre_release: pre,
+            slot: slot.map(str::to_owned),
+        };
         choose_latest(tags.iter().copied(), &sel).map(|v| v.tag)
     }
 
     #[test]
     fn semver_precedence_table() {
-        let cases: &[(&[&str], bool, Option<&str>, Option<&str>)] = &[
+        type Case<'a> = (&'a [&'a str], bool, Option<&'a str>, Option<&'a str>);
+        let cases: &[Case<'_>] = &[
             (&["v1.0.0", "v1.2.0", "v1.10.0", "v1.9.9"], false, None, Some("v1.10.0")),
             (&["1.0.0", "v2.0.0", "latest", "nightly"], false, None, Some("v2.0.0")),
             (&["v1.0.0", "v2.0.0-rc.1"], false, None, Some("v1.0.0")),
             (&["v1.0.0", "v2.0.0-rc.1"], true, None, Some("v2.0.0-rc.1")),
             (&["v2.0.0-rc.1", "v2.0.0"], true, None, Some("v2.0.0")),
-            (&["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0-rc.1"], true, None, Some("1.0.0-rc.1")),
+            (
+                &[
+                    "1.0.0-alpha",
+                    "1.0.0-alpha.1",
+                    "1.0.0-beta",
+                    "1.0.0-beta.2",
+                    "1.0.0-beta.11",
+                    "1.0.0-rc.1",
+                ],
+                true,
+                None,
+                Some("1.0.0-rc.1"),
+            ),
             (&["1.0.0-beta.2", "1.0.0-beta.11"], true, None, Some("1.0.0-beta.11")),
-            (&["1.0.0-alpha.1", "1.0.0-alpha.beta"], true, None, Some("1.0.0-alpha.beta")),
+            (
+                &["1.0.0-alpha.1", "1.0.0-alpha.beta"],
+                true,
+                None,
+                Some("1.0.0-alpha.beta"),
+            ),
             (&["v01.02.03", "v1.2.2"], false, None, Some("v01.02.03")),
             // Build metadata is ignored for order; the tie is broken by the tag.
             (&["v1.0.0+b", "v1.0.0+a"], false, None, Some("v1.0.0+b")),
             (&["v1.0.0+a", "v1.0.0+b"], false, None, Some("v1.0.0+b")),
             // Slots: the newest *blue* wins even when a newer green exists
             // (the Go original starves here).
-            (&["v1.0.0+blue", "v1.1.0+green", "v1.0.1+blue"], false, Some("blue"), Some("v1.0.1+blue")),
+            (
+                &["v1.0.0+blue", "v1.1.0+green", "v1.0.1+blue"],
+                false,
+                Some("blue"),
+                Some("v1.0.1+blue"),
+            ),
             (&["v1.1.0+green"], false, Some("blue"), None),
             (&["V1.0.0", "release-1", "v1.0", "1.2.3.4"], false, None, None),
             (&[], false, None, None),
         ];
         for (tags, pre, slot, want) in cases {
-            assert_eq!(latest(tags, *pre, *slot).as_deref(), *want, "{tags:?} pre={pre} slot={slot:?}");
+            assert_eq!(
+                latest(tags, *pre, *slot).as_deref(),
+                *want,
+                "{tags:?} pre={pre} slot={slot:?}"
+            );
         }
     }
 
     #[test]
     fn calver_table() {
         let cases: &[(&str, &[&str], Option<&str>)] = &[
-            ("YYYY.0M.0D.MICRO", &["2024.01.15.1", "2024.01.15.10", "2024.01.15.2", "2023.12.31.99"], Some("2024.01.15.10")),
-            ("YYYY.MM.DD", &["2024.1.15", "2024.12.1", "2024.2.30"], Some("2024.12.1")),
+            (
+                "YYYY.0M.0D.MICRO",
+                &["2024.01.15.1", "2024.01.15.10", "2024.01.15.2", "2023.12.31.99"],
+                Some("2024.01.15.10"),
+            ),
+            (
+                "YYYY.MM.DD",
+                &["2024.1.15", "2024.12.1", "2024.2.30"],
+                Some("2024.12.1"),
+            ),
             ("vYY.0W", &["v24.05", "v24.52", "v24.54"], Some("v24.52")),
-            ("YYYY.0M.MICRO", &["2024.01.1", "2024.01.1-rc.1", "2024.13.1"], Some("2024.01.1")),
+            (
+                "YYYY.0M.MICRO",
+                &["2024.01.1", "2024.01.1-rc.1", "2024.13.1"],
+                Some("2024.01.1"),
+            ),
             ("YYYY.0M", &["2024-01", "v1.2.3"], None),
         ];
         for (format, tags, want) in cases {
             let f = CalVerFormat::new(format).unwrap();
-            let sel = Selection { scheme: Scheme::CalVer(f), pre_release: false, slot: None };
-            assert_eq!(choose_latest(tags.iter().copied(), &sel).map(|v| v.tag).as_deref(), *want, "{format}");
+            let sel = Selection {
+                scheme: Scheme::CalVer(f),
+                pre_release: false,
+                slot: None,
+            };
+            assert_eq!(
+                choose_latest(tags.iter().copied(), &sel).map(|v| v.tag).as_deref(),
+                *want,
+                "{format}"
+            );
         }
         assert!(CalVerFormat::new("abc").is_err());
         let f = CalVerFormat::new("YYYY.0M.MICRO").unwrap();

@@ -5,13 +5,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dewy_registry::{
-    Checksum, DownloadPolicy, Downloader, Error, NoProgress, OpenOptions, Platform, Release, open,
-};
+use dewy_registry::{Checksum, DownloadPolicy, Downloader, Error, NoProgress, OpenOptions, Platform, Release, open};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn linux() -> OpenOptions {
-    OpenOptions { platform: Platform { os: "linux".into(), arch: "x86_64".into(), libc: Some("gnu".into()) }, ..OpenOptions::default() }
+    OpenOptions {
+        platform: Platform {
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            libc: Some("gnu".into()),
+        },
+        ..OpenOptions::default()
+    }
 }
 
 fn publish(root: &Path, tag: &str, files: &[(&str, &[u8])]) {
@@ -26,7 +31,11 @@ fn publish(root: &Path, tag: &str, files: &[(&str, &[u8])]) {
 async fn file_registry_chooses_the_newest_release_and_its_artifact() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    publish(root, "v1.0.0", &[("app_linux_amd64.tar.gz", b"v1"), ("app_darwin_arm64.tar.gz", b"m")]);
+    publish(
+        root,
+        "v1.0.0",
+        &[("app_linux_amd64.tar.gz", b"v1"), ("app_darwin_arm64.tar.gz", b"m")],
+    );
     publish(root, "v1.10.0", &[("app_linux_amd64.tar.gz", b"v10")]);
     publish(root, "v1.9.0", &[("app_linux_amd64.tar.gz", b"v9")]);
     publish(root, "v2.0.0-rc.1", &[("app_linux_amd64.tar.gz", b"rc")]);
@@ -36,7 +45,11 @@ async fn file_registry_chooses_the_newest_release_and_its_artifact() {
     let rel = r.latest().await.unwrap();
     assert_eq!(rel.tag, "v1.10.0");
     assert_eq!(rel.artifact_name, "app_linux_amd64.tar.gz");
-    assert!(rel.artifact_url.ends_with("/v1.10.0/app_linux_amd64.tar.gz"), "{}", rel.artifact_url);
+    assert!(
+        rel.artifact_url.ends_with("/v1.10.0/app_linux_amd64.tar.gz"),
+        "{}",
+        rel.artifact_url
+    );
     assert!(rel.published_at.is_some());
     assert!(rel.checksum.is_none());
 
@@ -47,7 +60,11 @@ async fn file_registry_chooses_the_newest_release_and_its_artifact() {
     // publish time, for the grace period.
     publish(root, "v3.0.0", &[("app_darwin_arm64.tar.gz", b"m")]);
     match r.latest().await {
-        Err(Error::ArtifactNotFound { tag, published_at, wanted: None }) => {
+        Err(Error::ArtifactNotFound {
+            tag,
+            published_at,
+            wanted: None,
+        }) => {
             assert_eq!(tag, "v3.0.0");
             assert!(published_at.is_some());
         }
@@ -56,7 +73,11 @@ async fn file_registry_chooses_the_newest_release_and_its_artifact() {
     let named = open(&format!("{url}?artifact=app_darwin_arm64.tar.gz"), &linux()).unwrap();
     assert_eq!(named.latest().await.unwrap().artifact_name, "app_darwin_arm64.tar.gz");
 
-    publish(root, "v3.0.0", &[("app_linux_amd64.tar.gz", b"a"), ("app_linux_x86_64.zip", b"b")]);
+    publish(
+        root,
+        "v3.0.0",
+        &[("app_linux_amd64.tar.gz", b"a"), ("app_linux_x86_64.zip", b"b")],
+    );
     assert!(matches!(r.latest().await, Err(Error::AmbiguousArtifact { .. })));
 }
 
@@ -67,7 +88,14 @@ async fn file_registry_slots_calver_and_checksums() {
     publish(root, "v1.0.0+blue", &[("app_linux_amd64.tar.gz", b"blue1")]);
     publish(root, "v1.1.0+green", &[("app_linux_amd64.tar.gz", b"green")]);
     let url = format!("file://{}", root.display());
-    let blue = open(&url, &OpenOptions { slot: Some("blue".into()), ..linux() }).unwrap();
+    let blue = open(
+        &url,
+        &OpenOptions {
+            slot: Some("blue".into()),
+            ..linux()
+        },
+    )
+    .unwrap();
     let rel = blue.latest().await.unwrap();
     assert_eq!(rel.tag, "v1.0.0+blue");
     assert_eq!(rel.slot.as_deref(), Some("blue"));
@@ -75,14 +103,31 @@ async fn file_registry_slots_calver_and_checksums() {
     let cal = tempfile::tempdir().unwrap();
     publish(cal.path(), "2024.01.15.2", &[("app_linux_amd64.tar.gz", b"a")]);
     publish(cal.path(), "2024.01.15.10", &[("app_linux_amd64.tar.gz", b"b")]);
-    let r = open(&format!("file://{}", cal.path().display()), &OpenOptions { calver: Some("YYYY.0M.0D.MICRO".into()), ..linux() }).unwrap();
+    let r = open(
+        &format!("file://{}", cal.path().display()),
+        &OpenOptions {
+            calver: Some("YYYY.0M.0D.MICRO".into()),
+            ..linux()
+        },
+    )
+    .unwrap();
     assert_eq!(r.latest().await.unwrap().tag, "2024.01.15.10");
 
     let sums = format!("{}  app_linux_amd64.tar.gz\n", "ab".repeat(32));
-    publish(root, "v2.0.0", &[("app_linux_amd64.tar.gz", b"x"), ("SHA256SUMS", sums.as_bytes())]);
+    publish(
+        root,
+        "v2.0.0",
+        &[("app_linux_amd64.tar.gz", b"x"), ("SHA256SUMS", sums.as_bytes())],
+    );
     let plain = open(&url, &linux()).unwrap();
     let rel = plain.latest().await.unwrap();
-    assert_eq!(rel.checksum, Some(Checksum { sha256: "ab".repeat(32), source: "SHA256SUMS".into() }));
+    assert_eq!(
+        rel.checksum,
+        Some(Checksum {
+            sha256: "ab".repeat(32),
+            source: "SHA256SUMS".into()
+        })
+    );
 }
 
 #[tokio::test]
@@ -92,7 +137,14 @@ async fn file_download_is_verified_and_leaves_nothing_on_mismatch() {
     let staging = tempfile::tempdir().unwrap();
     let data = b"artifact bytes";
     let sum = sha256_hex(data);
-    publish(dir.path(), "v1.0.0", &[("app_linux_amd64.tar.gz", data), ("app_linux_amd64.tar.gz.sha256", sum.as_bytes())]);
+    publish(
+        dir.path(),
+        "v1.0.0",
+        &[
+            ("app_linux_amd64.tar.gz", data),
+            ("app_linux_amd64.tar.gz.sha256", sum.as_bytes()),
+        ],
+    );
     let r = open(&format!("file://{}", dir.path().display()), &linux()).unwrap();
     let rel = r.latest().await.unwrap();
     assert_eq!(rel.checksum.as_ref().unwrap().sha256, sum);
@@ -103,10 +155,17 @@ async fn file_download_is_verified_and_leaves_nothing_on_mismatch() {
     drop(got);
 
     let mut bad = rel.clone();
-    bad.checksum = Some(Checksum { sha256: "0".repeat(64), source: "test".into() });
+    bad.checksum = Some(Checksum {
+        sha256: "0".repeat(64),
+        source: "test".into(),
+    });
     let err = d.fetch(&bad, staging.path(), &NoProgress).await.unwrap_err();
     assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
-    assert_eq!(std::fs::read_dir(staging.path()).unwrap().count(), 0, "nothing left in staging");
+    assert_eq!(
+        std::fs::read_dir(staging.path()).unwrap().count(),
+        0,
+        "nothing left in staging"
+    );
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -142,7 +201,9 @@ async fn serve(body: Vec<u8>, behaviour: Behaviour) -> Server {
     let body = Arc::new(body);
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let (log, body) = (log.clone(), body.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
@@ -207,12 +268,19 @@ fn http_release(server: &Server, checksum: Option<&str>) -> Release {
         artifact_url: format!("http://{}/app.tar.gz", server.addr),
         published_at: None,
         slot: None,
-        checksum: checksum.map(|s| Checksum { sha256: s.into(), source: "test".into() }),
+        checksum: checksum.map(|s| Checksum {
+            sha256: s.into(),
+            source: "test".into(),
+        }),
     }
 }
 
 fn fast_policy() -> DownloadPolicy {
-    DownloadPolicy { backoff: Duration::from_millis(10), idle_timeout: Duration::from_millis(500), ..DownloadPolicy::default() }
+    DownloadPolicy {
+        backoff: Duration::from_millis(10),
+        idle_timeout: Duration::from_millis(500),
+        ..DownloadPolicy::default()
+    }
 }
 
 fn body() -> Vec<u8> {
@@ -226,13 +294,23 @@ async fn interrupted_download_resumes_with_range() {
     let server = serve(data.clone(), Behaviour::CutOnce).await;
     let staging = tempfile::tempdir().unwrap();
     let d = Downloader::new(fast_policy()).unwrap();
-    let got = d.fetch(&http_release(&server, Some(&sha256_hex(&data))), staging.path(), &NoProgress).await.unwrap();
+    let got = d
+        .fetch(
+            &http_release(&server, Some(&sha256_hex(&data))),
+            staging.path(),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
     assert_eq!(got.size, data.len() as u64);
     assert_eq!(std::fs::read(&got.path).unwrap(), data);
     let reqs = server.requests.lock().unwrap().clone();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     let second = reqs[1].to_ascii_lowercase();
-    assert!(second.contains(&format!("range: bytes={}-", data.len() / 2)), "{second}");
+    assert!(
+        second.contains(&format!("range: bytes={}-", data.len() / 2)),
+        "{second}"
+    );
     assert!(second.contains("if-range: \"v1\""), "{second}");
 }
 
@@ -243,12 +321,18 @@ async fn server_errors_are_retried() {
     let server = serve(data.clone(), Behaviour::FlakyTwice).await;
     let staging = tempfile::tempdir().unwrap();
     let d = Downloader::new(fast_policy()).unwrap();
-    let got = d.fetch(&http_release(&server, None), staging.path(), &NoProgress).await.unwrap();
+    let got = d
+        .fetch(&http_release(&server, None), staging.path(), &NoProgress)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&got.path).unwrap(), data);
     assert_eq!(server.requests.lock().unwrap().len(), 3);
 
     let missing = serve(data.clone(), Behaviour::Missing).await;
-    let err = d.fetch(&http_release(&missing, None), staging.path(), &NoProgress).await.unwrap_err();
+    let err = d
+        .fetch(&http_release(&missing, None), staging.path(), &NoProgress)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::HttpStatus { status: 404, .. }), "{err}");
     assert_eq!(missing.requests.lock().unwrap().len(), 1, "a 404 is not retried");
 }
@@ -259,7 +343,14 @@ async fn wrong_checksum_is_refused_and_staging_stays_clean() {
     let server = serve(body(), Behaviour::Ok).await;
     let staging = tempfile::tempdir().unwrap();
     let d = Downloader::new(fast_policy()).unwrap();
-    let err = d.fetch(&http_release(&server, Some(&"1".repeat(64))), staging.path(), &NoProgress).await.unwrap_err();
+    let err = d
+        .fetch(
+            &http_release(&server, Some(&"1".repeat(64))),
+            staging.path(),
+            &NoProgress,
+        )
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::ChecksumMismatch { .. }));
     assert!(err.to_string().contains(&"1".repeat(64)));
     assert_eq!(std::fs::read_dir(staging.path()).unwrap().count(), 0);
@@ -270,10 +361,16 @@ async fn stalled_download_times_out() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let server = serve(body(), Behaviour::Stall).await;
     let staging = tempfile::tempdir().unwrap();
-    let policy = DownloadPolicy { retries: 1, ..fast_policy() };
+    let policy = DownloadPolicy {
+        retries: 1,
+        ..fast_policy()
+    };
     let d = Downloader::new(policy).unwrap();
     let started = std::time::Instant::now();
-    let err = d.fetch(&http_release(&server, None), staging.path(), &NoProgress).await.unwrap_err();
+    let err = d
+        .fetch(&http_release(&server, None), staging.path(), &NoProgress)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Transport { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(server.requests.lock().unwrap().len(), 2, "one retry");
@@ -285,7 +382,14 @@ async fn too_large_artifacts_are_refused() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let server = serve(body(), Behaviour::Ok).await;
     let staging = tempfile::tempdir().unwrap();
-    let d = Downloader::new(DownloadPolicy { max_bytes: 1000, ..fast_policy() }).unwrap();
-    let err = d.fetch(&http_release(&server, None), staging.path(), &NoProgress).await.unwrap_err();
+    let d = Downloader::new(DownloadPolicy {
+        max_bytes: 1000,
+        ..fast_policy()
+    })
+    .unwrap();
+    let err = d
+        .fetch(&http_release(&server, None), staging.path(), &NoProgress)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::TooLarge { limit: 1000, .. }));
 }

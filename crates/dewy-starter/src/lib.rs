@@ -143,5 +143,9 @@ pub enum Error {
 }
 
 fn tail(lines: &[String]) -> String {
-    if lines.is_empty() { String::new() } else { format!("; last stderr lines:\n{}", lines.join("\n")) }
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("; last stderr lines:\n{}", lines.join("\n"))
+    }
 }

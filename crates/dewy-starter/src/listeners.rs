@@ -35,7 +35,10 @@ impl ListenSpec {
 /// de-duplicated and in order of appearance.
 pub fn parse_ports<S: AsRef<str>>(values: &[S]) -> Result<Vec<ListenSpec>, Error> {
     let mut out: Vec<ListenSpec> = Vec::new();
-    let bad = |spec: &str, reason: &str| Error::InvalidPort { spec: spec.to_owned(), reason: reason.to_owned() };
+    let bad = |spec: &str, reason: &str| Error::InvalidPort {
+        spec: spec.to_owned(),
+        reason: reason.to_owned(),
+    };
     let port = |s: &str, whole: &str| -> Result<u16, Error> {
         let p: u32 = s.trim().parse().map_err(|_| bad(whole, "not a port number"))?;
         if p == 0 || p > 65535 {
@@ -78,7 +81,10 @@ pub fn parse_ports<S: AsRef<str>>(values: &[S]) -> Result<Vec<ListenSpec>, Error
                 let ip: IpAddr = match host {
                     "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
                     "" | "*" => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                    h => h.trim_matches(['[', ']']).parse().map_err(|_| bad(item, "not an IP address and port"))?,
+                    h => h
+                        .trim_matches(['[', ']'])
+                        .parse()
+                        .map_err(|_| bad(item, "not an IP address and port"))?,
                 };
                 push(ListenSpec::Addr(SocketAddr::new(ip, p)));
             } else {
@@ -114,7 +120,10 @@ impl Listeners {
     pub fn bind(specs: &[ListenSpec]) -> Result<Self, Error> {
         let mut items = Vec::new();
         for spec in specs {
-            let err = |source| Error::Bind { spec: spec.starter_name(), source };
+            let err = |source| Error::Bind {
+                spec: spec.starter_name(),
+                source,
+            };
             let socket = match spec {
                 ListenSpec::Port(p) => bind_tcp(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), *p), true)
                     .or_else(|_| bind_tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *p), false))
@@ -176,7 +185,10 @@ mod tests {
         assert_eq!(p(&["8000"]).unwrap(), ["8000"]);
         assert_eq!(p(&["8000,8001", "8001"]).unwrap(), ["8000", "8001"]);
         assert_eq!(p(&["8000-8003"]).unwrap(), ["8000", "8001", "8002", "8003"]);
-        assert_eq!(p(&["127.0.0.1:8000", "[::1]:9000", "/run/app.sock"]).unwrap(), ["127.0.0.1:8000", "[::1]:9000", "/run/app.sock"]);
+        assert_eq!(
+            p(&["127.0.0.1:8000", "[::1]:9000", "/run/app.sock"]).unwrap(),
+            ["127.0.0.1:8000", "[::1]:9000", "/run/app.sock"]
+        );
         assert_eq!(p(&["localhost:80"]).unwrap(), ["127.0.0.1:80"]);
         for bad in ["0", "70000", "abc", "9000-8000", "1-200", "8000,", "999.1.1.1:80"] {
             let err = p(&[bad]).unwrap_err().to_string();

@@ -148,10 +148,16 @@ struct Gen {
 
 impl Gen {
     fn info(&self) -> GenerationInfo {
-        GenerationInfo { generation: self.number, pid: self.pid }
+        GenerationInfo {
+            generation: self.number,
+            pid: self.pid,
+        }
     }
     fn stderr_tail(&self) -> Vec<String> {
-        self.stderr.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default()
+        self.stderr
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
     }
     fn exited(&self) -> Option<ExitInfo> {
         self.exit.borrow().clone()
@@ -196,7 +202,10 @@ impl Starter {
         let inner = Arc::new(Inner {
             config,
             listeners,
-            state: Mutex::new(State { next: 1, ..State::default() }),
+            state: Mutex::new(State {
+                next: 1,
+                ..State::default()
+            }),
             events,
             exits,
             running: AtomicBool::new(false),
@@ -230,10 +239,10 @@ impl Starter {
     /// until it is ready.
     pub async fn start(&self) -> Result<GenerationInfo, Error> {
         let mut state = self.inner.state.lock().await;
-        if let Some(cur) = &state.current {
-            if cur.exited().is_none() {
-                return Ok(cur.info());
-            }
+        if let Some(cur) = &state.current
+            && cur.exited().is_none()
+        {
+            return Ok(cur.info());
         }
         self.inner.start_locked(&mut state).await
     }
@@ -277,7 +286,13 @@ impl Starter {
     /// Pids of every generation still running (the serving one first).
     pub async fn pids(&self) -> Vec<u32> {
         let state = self.inner.state.lock().await;
-        state.current.iter().chain(state.retiring.iter()).filter(|g| g.exited().is_none()).map(|g| g.pid).collect()
+        state
+            .current
+            .iter()
+            .chain(state.retiring.iter())
+            .filter(|g| g.exited().is_none())
+            .map(|g| g.pid)
+            .collect()
     }
 }
 
@@ -325,7 +340,10 @@ impl Inner {
         let (gen_, probe) = self.spawn(number)?;
         match self.wait_ready(&gen_, probe).await {
             Ok(()) => {
-                self.emit(Event::Ready { generation: number, pid: gen_.pid });
+                self.emit(Event::Ready {
+                    generation: number,
+                    pid: gen_.pid,
+                });
                 tracing::info!(generation = number, pid = gen_.pid, "Application generation ready");
                 Ok(gen_)
             }
@@ -344,16 +362,28 @@ impl Inner {
         let probe = match &cfg.readiness {
             Readiness::Alive(d) => Probe::Alive(*d),
             Readiness::Notify { timeout } => {
-                let dir = tempfile::Builder::new().prefix("dewy-notify-").tempdir().map_err(os("create notify socket folder"))?;
+                let dir = tempfile::Builder::new()
+                    .prefix("dewy-notify-")
+                    .tempdir()
+                    .map_err(os("create notify socket folder"))?;
                 let path = dir.path().join("notify.sock");
                 let sock = tokio::net::UnixDatagram::bind(&path).map_err(os("bind notify socket"))?;
-                Probe::Notify { sock, path, _dir: dir, timeout: *timeout }
+                Probe::Notify {
+                    sock,
+                    path,
+                    _dir: dir,
+                    timeout: *timeout,
+                }
             }
             Readiness::Http { path, timeout } => {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(os("bind private probe socket"))?;
                 let addr = l.local_addr().map_err(os("read probe socket address"))?;
                 private = Some(l);
-                Probe::Http { addr, path: path.clone(), timeout: *timeout }
+                Probe::Http {
+                    addr,
+                    path: path.clone(),
+                    timeout: *timeout,
+                }
             }
         };
 
@@ -368,19 +398,35 @@ impl Inner {
             .collect();
         if let Some(l) = &private {
             use std::os::fd::AsFd;
-            sources.push((l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "dewy-health".into(), l.as_fd()));
+            sources.push((
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                "dewy-health".into(),
+                l.as_fd(),
+            ));
         }
         let count = sources.len() as i32;
         let mut high: Vec<OwnedFd> = Vec::with_capacity(sources.len());
         for (_, _, fd) in &sources {
-            let raw = nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3 + count + 16))
-                .map_err(|e| Error::Os { op: "duplicate listening socket", source: e.into() })?;
+            let raw = nix::fcntl::fcntl(*fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3 + count + 16)).map_err(|e| {
+                Error::Os {
+                    op: "duplicate listening socket",
+                    source: e.into(),
+                }
+            })?;
             // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing
             // else owns.
             high.push(unsafe { OwnedFd::from_raw_fd(raw) });
         }
-        let mapping: Vec<(i32, i32)> = high.iter().enumerate().map(|(i, fd)| (fd.as_raw_fd(), 3 + i as i32)).collect();
-        let starter_port: Vec<String> = sources.iter().enumerate().map(|(i, (name, _, _))| format!("{name}={}", 3 + i)).collect();
+        let mapping: Vec<(i32, i32)> = high
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (fd.as_raw_fd(), 3 + i as i32))
+            .collect();
+        let starter_port: Vec<String> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _, _))| format!("{name}={}", 3 + i))
+            .collect();
         let fdnames: Vec<&str> = sources.iter().map(|(_, n, _)| n.as_str()).collect();
 
         let mut cmd = tokio::process::Command::new("/bin/sh");
@@ -398,7 +444,8 @@ impl Inner {
             .stderr(std::process::Stdio::piped())
             .process_group(0);
         if count > 0 {
-            cmd.env("LISTEN_FDS", count.to_string()).env("LISTEN_FDNAMES", fdnames.join(":"));
+            cmd.env("LISTEN_FDS", count.to_string())
+                .env("LISTEN_FDNAMES", fdnames.join(":"));
         } else {
             cmd.env_remove("LISTEN_FDS");
         }
@@ -427,11 +474,17 @@ impl Inner {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn { command: cfg.command.clone(), source })?;
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            command: cfg.command.clone(),
+            source,
+        })?;
         drop(high);
         drop(private);
         let pid = child.id().unwrap_or(0);
-        self.emit(Event::Started { generation: number, pid });
+        self.emit(Event::Started {
+            generation: number,
+            pid,
+        });
         tracing::info!(generation = number, pid, command = %cfg.command.display(), "Started application generation");
 
         let stderr = Arc::new(StdMutex::new(VecDeque::with_capacity(STDERR_LINES)));
@@ -468,7 +521,15 @@ impl Inner {
             let _ = tx.send(Some(exit));
             let _ = exits.send(number);
         });
-        Ok((Gen { number, pid, exit: rx, stderr }, probe))
+        Ok((
+            Gen {
+                number,
+                pid,
+                exit: rx,
+                stderr,
+            },
+            probe,
+        ))
     }
 
     async fn wait_ready(&self, gen_: &Gen, probe: Probe) -> Result<(), Error> {
@@ -538,8 +599,17 @@ impl Inner {
 /// The readiness check of one generation.
 enum Probe {
     Alive(Duration),
-    Notify { sock: tokio::net::UnixDatagram, path: PathBuf, _dir: tempfile::TempDir, timeout: Duration },
-    Http { addr: std::net::SocketAddr, path: String, timeout: Duration },
+    Notify {
+        sock: tokio::net::UnixDatagram,
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+        timeout: Duration,
+    },
+    Http {
+        addr: std::net::SocketAddr,
+        path: String,
+        timeout: Duration,
+    },
 }
 
 impl Probe {
@@ -572,20 +642,18 @@ impl Probe {
                     }
                 }
             }
-            Self::Http { addr, path, .. } => {
-                loop {
-                    let reason = match http_probe(addr, &path).await {
-                        Ok(status) if (200..300).contains(&status) => return Ok(()),
-                        Ok(status) => format!("GET {path} answered {status}"),
-                        Err(e) => format!("GET {path} failed: {e}"),
-                    };
-                    tracing::debug!(%addr, %reason, "Readiness probe not passed yet");
-                    if let Ok(mut l) = last.lock() {
-                        *l = reason;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            Self::Http { addr, path, .. } => loop {
+                let reason = match http_probe(addr, &path).await {
+                    Ok(status) if (200..300).contains(&status) => return Ok(()),
+                    Ok(status) => format!("GET {path} answered {status}"),
+                    Err(e) => format!("GET {path} failed: {e}"),
+                };
+                tracing::debug!(%addr, %reason, "Readiness probe not passed yet");
+                if let Ok(mut l) = last.lock() {
+                    *l = reason;
                 }
-            }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            },
         }
     }
 }
@@ -594,7 +662,8 @@ async fn http_probe(addr: std::net::SocketAddr, path: &str) -> std::io::Result<u
     let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = vec![0u8; 256];
     let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
         .await
@@ -603,7 +672,12 @@ async fn http_probe(addr: std::net::SocketAddr, path: &str) -> std::io::Result<u
     line.split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an HTTP response: {line:?}")))
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an HTTP response: {line:?}"),
+            )
+        })
 }
 
 /// Restarts crashed generations with exponential backoff.
@@ -621,7 +695,12 @@ async fn supervise(inner: std::sync::Weak<Inner>, mut exits: mpsc::UnboundedRece
         let Some(gen_) = gen_ else { continue };
         let exit = gen_.exited().unwrap_or(ExitInfo::Unknown);
         let crashed = is_current && !inner.shutting_down.load(Ordering::SeqCst);
-        inner.emit(Event::Exited { generation: number, pid: gen_.pid, exit: exit.clone(), expected: !crashed });
+        inner.emit(Event::Exited {
+            generation: number,
+            pid: gen_.pid,
+            exit: exit.clone(),
+            expected: !crashed,
+        });
         if !crashed {
             tracing::debug!(generation = number, pid = gen_.pid, %exit, "Application generation exited");
             continue;
@@ -630,7 +709,11 @@ async fn supervise(inner: std::sync::Weak<Inner>, mut exits: mpsc::UnboundedRece
         tracing::error!(generation = number, pid = gen_.pid, %exit, stderr = %gen_.stderr_tail().join("\n"), "Application exited unexpectedly");
         let now = Instant::now();
         state.crashes.push_back(now);
-        while state.crashes.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60)) {
+        while state
+            .crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
             state.crashes.pop_front();
         }
         let crashes = state.crashes.len();

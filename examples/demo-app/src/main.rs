@@ -42,12 +42,14 @@ struct Config {
 
 fn settings() -> HashMap<String, String> {
     let mut out: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("DEMO_")).collect();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(ToOwned::to_owned)) {
-        if let Ok(text) = std::fs::read_to_string(dir.join("demo.env")) {
-            for line in text.lines() {
-                if let Some((k, v)) = line.split_once('=') {
-                    out.insert(k.trim().to_owned(), v.trim().to_owned());
-                }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(ToOwned::to_owned))
+        && let Ok(text) = std::fs::read_to_string(dir.join("demo.env"))
+    {
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                out.insert(k.trim().to_owned(), v.trim().to_owned());
             }
         }
     }
@@ -127,12 +129,17 @@ fn main() {
     let mut listeners = inherited();
     if listeners.is_empty() {
         let port = std::env::var("PORT").unwrap_or_else(|_| "8000".into());
-        listeners.push(Listener::Tcp(TcpListener::bind(format!("127.0.0.1:{port}")).expect("bind")));
+        listeners.push(Listener::Tcp(
+            TcpListener::bind(format!("127.0.0.1:{port}")).expect("bind"),
+        ));
     }
     let config = Arc::new(Config {
         version: version(),
         generation: std::env::var("SERVER_STARTER_GENERATION").unwrap_or_else(|_| "0".into()),
-        health: settings.get("DEMO_HEALTH_STATUS").and_then(|v| v.parse().ok()).unwrap_or(200),
+        health: settings
+            .get("DEMO_HEALTH_STATUS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200),
         settings: settings.clone(),
     });
     let active = Arc::new(AtomicUsize::new(0));
@@ -141,12 +148,11 @@ fn main() {
         let (config, active) = (config.clone(), active.clone());
         threads.push(std::thread::spawn(move || accept_loop(l, config, active)));
     }
-    if let Ok(path) = std::env::var("NOTIFY_SOCKET") {
-        if !config.settings.get("DEMO_NO_READY").is_some_and(|v| v == "1") {
-            if let Ok(sock) = UnixDatagram::unbound() {
-                let _ = sock.send_to(b"READY=1", &path);
-            }
-        }
+    if let Ok(path) = std::env::var("NOTIFY_SOCKET")
+        && config.settings.get("DEMO_NO_READY").is_none_or(|v| v != "1")
+        && let Ok(sock) = UnixDatagram::unbound()
+    {
+        let _ = sock.send_to(b"READY=1", &path);
     }
     for t in threads {
         let _ = t.join();
@@ -214,7 +220,9 @@ impl Conn for UnixStream {
 fn serve(stream: Box<dyn Conn>, config: &Config) {
     stream.set_blocking();
     stream.set_timeout(Duration::from_millis(100));
-    let Some(mut writer) = stream.try_clone_box() else { return };
+    let Some(mut writer) = stream.try_clone_box() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     loop {
         let mut request_line = String::new();
@@ -248,7 +256,15 @@ fn serve(stream: Box<dyn Conn>, config: &Config) {
         let (status, body) = if path == "/health" {
             (config.health, format!("health={}\n", config.health))
         } else {
-            (200, format!("version={} generation={} pid={}\n", config.version, config.generation, std::process::id()))
+            (
+                200,
+                format!(
+                    "version={} generation={} pid={}\n",
+                    config.version,
+                    config.generation,
+                    std::process::id()
+                ),
+            )
         };
         close |= TERM.load(Ordering::SeqCst);
         let response = format!(
