@@ -142,6 +142,42 @@ pub enum Error {
     },
 }
 
+/// What dewy-core needs from whatever runs the application: dewy's own
+/// [`Starter`], or an embedder's process manager.
+#[async_trait::async_trait]
+pub trait Supervisor: Send + Sync + std::fmt::Debug {
+    /// Starts the application (first deploy) and waits until it is ready.
+    async fn start(&self) -> Result<GenerationInfo, Error>;
+    /// Replaces the running generation with a new one, gracefully; on
+    /// failure the old one keeps serving.
+    async fn restart(&self) -> Result<GenerationInfo, Error>;
+    /// Stops the application gracefully.
+    async fn stop(&self) -> Result<(), Error>;
+    /// Whether it is running now.
+    fn is_running(&self) -> bool;
+    /// Events (starts, exits, crash loops), for logs and notifications.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
+}
+
+#[async_trait::async_trait]
+impl Supervisor for Starter {
+    async fn start(&self) -> Result<GenerationInfo, Error> {
+        Starter::start(self).await
+    }
+    async fn restart(&self) -> Result<GenerationInfo, Error> {
+        Starter::restart(self).await
+    }
+    async fn stop(&self) -> Result<(), Error> {
+        Starter::stop(self).await
+    }
+    fn is_running(&self) -> bool {
+        Starter::is_running(self)
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        Starter::subscribe(self)
+    }
+}
+
 fn tail(lines: &[String]) -> String {
     if lines.is_empty() {
         String::new()

@@ -1,0 +1,619 @@
+//! The deploy loop and one tick of it.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dewy_archive::{Extractor, Limits};
+use dewy_cache::{Cache, Key};
+use dewy_notify::{HookReport, Notify};
+use dewy_registry::{DownloadPolicy, DownloadProgress, Downloader, Registry, Release, Report, SafeUrl};
+use dewy_starter::{Event, Supervisor};
+use tokio::sync::Mutex;
+
+use crate::hooks::{self, HookOutcome};
+use crate::layout::Releases;
+
+/// `dewy server` or `dewy assets`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Runs the application and restarts it on each deploy.
+    Server,
+    /// Only places files.
+    Assets,
+}
+
+impl Mode {
+    /// `server` or `assets`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Server => "server",
+            Self::Assets => "assets",
+        }
+    }
+}
+
+/// The clock, a seam for tests.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Now.
+    fn now(&self) -> jiff::Timestamp;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> jiff::Timestamp {
+        jiff::Timestamp::now()
+    }
+}
+
+/// Everything the loop needs to know; built and validated by the caller.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Server or assets.
+    pub mode: Mode,
+    /// The app folder holding `releases/` and `current`.
+    pub root: PathBuf,
+    /// Time between checks (default 10 s).
+    pub interval: Duration,
+    /// Releases kept on disk (default 7); also the artifacts kept in cache.
+    pub keep_releases: usize,
+    /// A missing artifact younger than this is not an error (default 30 min).
+    pub grace_period: Duration,
+    /// Shell command before extraction.
+    pub before_hook: Option<String>,
+    /// Shell command after the switch.
+    pub after_hook: Option<String>,
+    /// Hooks are killed after this (default 5 min).
+    pub hook_timeout: Duration,
+    /// A failed before hook aborts the deploy (default false, as in Dewy).
+    pub abort_on_before_hook_failure: bool,
+    /// The environment hooks get, before dewy's `DEWY_*` variables (the
+    /// caller removes secrets).
+    pub hook_env: Vec<(OsString, OsString)>,
+    /// The host's name, for reports.
+    pub hostname: String,
+    /// dewy's own version, for the start notification.
+    pub dewy_version: String,
+    /// Archive limits.
+    pub limits: Limits,
+    /// Download limits and timeouts.
+    pub download: DownloadPolicy,
+}
+
+impl Config {
+    /// Defaults of the spec for `mode` in `root`.
+    pub fn new(mode: Mode, root: PathBuf) -> Self {
+        Self {
+            mode,
+            root,
+            interval: Duration::from_secs(10),
+            keep_releases: 7,
+            grace_period: Duration::from_secs(30 * 60),
+            before_hook: None,
+            after_hook: None,
+            hook_timeout: Duration::from_secs(300),
+            abort_on_before_hook_failure: false,
+            hook_env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
+            hostname: String::from("localhost"),
+            dewy_version: env!("CARGO_PKG_VERSION").to_owned(),
+            limits: Limits::default(),
+            download: DownloadPolicy::default(),
+        }
+    }
+}
+
+/// Why a tick failed. Each phase has its variant; the source holds the
+/// backend's error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The registry could not answer.
+    #[error("failed to get the current release from the registry")]
+    Registry(#[source] dewy_registry::Error),
+    /// The cache failed.
+    #[error("cache operation failed")]
+    Cache(#[source] dewy_cache::Error),
+    /// The artifact could not be downloaded or verified.
+    #[error("failed to download the artifact of `{tag}`")]
+    Download {
+        /// The release.
+        tag: String,
+        /// The cause.
+        #[source]
+        source: dewy_registry::Error,
+    },
+    /// The artifact could not be extracted.
+    #[error("failed to extract the artifact of `{tag}`")]
+    Extract {
+        /// The release.
+        tag: String,
+        /// The cause.
+        #[source]
+        source: dewy_archive::Error,
+    },
+    /// The before hook failed and the config says to abort.
+    #[error("before deploy hook failed: {0}")]
+    BeforeHook(String),
+    /// A filesystem step of the deploy failed.
+    #[error("failed to {op} `{}`", path.display())]
+    Io {
+        /// The step.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The application could not be started or restarted; the previous
+    /// generation keeps serving and `current` was switched back.
+    #[error("failed to {action} the application for `{tag}`")]
+    App {
+        /// `start` or `restart`.
+        action: &'static str,
+        /// The release.
+        tag: String,
+        /// The cause.
+        #[source]
+        source: dewy_starter::Error,
+    },
+}
+
+/// What a tick did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TickOutcome {
+    /// Nothing to do (same version, running).
+    Skipped,
+    /// The release's artifact is not there yet, inside the grace period.
+    WithinGracePeriod,
+    /// A release was deployed.
+    Deployed {
+        /// Its tag.
+        tag: String,
+        /// Its folder.
+        release_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The tag running (or placed) now.
+    current_tag: Option<String>,
+}
+
+/// The deployment loop.
+#[derive(Debug)]
+pub struct Deployer {
+    config: Config,
+    registry: Arc<dyn Registry>,
+    cache: Arc<dyn Cache>,
+    notify: Notify,
+    app: Option<Arc<dyn Supervisor>>,
+    downloader: Downloader,
+    clock: Arc<dyn Clock>,
+    releases: Releases,
+    state: Mutex<State>,
+    tick_lock: Mutex<()>,
+    trigger: tokio::sync::Notify,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+/// Logs download progress every few seconds (libraries never draw).
+struct LogProgress {
+    tag: String,
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl DownloadProgress for LogProgress {
+    fn on_progress(&self, done: u64, total: Option<u64>) {
+        let mut last = self.last.lock().expect("progress clock");
+        if last.elapsed() >= Duration::from_secs(3) {
+            *last = std::time::Instant::now();
+            tracing::info!(tag = %self.tag, bytes = done, total = total.unwrap_or(0), "Downloading artifact");
+        }
+    }
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+impl Deployer {
+    /// A deployer. `app` is required in server mode and ignored in assets
+    /// mode.
+    pub fn new(
+        config: Config,
+        registry: Arc<dyn Registry>,
+        cache: Arc<dyn Cache>,
+        notify: Notify,
+        app: Option<Arc<dyn Supervisor>>,
+    ) -> Result<Self, Error> {
+        let downloader = Downloader::new(config.download.clone()).map_err(Error::Registry)?;
+        let releases = Releases::new(config.root.clone());
+        std::fs::create_dir_all(releases.dir()).map_err(|source| Error::Io {
+            op: "create",
+            path: releases.dir(),
+            source,
+        })?;
+        releases.clean_leftovers();
+        let app = if config.mode == Mode::Server { app } else { None };
+        Ok(Self {
+            config,
+            registry,
+            cache,
+            notify,
+            app,
+            downloader,
+            clock: Arc::new(SystemClock),
+            releases,
+            state: Mutex::new(State::default()),
+            tick_lock: Mutex::new(()),
+            trigger: tokio::sync::Notify::new(),
+            shutdown: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Replaces the clock (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The release layout of the app folder.
+    pub fn releases(&self) -> &Releases {
+        &self.releases
+    }
+
+    /// The notification handle.
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+
+    /// Asks for a check now instead of at the next interval.
+    pub fn request_check(&self) {
+        self.trigger.notify_one();
+    }
+
+    /// Restarts the application on request (SIGUSR1).
+    pub async fn restart_app(&self) -> Result<(), Error> {
+        let Some(app) = &self.app else {
+            tracing::info!("Restart requested, but assets mode runs no application");
+            return Ok(());
+        };
+        let tag = self.state.lock().await.current_tag.clone().unwrap_or_default();
+        app.restart().await.map_err(|source| Error::App {
+            action: "restart",
+            tag,
+            source,
+        })?;
+        self.notify.send("Restarted receiving by `SIGUSR1` signal");
+        Ok(())
+    }
+
+    /// Stops the loop after the tick in flight, stops the application
+    /// gracefully, and flushes notifications.
+    pub async fn shutdown(&self, signal_name: &str) {
+        let _ = self.shutdown.send(true);
+        // Wait for a tick in flight so a deploy is never cut in the middle.
+        let _tick = self.tick_lock.lock().await;
+        if let Some(app) = &self.app {
+            if let Err(err) = app.stop().await {
+                tracing::error!(error = %chain(&err), "Stopping the application failed");
+            }
+        }
+        self.notify.send(format!("Stop receiving by `{signal_name}` signal"));
+        self.notify.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// Runs ticks every interval until [`Deployer::shutdown`]. The first tick
+    /// runs at once; a tick that overruns delays the next one, never
+    /// overlaps it.
+    pub async fn run(self: &Arc<Self>) {
+        tracing::info!(version = %self.config.dewy_version, mode = self.config.mode.as_str(), "Dewy started");
+        self.notify.send(format!(
+            "Automatic shipping started by *Dewy* (v{}: {})",
+            self.config.dewy_version,
+            self.config.mode.as_str()
+        ));
+        if let Some(app) = &self.app {
+            let mut events = app.subscribe();
+            let notify = self.notify.clone();
+            tokio::spawn(async move {
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Exited {
+                            generation,
+                            pid,
+                            exit,
+                            expected: false,
+                        }) => {
+                            notify.send_error(format!("Application exited unexpectedly (generation {generation}, pid {pid}, {exit}); restarting with backoff"));
+                        }
+                        Ok(Event::CrashLoop { crashes }) => {
+                            notify.send_error(format!(
+                                "Application is crash-looping: {crashes} crashes in the last minute"
+                            ));
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.tick().await {
+                Ok(_) => self.notify.success(),
+                Err(err) => {
+                    let text = chain(&err);
+                    tracing::error!(error = %text, "Dewy run failure");
+                    self.notify.send_error(text);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.interval) => {}
+                _ = self.trigger.notified() => tracing::debug!("Immediate check requested"),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One cycle: check, cache, download, deploy, start or restart, record.
+    pub async fn tick(&self) -> Result<TickOutcome, Error> {
+        let _guard = self.tick_lock.lock().await;
+        let release = match self.registry.latest().await {
+            Ok(r) => r,
+            Err(dewy_registry::Error::ArtifactNotFound {
+                tag,
+                wanted,
+                published_at: Some(published),
+            }) => {
+                let age = self.clock.now().duration_since(published);
+                let grace =
+                    jiff::SignedDuration::try_from(self.config.grace_period).unwrap_or(jiff::SignedDuration::MAX);
+                if age < grace {
+                    tracing::debug!(
+                        tag,
+                        message = "artifact not found",
+                        grace_period = ?self.config.grace_period,
+                        "Artifact not found within grace period"
+                    );
+                    return Ok(TickOutcome::WithinGracePeriod);
+                }
+                return Err(Error::Registry(dewy_registry::Error::ArtifactNotFound {
+                    tag,
+                    wanted,
+                    published_at: Some(published),
+                }));
+            }
+            Err(err) => {
+                tracing::error!(error = %chain(&err), "Current failure");
+                return Err(Error::Registry(err));
+            }
+        };
+        let key = Key::artifact(&release.tag, &release.artifact_name).map_err(Error::Cache)?;
+        let current = self.cache.read(&Key::current()).await.map_err(Error::Cache)?;
+        let cached = self.cache.local_path(&key).await.map_err(Error::Cache)?;
+        let same = current.as_deref() == Some(key.as_str().as_bytes());
+        if same && cached.is_some() && self.releases.current_target().is_some() {
+            let running = self.app.as_ref().is_none_or(|a| a.is_running());
+            if running {
+                tracing::debug!(cache_key = %key, "Deploy skipped");
+                self.state.lock().await.current_tag = Some(release.tag.clone());
+                return Ok(TickOutcome::Skipped);
+            }
+            tracing::info!(cache_key = %key, "Server not running, redeploying from cache");
+        }
+        let artifact = match cached {
+            Some(path) => path,
+            None => self.download(&release, &key).await?,
+        };
+        self.notify.send(format!("Downloaded artifact for `{}`", release.tag));
+        let release_dir = self.deploy(&release, &artifact, current.as_deref()).await?;
+        self.record(&release, &key, &release_dir).await;
+        Ok(TickOutcome::Deployed {
+            tag: release.tag,
+            release_dir,
+        })
+    }
+
+    async fn download(&self, release: &Release, key: &Key) -> Result<PathBuf, Error> {
+        tracing::info!(tag = %release.tag, url = %SafeUrl(&release.artifact_url), "Downloading artifact");
+        let progress = LogProgress {
+            tag: release.tag.clone(),
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+        };
+        let downloaded = self
+            .downloader
+            .fetch(release, self.cache.staging_dir(), &progress)
+            .await
+            .map_err(|source| Error::Download {
+                tag: release.tag.clone(),
+                source,
+            })?;
+        tracing::info!(tag = %release.tag, bytes = downloaded.size, sha256 = %downloaded.sha256, "Artifact downloaded");
+        self.cache.put_file(key, &downloaded.path).await.map_err(Error::Cache)?;
+        tracing::info!(cache_key = %key, "Cached artifact");
+        self.cache.local_path(key).await.map_err(Error::Cache)?.ok_or_else(|| {
+            Error::Cache(dewy_cache::Error::Injected(format!(
+                "`{key}` vanished right after it was cached"
+            )))
+        })
+    }
+
+    fn hook_env(&self, release: &Release, release_dir: &Path, previous: Option<&str>) -> Vec<(OsString, OsString)> {
+        let mut env = self.config.hook_env.clone();
+        env.push(("DEWY_VERSION".into(), release.tag.clone().into()));
+        env.push(("DEWY_RELEASE_DIR".into(), release_dir.into()));
+        env.push(("DEWY_PREVIOUS_VERSION".into(), previous.unwrap_or_default().into()));
+        env.push(("DEWY_APP_DIR".into(), self.config.root.clone().into()));
+        env
+    }
+
+    async fn run_hook(&self, stage: &str, command: &str, env: &[(OsString, OsString)]) -> Option<HookOutcome> {
+        let outcome = match hooks::run(command, &self.config.root, env, self.config.hook_timeout).await {
+            Ok(o) => o,
+            Err(err) => {
+                tracing::error!(command, error = %err, "{stage} deploy hook failure");
+                self.notify
+                    .send_error(format!("{stage} deploy hook could not run: {err}"));
+                return None;
+            }
+        };
+        if outcome.success() {
+            tracing::info!(command, stdout = %outcome.stdout, stderr = %outcome.stderr, duration = ?outcome.duration, "Execute hook");
+        } else {
+            tracing::info!(command, stdout = %outcome.stdout, stderr = %outcome.stderr, duration = ?outcome.duration, exit_code = outcome.exit_code.unwrap_or(-1), "Execute hook failed");
+            tracing::error!(error = %outcome.failure(), exit_code = outcome.exit_code.unwrap_or(-1), "{stage} deploy hook failure");
+        }
+        self.notify.send_hook_result(HookReport {
+            stage: format!("{stage} Deploy"),
+            command: command.to_owned(),
+            stdout: outcome.stdout.clone(),
+            stderr: outcome.stderr.clone(),
+            exit_code: outcome.exit_code,
+            duration: outcome.duration,
+            success: outcome.success(),
+        });
+        Some(outcome)
+    }
+
+    /// Before hook, extraction, switch, after hook, start or restart.
+    async fn deploy(&self, release: &Release, artifact: &Path, previous_key: Option<&[u8]>) -> Result<PathBuf, Error> {
+        let previous_tag = previous_key
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|k| k.split_once("--").map(|(t, _)| t.to_owned()));
+        let release_dir = self.releases.new_release_path(self.clock.now());
+        let env = self.hook_env(release, &release_dir, previous_tag.as_deref());
+        if let Some(cmd) = &self.config.before_hook {
+            if let Some(o) = self.run_hook("Before", cmd, &env).await {
+                if !o.success() && self.config.abort_on_before_hook_failure {
+                    return Err(Error::BeforeHook(o.failure()));
+                }
+            }
+        }
+        tracing::info!(path = %release_dir.display(), "Extract archive");
+        let (extractor, src, dest) = (
+            Extractor::new(self.config.limits),
+            artifact.to_path_buf(),
+            release_dir.clone(),
+        );
+        tokio::task::spawn_blocking(move || extractor.extract(&src, &dest))
+            .await
+            .map_err(|e| Error::Io {
+                op: "extract into",
+                path: release_dir.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|source| Error::Extract {
+                tag: release.tag.clone(),
+                source,
+            })?;
+        let previous_dir = self.releases.current_target();
+        tracing::info!(from = %release_dir.display(), to = %self.releases.current_link().display(), "Create symlink");
+        self.releases.switch(&release_dir).map_err(|source| Error::Io {
+            op: "switch the current symlink to",
+            path: release_dir.clone(),
+            source,
+        })?;
+        if let Some(cmd) = &self.config.after_hook {
+            self.run_hook("After", cmd, &env).await;
+        }
+        if let Some(app) = &self.app {
+            let restart = app.is_running();
+            let result = if restart {
+                tracing::info!(version = %release.tag, "Restart server");
+                app.restart().await
+            } else {
+                tracing::info!(version = %release.tag, "Start server");
+                app.start().await
+            };
+            match result {
+                Ok(generation) => {
+                    let verb = if restart { "restarted" } else { "started" };
+                    tracing::info!(version = %release.tag, generation = generation.generation, pid = generation.pid, "Server {verb}");
+                    self.notify
+                        .send_important(format!("Server {verb} for `{}`", release.tag));
+                }
+                Err(source) => {
+                    // Put the previous release back so that the generation
+                    // still serving (and any crash restart of it) runs it.
+                    if let Some(prev) = &previous_dir {
+                        if let Err(e) = self.releases.switch(prev) {
+                            tracing::error!(error = %e, "Switching current back failed");
+                        } else {
+                            tracing::info!(to = %prev.display(), "Switched current back to the previous release");
+                        }
+                    }
+                    let _ = std::fs::remove_dir_all(&release_dir);
+                    return Err(Error::App {
+                        action: if restart { "restart" } else { "start" },
+                        tag: release.tag.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(release_dir)
+    }
+
+    /// After a successful deploy: `current` in the cache, the audit report,
+    /// pruning. Failures here are logged, never undo the deploy.
+    async fn record(&self, release: &Release, key: &Key, release_dir: &Path) {
+        let previous = self.cache.read(&Key::current()).await.ok().flatten();
+        if let Err(err) = self.cache.write(&Key::current(), key.as_str().as_bytes()).await {
+            tracing::error!(error = %chain(&err), "Failed to record the current release in the cache");
+        }
+        self.state.lock().await.current_tag = Some(release.tag.clone());
+        let report = Report {
+            tag: release.tag.clone(),
+            command: self.config.mode.as_str().to_owned(),
+            hostname: self.config.hostname.clone(),
+            at: self.clock.now(),
+            error: None,
+        };
+        if let Err(err) = self.registry.report(&report).await {
+            tracing::error!(error = %chain(&err), "Report shipping failure");
+        }
+        let previous_dir = self
+            .releases
+            .list()
+            .ok()
+            .and_then(|l| l.into_iter().find(|r| r.path != release_dir).map(|r| r.path));
+        match self.releases.prune(self.config.keep_releases, previous_dir.as_deref()) {
+            Ok(removed) => {
+                tracing::info!(
+                    count = self.config.keep_releases,
+                    removed = removed.len(),
+                    "Keep releases"
+                );
+            }
+            Err(err) => tracing::error!(error = %err, "Keep releases failure"),
+        }
+        let mut protect = vec![key.clone()];
+        if let Some(p) = previous
+            .and_then(|p| String::from_utf8(p).ok())
+            .and_then(|p| Key::new(p).ok())
+        {
+            protect.push(p);
+        }
+        if let Err(err) = self.cache.evict(self.config.keep_releases, &protect).await {
+            tracing::error!(error = %chain(&err), "Cache eviction failure");
+        }
+    }
+}

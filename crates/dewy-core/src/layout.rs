@@ -1,0 +1,192 @@
+//! The app folder: `releases/<timestamp>/`, the `current` symlink, pruning.
+//!
+//! ```text
+//! <root>/
+//! ├── current -> <root>/releases/20240115T103045Z   (absolute target)
+//! └── releases/
+//!     ├── 20240115T103045Z/
+//!     └── 20240114T090000Z/
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// One release folder on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseInfo {
+    /// Its folder name (`20240115T103045Z`, or with a `-N` suffix when two
+    /// deploys fall in the same second).
+    pub name: String,
+    /// Its absolute path.
+    pub path: PathBuf,
+    /// Whether `current` points to it.
+    pub current: bool,
+}
+
+/// The releases and the `current` link of one app folder.
+#[derive(Debug, Clone)]
+pub struct Releases {
+    root: PathBuf,
+}
+
+impl Releases {
+    /// The layout under `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// `<root>/releases`.
+    pub fn dir(&self) -> PathBuf {
+        self.root.join("releases")
+    }
+
+    /// `<root>/current`.
+    pub fn current_link(&self) -> PathBuf {
+        self.root.join("current")
+    }
+
+    /// Where `current` points, when it points at an existing folder.
+    pub fn current_target(&self) -> Option<PathBuf> {
+        let target = std::fs::read_link(self.current_link()).ok()?;
+        let target = if target.is_absolute() {
+            target
+        } else {
+            self.root.join(target)
+        };
+        target.is_dir().then_some(target)
+    }
+
+    /// A fresh, unused release path for `now`: `releases/<ts>`, or
+    /// `releases/<ts>-N` when that exists already.
+    pub fn new_release_path(&self, now: jiff::Timestamp) -> PathBuf {
+        let base = now.strftime("%Y%m%dT%H%M%SZ").to_string();
+        let dir = self.dir();
+        let mut path = dir.join(&base);
+        let mut n = 1;
+        while path.symlink_metadata().is_ok() {
+            path = dir.join(format!("{base}-{n}"));
+            n += 1;
+        }
+        path
+    }
+
+    /// Points `current` at `release` atomically: a temporary symlink is
+    /// created next to it and renamed over it (never remove-then-create),
+    /// then the folder is synced.
+    pub fn switch(&self, release: &Path) -> std::io::Result<()> {
+        let link = self.current_link();
+        let tmp = self.root.join(format!(".current.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(release, &tmp)?;
+        if let Err(e) = std::fs::rename(&tmp, &link) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::File::open(&self.root).and_then(|d| d.sync_all())?;
+        Ok(())
+    }
+
+    /// Release folders, newest first (names sort by time).
+    pub fn list(&self) -> std::io::Result<Vec<ReleaseInfo>> {
+        let current = self.current_target();
+        let mut out = Vec::new();
+        let dir = self.dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let path = entry.path();
+            out.push(ReleaseInfo {
+                current: current.as_deref() == Some(path.as_path()),
+                name,
+                path,
+            });
+        }
+        out.sort_by(|a, b| release_order(&b.name).cmp(&release_order(&a.name)));
+        Ok(out)
+    }
+
+    /// Removes all but the newest `keep` releases, never the one `current`
+    /// points to nor `previous`. Returns what was removed.
+    pub fn prune(&self, keep: usize, previous: Option<&Path>) -> std::io::Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for r in self.list()?.into_iter().skip(keep.max(1)) {
+            if r.current || Some(r.path.as_path()) == previous {
+                continue;
+            }
+            std::fs::remove_dir_all(&r.path)?;
+            removed.push(r.path);
+        }
+        Ok(removed)
+    }
+
+    /// Removes what an interrupted deploy left behind: staging folders in
+    /// `releases/` and temporary `current` links.
+    pub fn clean_leftovers(&self) {
+        if let Ok(entries) = std::fs::read_dir(self.dir()) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".dewy-extract-") {
+                    tracing::info!(path = %e.path().display(), "Removing leftover of an interrupted deploy");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".current.tmp-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+/// `20240115T103045Z-2` sorts after `20240115T103045Z-1` after `20240115T103045Z`.
+fn release_order(name: &str) -> (String, u64) {
+    match name.rsplit_once('-') {
+        Some((base, n)) if n.chars().all(|c| c.is_ascii_digit()) => (base.to_owned(), n.parse().unwrap_or(0)),
+        _ => (name.to_owned(), 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_switch_and_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        let now: jiff::Timestamp = "2024-01-15T10:30:45Z".parse().unwrap();
+        let mut made = Vec::new();
+        for _ in 0..3 {
+            let p = r.new_release_path(now);
+            std::fs::create_dir_all(&p).unwrap();
+            made.push(p);
+        }
+        let names: Vec<_> = made
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["20240115T103045Z", "20240115T103045Z-1", "20240115T103045Z-2"]);
+        r.switch(&made[0]).unwrap();
+        assert_eq!(r.current_target().unwrap(), made[0]);
+        r.switch(&made[2]).unwrap();
+        assert_eq!(r.current_target().unwrap(), made[2]);
+        let list: Vec<_> = r.list().unwrap().into_iter().map(|i| (i.name, i.current)).collect();
+        assert_eq!(list[0], ("20240115T103045Z-2".to_owned(), true));
+        // Keep 1, but never current nor previous.
+        r.switch(&made[0]).unwrap();
+        let removed = r.prune(1, Some(&made[1])).unwrap();
+        assert!(removed.is_empty(), "{removed:?}");
+        let removed = r.prune(1, None).unwrap();
+        assert_eq!(removed, vec![made[1].clone()]);
+        assert!(made[0].exists() && made[2].exists());
+    }
+}

@@ -1,0 +1,501 @@
+//! Every branch of the tick with an in-memory cache, a scripted registry and
+//! a scripted supervisor; then the file registry, the file cache, real
+//! archives and a real child app.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dewy_cache::{Cache, Key, MemoryCache};
+use dewy_core::{Config, Deployer, Error, Mode, TickOutcome};
+use dewy_notify::{Context, Notification, Notifier, Notify};
+use dewy_registry::{Registry, Release};
+use dewy_starter::{Event, GenerationInfo, Supervisor};
+
+fn targz(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&b.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
+
+enum Answer {
+    Release(String),
+    NotFound { minutes_ago: i64 },
+    Fail,
+}
+
+/// A registry whose answer the test sets; artifacts are files it writes.
+#[derive(Debug)]
+struct Scripted {
+    dir: PathBuf,
+    answer: Mutex<Option<Answer>>,
+    reports: AtomicU32,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Answer")
+    }
+}
+
+impl Scripted {
+    fn new(dir: &Path) -> Arc<Self> {
+        Arc::new(Self {
+            dir: dir.to_path_buf(),
+            answer: Mutex::new(None),
+            reports: AtomicU32::new(0),
+        })
+    }
+    fn publish(&self, tag: &str, artifact: &[u8]) {
+        let d = self.dir.join(tag);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("app_linux_amd64.tar.gz"), artifact).unwrap();
+        *self.answer.lock().unwrap() = Some(Answer::Release(tag.into()));
+    }
+    fn set(&self, a: Answer) {
+        *self.answer.lock().unwrap() = Some(a);
+    }
+}
+
+#[async_trait::async_trait]
+impl Registry for Scripted {
+    async fn latest(&self) -> Result<Release, dewy_registry::Error> {
+        match self.answer.lock().unwrap().as_ref().expect("answer set") {
+            Answer::Release(tag) => Ok(Release {
+                id: tag.clone(),
+                tag: tag.clone(),
+                version: dewy_registry::parse_semver(tag).unwrap(),
+                artifact_name: "app_linux_amd64.tar.gz".into(),
+                artifact_url: format!("file://{}/{tag}/app_linux_amd64.tar.gz", self.dir.display()),
+                published_at: None,
+                slot: None,
+                checksum: None,
+            }),
+            Answer::NotFound { minutes_ago } => Err(dewy_registry::Error::ArtifactNotFound {
+                tag: "v9.0.0".into(),
+                wanted: None,
+                published_at: Some(jiff::Timestamp::now() - jiff::SignedDuration::from_mins(*minutes_ago)),
+            }),
+            Answer::Fail => Err(dewy_registry::Error::NoVersion {
+                location: "scripted".into(),
+            }),
+        }
+    }
+    async fn report(&self, _: &dewy_registry::Report) -> Result<(), dewy_registry::Error> {
+        self.reports.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A supervisor that records calls and can be told to fail.
+#[derive(Debug, Default)]
+struct FakeApp {
+    running: AtomicBool,
+    starts: AtomicU32,
+    restarts: AtomicU32,
+    fail_next: AtomicBool,
+    events: Mutex<Option<tokio::sync::broadcast::Sender<Event>>>,
+}
+
+#[async_trait::async_trait]
+impl Supervisor for FakeApp {
+    async fn start(&self) -> Result<GenerationInfo, dewy_starter::Error> {
+        if self.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(dewy_starter::Error::NotRunning);
+        }
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        self.running.store(true, Ordering::SeqCst);
+        Ok(GenerationInfo { generation: 1, pid: 1 })
+    }
+    async fn restart(&self) -> Result<GenerationInfo, dewy_starter::Error> {
+        if self.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(dewy_starter::Error::ExitedEarly {
+                generation: 2,
+                exit: dewy_starter::ExitInfo::Code(1),
+                stderr: vec!["boom".into()],
+            });
+        }
+        self.restarts.fetch_add(1, Ordering::SeqCst);
+        Ok(GenerationInfo { generation: 2, pid: 2 })
+    }
+    async fn stop(&self) -> Result<(), dewy_starter::Error> {
+        self.running.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| tokio::sync::broadcast::channel(8).0)
+            .subscribe()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Capture(Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl Notifier for Capture {
+    async fn deliver(&self, n: &Notification, _: &Context) -> Result<(), dewy_notify::Error> {
+        self.0.lock().unwrap().push(n.text.clone());
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "capture"
+    }
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    registry: Arc<Scripted>,
+    cache: Arc<MemoryCache>,
+    app: Arc<FakeApp>,
+    sent: Arc<Capture>,
+    deployer: Deployer,
+}
+
+fn rig_with(mode: Mode, edit: impl FnOnce(&mut Config)) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("app");
+    std::fs::create_dir_all(&root).unwrap();
+    let registry = Scripted::new(&dir.path().join("registry"));
+    let cache = Arc::new(MemoryCache::new());
+    let app = Arc::new(FakeApp::default());
+    let sent = Arc::new(Capture::default());
+    let notify = Notify::new(sent.clone(), Context::default(), false);
+    let mut config = Config::new(mode, root.clone());
+    edit(&mut config);
+    let deployer = Deployer::new(config, registry.clone(), cache.clone(), notify, Some(app.clone())).unwrap();
+    Rig {
+        _dir: dir,
+        root,
+        registry,
+        cache,
+        app,
+        sent,
+        deployer,
+    }
+}
+
+fn rig(mode: Mode) -> Rig {
+    rig_with(mode, |_| {})
+}
+
+fn app_v(v: &str) -> Vec<u8> {
+    targz(&[
+        ("bin/app", format!("#!/bin/sh\necho {v}\n").as_bytes(), 0o755),
+        ("VERSION", v.as_bytes(), 0o644),
+    ])
+}
+
+impl Rig {
+    async fn current_key(&self) -> Option<String> {
+        self.cache
+            .read(&Key::current())
+            .await
+            .unwrap()
+            .map(|v| String::from_utf8(v).unwrap())
+    }
+    fn current_version(&self) -> Option<String> {
+        std::fs::read_to_string(self.root.join("current/VERSION")).ok()
+    }
+    fn release_count(&self) -> usize {
+        std::fs::read_dir(self.root.join("releases")).unwrap().count()
+    }
+    async fn messages(&self) -> Vec<String> {
+        self.deployer.notify().shutdown(Duration::from_secs(5)).await;
+        self.sent.0.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test]
+async fn first_deploy_then_skip_then_new_version() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    let out = r.deployer.tick().await.unwrap();
+    assert!(matches!(out, TickOutcome::Deployed { ref tag, .. } if tag == "v1.0.0"));
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert_eq!(r.current_key().await.as_deref(), Some("v1.0.0--app_linux_amd64.tar.gz"));
+    assert_eq!(r.app.starts.load(Ordering::SeqCst), 1);
+    assert_eq!(r.registry.reports.load(Ordering::SeqCst), 1);
+    let link = std::fs::read_link(r.root.join("current")).unwrap();
+    assert!(link.is_absolute() && link.starts_with(r.root.join("releases")));
+
+    assert_eq!(r.deployer.tick().await.unwrap(), TickOutcome::Skipped);
+    assert_eq!(r.app.starts.load(Ordering::SeqCst), 1);
+
+    r.registry.publish("v1.1.0", &app_v("v2"));
+    r.deployer.tick().await.unwrap();
+    assert_eq!(r.current_version().as_deref(), Some("v2"));
+    assert_eq!(r.app.restarts.load(Ordering::SeqCst), 1);
+    assert_eq!(r.release_count(), 2);
+    let msgs = r.messages().await;
+    assert!(
+        msgs.contains(&"Downloaded artifact for `v1.0.0`".to_owned()),
+        "{msgs:?}"
+    );
+    assert!(msgs.contains(&"Server started for `v1.0.0`".to_owned()), "{msgs:?}");
+    assert!(msgs.contains(&"Server restarted for `v1.1.0`".to_owned()), "{msgs:?}");
+}
+
+#[tokio::test]
+async fn stopped_server_is_redeployed_from_cache_and_assets_mode_skips() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    r.app.running.store(false, Ordering::SeqCst);
+    // The artifact is gone from the registry: a redeploy must come from cache.
+    std::fs::remove_dir_all(r.registry.dir.join("v1.0.0")).unwrap();
+    assert!(matches!(r.deployer.tick().await.unwrap(), TickOutcome::Deployed { .. }));
+    assert_eq!(r.app.starts.load(Ordering::SeqCst), 2);
+
+    let a = rig(Mode::Assets);
+    a.registry.publish("v1.0.0", &app_v("v1"));
+    a.deployer.tick().await.unwrap();
+    assert_eq!(a.deployer.tick().await.unwrap(), TickOutcome::Skipped);
+    assert_eq!(a.app.starts.load(Ordering::SeqCst), 0, "assets mode runs nothing");
+    // If the release folder vanished, assets mode puts it back.
+    std::fs::remove_dir_all(a.root.join("releases")).unwrap();
+    std::fs::create_dir_all(a.root.join("releases")).unwrap();
+    assert!(matches!(a.deployer.tick().await.unwrap(), TickOutcome::Deployed { .. }));
+    assert_eq!(a.current_version().as_deref(), Some("v1"));
+}
+
+#[tokio::test]
+async fn grace_period_inside_and_outside() {
+    let r = rig(Mode::Assets);
+    r.registry.set(Answer::NotFound { minutes_ago: 5 });
+    assert_eq!(r.deployer.tick().await.unwrap(), TickOutcome::WithinGracePeriod);
+    r.registry.set(Answer::NotFound { minutes_ago: 45 });
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(
+        matches!(err, Error::Registry(dewy_registry::Error::ArtifactNotFound { .. })),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn hook_failures_continue_by_default_and_hooks_get_dewy_variables() {
+    let r = rig_with(Mode::Assets, |c| {
+        c.before_hook = Some("echo before-$DEWY_VERSION-$DEWY_PREVIOUS_VERSION >> hooks.log; exit 1".into());
+        c.after_hook = Some(
+            "echo after-$DEWY_VERSION-$(cat $DEWY_RELEASE_DIR/VERSION)-$(basename $DEWY_APP_DIR) >> hooks.log".into(),
+        );
+    });
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    r.registry.publish("v1.1.0", &app_v("v2"));
+    r.deployer.tick().await.unwrap();
+    let log = std::fs::read_to_string(r.root.join("hooks.log")).unwrap();
+    assert_eq!(
+        log,
+        "before-v1.0.0-\nafter-v1.0.0-v1-app\nbefore-v1.1.0-v1.0.0\nafter-v1.1.0-v2-app\n"
+    );
+    let msgs = r.messages().await;
+    assert!(msgs.iter().any(|m| m.contains("Before Deploy hook failed")), "{msgs:?}");
+
+    let strict = rig_with(Mode::Assets, |c| {
+        c.before_hook = Some("exit 7".into());
+        c.abort_on_before_hook_failure = true;
+    });
+    strict.registry.publish("v1.0.0", &app_v("v1"));
+    let err = strict.deployer.tick().await.unwrap_err();
+    assert!(err.to_string().contains("exit code 7"), "{err}");
+    assert_eq!(strict.current_version(), None);
+    assert_eq!(strict.current_key().await, None);
+}
+
+#[tokio::test]
+async fn extraction_failure_keeps_everything_as_it_was_and_is_retried() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    // A truncated archive: extraction fails midway.
+    let big: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let mut broken = targz(&[("bin/app", &big, 0o755), ("VERSION", b"v2", 0o644)]);
+    broken.truncate(broken.len() / 2);
+    r.registry.publish("v1.1.0", &broken);
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(matches!(err, Error::Extract { .. }), "{err}");
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert_eq!(
+        r.current_key().await.as_deref(),
+        Some("v1.0.0--app_linux_amd64.tar.gz"),
+        "current is not poisoned"
+    );
+    assert_eq!(r.release_count(), 1, "no partial release left");
+    assert_eq!(r.app.restarts.load(Ordering::SeqCst), 0);
+    // The next tick tries again (not skipped), and a fixed v1.1.1 deploys.
+    assert!(r.deployer.tick().await.is_err());
+    r.registry.publish("v1.1.1", &app_v("v3"));
+    r.deployer.tick().await.unwrap();
+    assert_eq!(r.current_version().as_deref(), Some("v3"));
+}
+
+#[tokio::test]
+async fn failed_restart_switches_current_back_and_keeps_the_old_version() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    r.registry.publish("v2.0.0", &app_v("v2"));
+    r.app.fail_next.store(true, Ordering::SeqCst);
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(matches!(err, Error::App { action: "restart", .. }), "{err}");
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert_eq!(r.current_key().await.as_deref(), Some("v1.0.0--app_linux_amd64.tar.gz"));
+    assert_eq!(r.release_count(), 1);
+    // Retried next tick, from the cache.
+    r.deployer.tick().await.unwrap();
+    assert_eq!(r.current_version().as_deref(), Some("v2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeated_errors_are_limited_and_reset_by_success() {
+    let r = Arc::new(rig_with(Mode::Assets, |c| c.interval = Duration::from_secs(10)));
+    r.registry.set(Answer::Fail);
+    let d = Arc::new(r.deployer_handle());
+    let runner = {
+        let d = d.clone();
+        tokio::spawn(async move { d.run().await })
+    };
+    tokio::time::sleep(Duration::from_secs(55)).await;
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    d.shutdown("terminated").await;
+    runner.await.unwrap();
+    let msgs = r.sent.0.lock().unwrap().clone();
+    let errors: Vec<_> = msgs.iter().filter(|m| m.contains("Error occurred")).collect();
+    assert_eq!(errors.len(), 3, "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("Recovered after 6 errors (3 error notifications were suppressed)")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m == "Stop receiving by `terminated` signal"),
+        "{msgs:?}"
+    );
+    assert!(msgs[0].starts_with("Automatic shipping started by *Dewy*"), "{msgs:?}");
+}
+
+impl Rig {
+    /// The loop needs an `Arc<Deployer>`; build a second deployer on the
+    /// same registry, cache and folder.
+    fn deployer_handle(&self) -> Deployer {
+        let notify = Notify::new(self.sent.clone(), Context::default(), false);
+        let mut config = Config::new(Mode::Assets, self.root.clone());
+        config.interval = Duration::from_secs(10);
+        Deployer::new(config, self.registry.clone(), self.cache.clone(), notify, None).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn seven_releases_are_kept() {
+    let r = rig(Mode::Assets);
+    for i in 0..10 {
+        r.registry.publish(&format!("v1.0.{i}"), &app_v(&format!("v{i}")));
+        r.deployer.tick().await.unwrap();
+    }
+    assert_eq!(r.release_count(), 7);
+    assert_eq!(r.current_version().as_deref(), Some("v9"));
+    let artifacts = r
+        .cache
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.key.is_artifact())
+        .count();
+    assert_eq!(artifacts, 7);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_registry_file_cache_and_a_real_app() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let demo = dewy_testkit::demo_app();
+    let dir = tempfile::tempdir().unwrap();
+    let (root, reg) = (dir.path().join("app"), dir.path().join("registry"));
+    std::fs::create_dir_all(&root).unwrap();
+    let demo_bytes = std::fs::read(&demo).unwrap();
+    let publish = |tag: &str, extra: &[(&str, &[u8], u32)]| {
+        let version = tag.to_owned();
+        let mut files: Vec<(&str, &[u8], u32)> =
+            vec![("demo-app", &demo_bytes, 0o755), ("VERSION", version.as_bytes(), 0o644)];
+        files.extend_from_slice(extra);
+        let d = reg.join(tag);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("app_linux_amd64.tar.gz"), targz(&files)).unwrap();
+    };
+    publish("v1.0.0", &[]);
+    let opts = dewy_registry::OpenOptions {
+        platform: dewy_registry::Platform {
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            libc: None,
+        },
+        ..Default::default()
+    };
+    let registry = dewy_registry::open(&format!("file://{}", reg.display()), &opts).unwrap();
+    let cache = Arc::new(dewy_cache::FileCache::open(root.join(".dewy/cache")).unwrap());
+    let port = dewy_testkit::free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let listeners = dewy_starter::Listeners::bind(&[dewy_starter::ListenSpec::Addr(addr)]).unwrap();
+    let starter = dewy_starter::Starter::new(
+        dewy_starter::StarterConfig {
+            command: root.join("current/demo-app"),
+            args: vec![],
+            dir: root.clone(),
+            env: vec![],
+            readiness: dewy_starter::Readiness::Notify {
+                timeout: Duration::from_secs(10),
+            },
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            stop_timeout: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+        },
+        listeners,
+    );
+    let notify = Notify::new(Arc::new(dewy_notify::NullNotifier), Context::default(), false);
+    let d = Deployer::new(
+        Config::new(Mode::Server, root.clone()),
+        registry,
+        cache,
+        notify,
+        Some(Arc::new(starter)),
+    )
+    .unwrap();
+    d.tick().await.unwrap();
+    let body = || dewy_testkit::http_get(addr, "/").unwrap().1;
+    assert!(body().starts_with("version=v1.0.0 generation=1"), "{}", body());
+    publish("v2.0.0", &[]);
+    d.tick().await.unwrap();
+    assert!(body().starts_with("version=v2.0.0 generation=2"), "{}", body());
+    // A broken v3 (exits at start) is refused; v2 keeps serving.
+    publish("v3.0.0", &[("demo.env", b"DEMO_EXIT_AT_START=1\n", 0o644)]);
+    let err = d.tick().await.unwrap_err();
+    assert!(matches!(err, Error::App { .. }), "{err}");
+    assert!(body().starts_with("version=v2.0.0 generation=2"), "{}", body());
+    assert_eq!(std::fs::read_to_string(root.join("current/VERSION")).unwrap(), "v2.0.0");
+    assert_eq!(
+        std::fs::read_dir(root.join("releases")).unwrap().count(),
+        2,
+        "old release kept, broken one removed"
+    );
+    d.shutdown("terminated").await;
+    assert!(dewy_testkit::http_get(addr, "/").is_err() || dewy_testkit::http_get(addr, "/").unwrap().0 == 0);
+}
