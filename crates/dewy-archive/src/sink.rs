@@ -56,6 +56,16 @@ impl<'a> Sink<'a> {
             .map_err(|reason| Error::unsafe_entry(String::from_utf8_lossy(raw).into_owned(), reason))
     }
 
+    /// Like [`Sink::name`], but a directory entry naming the root itself
+    /// (`./`, as `tar -C dir -czf x .` writes) is `None`, not an error.
+    pub(crate) fn dir_name(raw: &[u8]) -> Result<Option<PathBuf>, Error> {
+        match path::normalize_entry(raw) {
+            Ok(p) => Ok(Some(p)),
+            Err(UnsafeReason::EmptyName) => Ok(None),
+            Err(reason) => Err(Error::unsafe_entry(String::from_utf8_lossy(raw).into_owned(), reason)),
+        }
+    }
+
     fn limit(&self, limit: LimitKind, limit_value: u64, entry: &Path) -> Error {
         Error::LimitExceeded {
             limit,

@@ -23,6 +23,9 @@ pub(crate) fn unpack(reader: impl Read, sink: &mut Sink<'_>) -> Result<(), Error
     for entry in entries {
         let mut entry = entry.map_err(|e| corrupt(last.clone(), e))?;
         let raw = entry.path_bytes().into_owned();
+        if entry.header().entry_type() == EntryType::Directory && Sink::dir_name(&raw)?.is_none() {
+            continue; // the root itself (`./`)
+        }
         let rel = Sink::name(&raw)?;
         last = Some(rel.clone());
         let header = entry.header();

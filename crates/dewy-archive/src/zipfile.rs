@@ -31,6 +31,9 @@ pub(crate) fn unpack(archive: &Path, sink: &mut Sink<'_>) -> Result<(), Error> {
     for index in 0..zip.len() {
         let mut entry = zip.by_index(index).map_err(|e| corrupt(archive, None, e))?;
         let raw = entry.name_raw().to_vec();
+        if entry.is_dir() && Sink::dir_name(&raw)?.is_none() {
+            continue; // the root itself
+        }
         let rel = Sink::name(&raw)?;
         let unix = entry.unix_mode();
         let kind = unix.map(|m| m & S_IFMT);

@@ -473,6 +473,23 @@ fn zip_entries_of_every_method_and_zip64() {
 }
 
 #[test]
+fn archives_made_with_tar_dot_are_accepted() {
+    // `tar -C dir -czf app.tar.gz .` starts with a `./` entry for the root.
+    let case = Case::new();
+    let archive = case.write(
+        "dot.tar.gz",
+        &gz(&raw_tar(&[Raw::Dir(b"./"), Raw::File(b"./app", b"x", 0o755)])),
+    );
+    let m = case.extract(&archive).unwrap();
+    assert_eq!(m.entries.len(), 1);
+    assert!(case.path("out/release/app").is_file());
+    // A file named `.` is still refused.
+    let case = Case::new();
+    let archive = case.write("dotfile.tar", &raw_tar(&[Raw::File(b"./", b"x", 0o644)]));
+    assert_eq!(reason(case.extract(&archive)), UnsafeReason::EmptyName);
+}
+
+#[test]
 fn many_small_files() {
     let names: Vec<String> = (0..3000).map(|i| format!("d{}/f{i}.txt", i % 17)).collect();
     let mut b = tar::Builder::new(Vec::new());

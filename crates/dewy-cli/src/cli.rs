@@ -1,0 +1,169 @@
+//! Flags, with the names, short forms and meanings of the Go original.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+/// dewy keeps an application deployed: it polls a registry, downloads and
+/// extracts new releases, switches `current` atomically, and restarts the
+/// application without dropping a connection.
+#[derive(Debug, Parser)]
+#[command(name = "dewy", disable_version_flag = true, arg_required_else_help = true)]
+pub struct Cli {
+    /// Print the version and exit.
+    #[arg(short = 'v', long = "version", global = true)]
+    pub version: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run an application and keep it on the newest release, restarting it
+    /// gracefully on each deploy: `dewy server [FLAGS] -- COMMAND [ARGS]`.
+    Server(ServerArgs),
+    /// Keep files on the newest release (no process management).
+    Assets(CommonArgs),
+}
+
+/// `dewy server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Ports to hold for the application: `8000`, `8000,8001`,
+    /// `8000-8005`, `127.0.0.1:8000`, `[::1]:8000`, or a unix socket path.
+    /// Repeatable.
+    #[arg(short = 'p', long = "port", value_name = "PORTS")]
+    pub port: Vec<String>,
+
+    /// The application's command and arguments (after `--`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Flags shared by `server` and `assets`. None has a clap default: defaults
+/// live in one place (the config loader) so that `DEWY_*` variables and
+/// `dewy.toml` are not overridden by unset flags.
+#[derive(Debug, Args, Serialize, Default)]
+pub struct CommonArgs {
+    /// Registry URL: `file:///srv/releases` (`?pre-release=true&artifact=NAME`).
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+
+    /// Cache URL: empty for the file cache in `$DEWY_CACHEDIR` or
+    /// `.dewy/cache`, or `file:///path`.
+    #[arg(short = 'c', long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+
+    /// Notifier URL: `slack://CHANNEL`, `mail://HOST:PORT/TO`, `smtp://...`.
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notifier: Option<String>,
+
+    /// Seconds between checks (or a duration such as `30s`). Default 10.
+    #[arg(short = 'i', long, value_name = "SECONDS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+
+    /// debug, info, warn or error. Default info.
+    #[arg(short = 'l', long = "log-level", value_name = "LEVEL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+
+    /// text or json. Default text.
+    #[arg(short = 'f', long = "log-format", value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+
+    /// Shell command run before each deploy (`sh -c`).
+    #[arg(long = "before-deploy-hook", value_name = "COMMAND")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before_deploy_hook: Option<String>,
+
+    /// Shell command run after each deploy's switch of `current`.
+    #[arg(long = "after-deploy-hook", value_name = "COMMAND")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_deploy_hook: Option<String>,
+
+    /// Blue/green slot: deploy only releases whose build metadata is SLOT.
+    #[arg(short = 's', long, value_name = "SLOT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+
+    /// CalVer format of the tags, such as `YYYY.0M.0D.MICRO`.
+    #[arg(long, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calver: Option<String>,
+
+    /// Releases kept on disk (and artifacts kept in the cache). Default 7.
+    #[arg(long = "keep-releases", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_releases: Option<String>,
+
+    /// A missing artifact younger than this is not an error. Default 30m.
+    #[arg(long = "grace-period", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace_period: Option<String>,
+
+    /// Hooks are killed after this. Default 5m.
+    #[arg(long = "hook-timeout", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_timeout: Option<String>,
+
+    /// Abort the deploy when the before hook fails (Dewy continues).
+    #[arg(long = "abort-on-hook-failure")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub abort_on_hook_failure: bool,
+
+    /// The app folder holding `releases/` and `current`. Default: the
+    /// current directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+
+    /// Pass this secret variable (such as GITHUB_TOKEN) to the app and hooks
+    /// too; dewy's own secrets are removed from their environment otherwise.
+    /// Repeatable.
+    #[arg(long = "pass-env", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pass_env: Vec<String>,
+
+    /// Config file (TOML). Default: `dewy.toml` in the working directory
+    /// when it exists.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<String>,
+}
+
+/// Parses the command line; `Err` carries the exit code for help, version
+/// and usage errors (already printed).
+pub(crate) fn parse() -> Result<Cli, ExitCode> {
+    let args: Vec<String> = std::env::args().collect();
+    // `dewy help` behaves like `dewy --help`.
+    let args: Vec<String> = match args.get(1).map(String::as_str) {
+        Some("help") if args.len() == 2 => vec![args[0].clone(), "--help".into()],
+        _ => args,
+    };
+    match Cli::try_parse_from(args) {
+        Ok(cli) if cli.version => {
+            println!("dewy version: {}", env!("CARGO_PKG_VERSION"));
+            Err(ExitCode::SUCCESS)
+        }
+        Ok(cli) if cli.command.is_none() => {
+            eprintln!("error: a command is required: server or assets (see `dewy --help`)");
+            Err(ExitCode::from(2))
+        }
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            let _ = e.print();
+            Err(ExitCode::from(if e.use_stderr() { 2 } else { 0 }))
+        }
+    }
+}

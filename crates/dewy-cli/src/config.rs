@@ -1,0 +1,408 @@
+//! Configuration: flags over `DEWY_*` environment variables over
+//! `dewy.toml`, merged with figment, then validated once into [`Settings`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::Deserialize;
+
+use crate::cli::{Cli, Command, CommonArgs};
+
+/// The keys of the file and of `DEWY_<KEY>` variables, with their flags.
+pub const KEYS: &[(&str, &str)] = &[
+    ("registry", "--registry"),
+    ("cache", "--cache"),
+    ("notifier", "--notifier"),
+    ("interval", "--interval"),
+    ("port", "--port"),
+    ("log_level", "--log-level"),
+    ("log_format", "--log-format"),
+    ("before_deploy_hook", "--before-deploy-hook"),
+    ("after_deploy_hook", "--after-deploy-hook"),
+    ("slot", "--slot"),
+    ("calver", "--calver"),
+    ("keep_releases", "--keep-releases"),
+    ("grace_period", "--grace-period"),
+    ("hook_timeout", "--hook-timeout"),
+    ("abort_on_hook_failure", "--abort-on-hook-failure"),
+    ("workdir", "--workdir"),
+    ("pass_env", "--pass-env"),
+    ("command", "COMMAND (after --)"),
+];
+
+/// A scalar from a flag (always a string), the environment (parsed by
+/// figment) or TOML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Scalar {
+    fn text(&self) -> String {
+        match self {
+            Self::Str(s) => s.clone(),
+            Self::Int(i) => i.to_string(),
+            Self::Float(f) => f.to_string(),
+            Self::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    Many(Vec<Scalar>),
+    One(Scalar),
+}
+
+impl OneOrMany {
+    fn items(&self) -> Vec<String> {
+        match self {
+            Self::Many(v) => v.iter().map(Scalar::text).collect(),
+            Self::One(s) => vec![s.text()],
+        }
+    }
+}
+
+/// The merged, unvalidated values.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    registry: Option<Scalar>,
+    cache: Option<Scalar>,
+    notifier: Option<Scalar>,
+    interval: Option<Scalar>,
+    port: Option<OneOrMany>,
+    log_level: Option<Scalar>,
+    log_format: Option<Scalar>,
+    before_deploy_hook: Option<Scalar>,
+    after_deploy_hook: Option<Scalar>,
+    slot: Option<Scalar>,
+    calver: Option<Scalar>,
+    keep_releases: Option<Scalar>,
+    grace_period: Option<Scalar>,
+    hook_timeout: Option<Scalar>,
+    abort_on_hook_failure: Option<Scalar>,
+    workdir: Option<Scalar>,
+    pass_env: Option<OneOrMany>,
+    command: Option<OneOrMany>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `time=... level=INFO msg="..." key=value`.
+    Text,
+    /// One JSON object per line: `time`, `level`, `msg`, then fields.
+    Json,
+}
+
+/// `server` or `assets`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `dewy server`.
+    Server,
+    /// `dewy assets`.
+    Assets,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The command.
+    pub mode: Mode,
+    /// Registry URL.
+    pub registry: String,
+    /// Cache URL (empty: default file cache).
+    pub cache: String,
+    /// Notifier URL (empty: none).
+    pub notifier: String,
+    /// Check interval.
+    pub interval: Duration,
+    /// Port specs (server).
+    pub ports: Vec<dewy_starter::ListenSpec>,
+    /// Log level filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Before hook.
+    pub before_hook: Option<String>,
+    /// After hook.
+    pub after_hook: Option<String>,
+    /// Slot.
+    pub slot: Option<String>,
+    /// CalVer format.
+    pub calver: Option<String>,
+    /// Releases kept.
+    pub keep_releases: usize,
+    /// Grace period.
+    pub grace_period: Duration,
+    /// Hook timeout.
+    pub hook_timeout: Duration,
+    /// Abort on before-hook failure.
+    pub abort_on_hook_failure: bool,
+    /// App folder (absolute).
+    pub workdir: PathBuf,
+    /// Secret variables passed through anyway.
+    pub pass_env: Vec<String>,
+    /// The application's command (server).
+    pub command: Vec<String>,
+}
+
+/// A configuration value that is wrong: names the flag or key, the value,
+/// and what is expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// An invalid value.
+    #[error("invalid value `{value}` for {flag} (key `{key}`): {expected}")]
+    Invalid {
+        /// The flag.
+        flag: &'static str,
+        /// The file/env key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What is expected.
+        expected: String,
+    },
+    /// A required value is missing.
+    #[error("{flag} is not set (or `{key}` in dewy.toml, or DEWY_{}): {expected}", key.to_uppercase())]
+    Missing {
+        /// The flag.
+        flag: &'static str,
+        /// The key.
+        key: &'static str,
+        /// What is expected.
+        expected: &'static str,
+    },
+    /// The config file or the environment could not be read.
+    #[error("configuration error: {0}")]
+    Source(String),
+}
+
+fn flag_of(key: &str) -> &'static str {
+    KEYS.iter().find(|(k, _)| *k == key).map_or("?", |(_, f)| f)
+}
+
+fn key_static(key: &str) -> &'static str {
+    KEYS.iter().find(|(k, _)| *k == key).map_or("?", |(k, _)| k)
+}
+
+fn invalid(key: &str, value: impl Into<String>, expected: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag: flag_of(key),
+        key: key_static(key),
+        value: value.into(),
+        expected: expected.into(),
+    }
+}
+
+/// A duration: plain seconds (`10`) or humantime (`30s`, `5m`, `1h30m`).
+fn duration(key: &str, value: &Scalar, allow_zero: bool) -> Result<Duration, ConfigError> {
+    let text = value.text();
+    let d = match text.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(text.trim())
+            .map_err(|_| invalid(key, &text, "a number of seconds or a duration such as 30s, 5m, 1h"))?,
+    };
+    if d.is_zero() && !allow_zero {
+        return Err(invalid(key, &text, "a duration greater than zero"));
+    }
+    Ok(d)
+}
+
+fn text(v: &Option<Scalar>) -> Option<String> {
+    v.as_ref().map(Scalar::text).filter(|s| !s.is_empty())
+}
+
+/// Merges the sources and validates.
+pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
+    let (mode, common, ports, command): (Mode, &CommonArgs, Vec<String>, Vec<String>) = match cli.command.as_ref() {
+        Some(Command::Server(s)) => (Mode::Server, &s.common, s.port.clone(), s.command.clone()),
+        Some(Command::Assets(a)) => (Mode::Assets, a, vec![], vec![]),
+        None => return Err(ConfigError::Source("a command is required: server or assets".into())),
+    };
+    let mut figment = Figment::new();
+    let file = common.config.clone().map(PathBuf::from).or_else(|| {
+        let default = PathBuf::from("dewy.toml");
+        default.exists().then_some(default)
+    });
+    if let Some(file) = &file {
+        if !file.exists() {
+            return Err(invalid("config", file.display().to_string(), "an existing TOML file"));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+    figment = figment.merge(Env::prefixed("DEWY_").filter(move |k| known.contains(&k.as_str())));
+    figment = figment.merge(Serialized::defaults(common));
+    if !ports.is_empty() {
+        figment = figment.merge(Serialized::default("port", &ports));
+    }
+    if !command.is_empty() {
+        figment = figment.merge(Serialized::default("command", &command));
+    }
+    let raw: Raw = figment.extract().map_err(|e| {
+        let mut msg = e.to_string();
+        if let Some(src) = file.as_ref() {
+            msg = format!(
+                "{msg} (in {} or DEWY_* variables; valid keys: {})",
+                src.display(),
+                KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+            );
+        }
+        ConfigError::Source(msg)
+    })?;
+    validate(mode, raw)
+}
+
+fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
+    let registry = text(&raw.registry).ok_or(ConfigError::Missing {
+        flag: "--registry",
+        key: "registry",
+        expected: "a registry URL such as file:///srv/releases",
+    })?;
+    if !registry.contains("://") {
+        return Err(invalid(
+            "registry",
+            &registry,
+            "a URL such as file:///srv/releases (scheme://path)",
+        ));
+    }
+    let cache = text(&raw.cache).unwrap_or_default();
+    if !cache.is_empty() && !cache.starts_with("file://") {
+        return Err(invalid(
+            "cache",
+            &cache,
+            "empty (the default file cache) or file:///path; s3:// and gs:// caches are not in this build yet",
+        ));
+    }
+    let notifier = text(&raw.notifier).unwrap_or_default();
+    if !notifier.is_empty() && !notifier.contains("://") {
+        return Err(invalid(
+            "notifier",
+            &notifier,
+            format!("a URL with one of the schemes {}", dewy_notify::SCHEMES.join(", ")),
+        ));
+    }
+    let interval = raw
+        .interval
+        .as_ref()
+        .map(|v| duration("interval", v, false))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(10));
+    let log_level = text(&raw.log_level)
+        .unwrap_or_else(|| "info".into())
+        .to_ascii_lowercase();
+    if !["debug", "info", "warn", "error", "trace"].contains(&log_level.as_str()) {
+        return Err(invalid("log_level", &log_level, "one of debug, info, warn, error"));
+    }
+    let log_format = match text(&raw.log_format)
+        .unwrap_or_else(|| "text".into())
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => return Err(invalid("log_format", other, "text or json")),
+    };
+    let port_values = raw.port.as_ref().map(OneOrMany::items).unwrap_or_default();
+    let ports =
+        dewy_starter::parse_ports(&port_values).map_err(|e| invalid("port", port_values.join(","), e.to_string()))?;
+    let keep_releases = match &raw.keep_releases {
+        Some(v) => v
+            .text()
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| invalid("keep_releases", v.text(), "a whole number of at least 1"))?,
+        None => 7,
+    };
+    let grace_period = raw
+        .grace_period
+        .as_ref()
+        .map(|v| duration("grace_period", v, true))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(1800));
+    let hook_timeout = raw
+        .hook_timeout
+        .as_ref()
+        .map(|v| duration("hook_timeout", v, false))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(300));
+    let abort_on_hook_failure = match &raw.abort_on_hook_failure {
+        Some(Scalar::Bool(b)) => *b,
+        Some(v) => match v.text().as_str() {
+            "true" | "1" => true,
+            "false" | "0" | "" => false,
+            other => return Err(invalid("abort_on_hook_failure", other, "true or false")),
+        },
+        None => false,
+    };
+    let workdir = text(&raw.workdir)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let workdir = std::path::absolute(&workdir)
+        .map_err(|_| invalid("workdir", workdir.display().to_string(), "a folder path"))?;
+    if !workdir.is_dir() {
+        return Err(invalid("workdir", workdir.display().to_string(), "an existing folder"));
+    }
+    if let Some(calver) = text(&raw.calver) {
+        dewy_registry::CalVerFormat::new(&calver).map_err(|e| invalid("calver", &calver, e))?;
+    }
+    let command = raw.command.as_ref().map(OneOrMany::items).unwrap_or_default();
+    if mode == Mode::Server {
+        let Some(program) = command.first() else {
+            return Err(ConfigError::Missing {
+                flag: "COMMAND (after --)",
+                key: "command",
+                expected: "the application to run, such as `dewy server ... -- current/myapp`",
+            });
+        };
+        if !program.contains('/') && !on_path(program) {
+            return Err(invalid(
+                "command",
+                program,
+                "a program on PATH, or a path such as current/myapp",
+            ));
+        }
+    }
+    Ok(Settings {
+        mode,
+        registry,
+        cache,
+        notifier,
+        interval,
+        ports,
+        log_level,
+        log_format,
+        before_hook: text(&raw.before_deploy_hook),
+        after_hook: text(&raw.after_deploy_hook),
+        slot: text(&raw.slot),
+        calver: text(&raw.calver),
+        keep_releases,
+        grace_period,
+        hook_timeout,
+        abort_on_hook_failure,
+        workdir,
+        pass_env: raw.pass_env.as_ref().map(OneOrMany::items).unwrap_or_default(),
+        command,
+    })
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| is_executable(&d.join(program))))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

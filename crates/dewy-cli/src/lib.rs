@@ -1,0 +1,54 @@
+//! The `dewy` command: flags, `DEWY_*` environment and `dewy.toml` merged
+//! into validated configuration, logging, the tokio runtime, the rustls
+//! crypto provider, signals and exit codes. Nothing else in dewy reads
+//! flags, environment or config files.
+//!
+//! Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT, SIGQUIT) or for
+//! `--help`/`--version`; 2 for a usage or configuration error (the message
+//! names the flag or key, the value and what is expected); 1 when startup
+//! fails (a port cannot be bound, the cache folder cannot be used).
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod cli;
+mod config;
+mod logging;
+mod run;
+
+use std::process::ExitCode;
+
+pub use cli::Cli;
+pub use config::{ConfigError, KEYS, Settings};
+
+/// Parses the command line, then runs.
+pub fn main() -> ExitCode {
+    let cli = match cli::parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let settings = match config::load(&cli) {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(&settings.log_level, settings.log_format);
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  Caused by: {cause}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Wiring validated settings to dewy-core, and signals.
+
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{Mode, Settings};
+
+/// Variables dewy itself consumes as secrets. They are removed from the
+/// environment of the application and the hooks unless `--pass-env` names
+/// them (the Go original leaked all of them).
+const SECRETS: &[&str] = &[
+    "GITHUB_TOKEN",
+    "GH_TOKEN",
+    "GITHUB_APP_ID",
+    "GITHUB_APP_INSTALLATION_ID",
+    "GITHUB_APP_PRIVATE_KEY",
+    "GITHUB_APP_PRIVATE_KEY_PATH",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "SLACK_TOKEN",
+    "SLACK_WEBHOOK_URL",
+    "MAIL_USERNAME",
+    "MAIL_PASSWORD",
+    "DOCKER_PASSWORD",
+];
+
+fn child_env(pass: &[String]) -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| {
+            let name = k.to_string_lossy();
+            !SECRETS.contains(&name.as_ref()) || pass.iter().any(|p| *p == name)
+        })
+        .collect()
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Runs dewy until a shutdown signal.
+pub(crate) async fn run(s: Settings) -> Result<()> {
+    std::env::set_current_dir(&s.workdir)
+        .with_context(|| format!("cannot enter the working directory `{}`", s.workdir.display()))?;
+    let open = dewy_registry::OpenOptions {
+        slot: s.slot.clone(),
+        calver: s.calver.clone(),
+        ..Default::default()
+    };
+    let registry = dewy_registry::open(&s.registry, &open).context("cannot open the registry")?;
+
+    let cache_dir = if let Some(path) = s.cache.strip_prefix("file://") {
+        std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
+    } else if let Some(dir) = var("DEWY_CACHEDIR") {
+        dir.into()
+    } else {
+        s.workdir.join(".dewy/cache")
+    };
+    let opened = dewy_cache::FileCache::open_or_fallback(&cache_dir).context("cannot open the cache")?;
+    let cache = Arc::new(opened.cache);
+
+    let env = dewy_notify::NotifierEnv {
+        slack_token: var("SLACK_TOKEN"),
+        slack_webhook_url: var("SLACK_WEBHOOK_URL"),
+        slack_api_url: var("SLACK_API_URL"),
+        mail_username: var("MAIL_USERNAME"),
+        mail_password: var("MAIL_PASSWORD"),
+        mail_from: var("MAIL_FROM"),
+        mail_ca_file: var("MAIL_CA_FILE"),
+    };
+    let configured = dewy_notify::from_url(&s.notifier, &env).context("cannot set up the notifier")?;
+    let host = hostname();
+    let context = dewy_notify::Context {
+        hostname: host.clone(),
+        user: var("USER").unwrap_or_default(),
+        cwd: s.workdir.display().to_string(),
+        app: s
+            .workdir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let notify = dewy_notify::Notify::new(configured.notifier, context, configured.quiet);
+
+    let env = child_env(&s.pass_env);
+    let app: Option<Arc<dyn dewy_core::Supervisor>> = if s.mode == Mode::Server {
+        let listeners = dewy_starter::Listeners::bind(&s.ports).context("cannot listen on the application's ports")?;
+        for (spec, _) in listeners.iter() {
+            tracing::info!(port = %spec.starter_name(), "Listening for the application");
+        }
+        let config = dewy_starter::StarterConfig {
+            command: s.command[0].clone().into(),
+            args: s.command[1..].iter().map(OsString::from).collect(),
+            dir: s.workdir.clone(),
+            env: env.clone(),
+            readiness: dewy_starter::Readiness::Alive(Duration::from_secs(1)),
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            stop_timeout: Duration::from_secs(30),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        };
+        Some(Arc::new(dewy_starter::Starter::new(config, listeners)))
+    } else {
+        None
+    };
+
+    let mut config = dewy_core::Config::new(
+        if s.mode == Mode::Server {
+            dewy_core::Mode::Server
+        } else {
+            dewy_core::Mode::Assets
+        },
+        s.workdir.clone(),
+    );
+    config.interval = s.interval;
+    config.keep_releases = s.keep_releases;
+    config.grace_period = s.grace_period;
+    config.before_hook = s.before_hook.clone();
+    config.after_hook = s.after_hook.clone();
+    config.hook_timeout = s.hook_timeout;
+    config.abort_on_before_hook_failure = s.abort_on_hook_failure;
+    config.hook_env = env;
+    config.hostname = host;
+    let deployer = Arc::new(
+        dewy_core::Deployer::new(config, registry, cache, notify, app).context("cannot prepare the app folder")?,
+    );
+
+    let runner = {
+        let d = deployer.clone();
+        tokio::spawn(async move { d.run().await })
+    };
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let name = loop {
+        tokio::select! {
+            _ = hup.recv() => tracing::info!("SIGHUP ignored (use SIGUSR1 to restart the application)"),
+            _ = usr1.recv() => {
+                tracing::info!("Restart requested by SIGUSR1");
+                if let Err(err) = deployer.restart_app().await {
+                    tracing::error!(error = %err, "Restart failure");
+                    deployer.notify().send_error(err);
+                }
+            }
+            _ = term.recv() => break "terminated",
+            _ = int.recv() => break "interrupt",
+            _ = quit.recv() => break "quit",
+        }
+    };
+    tracing::info!(signal = name, "Shutting down");
+    deployer.shutdown(name).await;
+    let _ = runner.await;
+    Ok(())
+}
