@@ -1,4 +1,5 @@
-//! Project automation: `cargo xtask test` and `cargo xtask bench NAME`.
+//! Project automation: `cargo xtask demo`, `cargo xtask test` and
+//! `cargo xtask bench NAME`.
 //!
 //! `test` installs the test servers that are missing (a Python virtualenv
 //! outside the clone, and Debian's `libserver-starter-perl`, `wrk`,
@@ -7,6 +8,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod demo;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,10 +20,11 @@ fn main() -> std::process::ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("install-test-servers") => install_test_servers(),
+        Some("demo") => demo::demo(),
         Some("bench") => bench::run_bench(args.get(1).map(String::as_str), &args[2.min(args.len())..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | install-test-servers | bench NAME>\n\nbenches: {}",
+                "usage: cargo xtask <demo | test | install-test-servers | bench NAME>\n\nbenches: {}",
                 bench::NAMES.join(", ")
             );
             return std::process::ExitCode::from(2);

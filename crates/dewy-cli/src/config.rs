@@ -240,7 +240,10 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
         figment = figment.merge(Toml::file(file));
     }
     let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
-    figment = figment.merge(Env::prefixed("DEWY_").filter(move |k| known.contains(&k.as_str())));
+    // DEWY_CACHEDIR and other DEWY_* variables that are not keys are left
+    // alone (the key arrives here in its original case).
+    figment =
+        figment.merge(Env::prefixed("DEWY_").filter(move |k| known.iter().any(|x| k.as_str().eq_ignore_ascii_case(x))));
     figment = figment.merge(Serialized::defaults(common));
     if !ports.is_empty() {
         figment = figment.merge(Serialized::default("port", &ports));

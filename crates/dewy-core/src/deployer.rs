@@ -307,10 +307,10 @@ impl Deployer {
         let _ = self.shutdown.send(true);
         // Wait for a tick in flight so a deploy is never cut in the middle.
         let _tick = self.tick_lock.lock().await;
-        if let Some(app) = &self.app {
-            if let Err(err) = app.stop().await {
-                tracing::error!(error = %chain(&err), "Stopping the application failed");
-            }
+        if let Some(app) = &self.app
+            && let Err(err) = app.stop().await
+        {
+            tracing::error!(error = %chain(&err), "Stopping the application failed");
         }
         self.notify.send(format!("Stop receiving by `{signal_name}` signal"));
         self.notify.shutdown(Duration::from_secs(5)).await;
@@ -500,12 +500,12 @@ impl Deployer {
             .and_then(|k| k.split_once("--").map(|(t, _)| t.to_owned()));
         let release_dir = self.releases.new_release_path(self.clock.now());
         let env = self.hook_env(release, &release_dir, previous_tag.as_deref());
-        if let Some(cmd) = &self.config.before_hook {
-            if let Some(o) = self.run_hook("Before", cmd, &env).await {
-                if !o.success() && self.config.abort_on_before_hook_failure {
-                    return Err(Error::BeforeHook(o.failure()));
-                }
-            }
+        if let Some(cmd) = &self.config.before_hook
+            && let Some(o) = self.run_hook("Before", cmd, &env).await
+            && !o.success()
+            && self.config.abort_on_before_hook_failure
+        {
+            return Err(Error::BeforeHook(o.failure()));
         }
         tracing::info!(path = %release_dir.display(), "Extract archive");
         let (extractor, src, dest) = (

@@ -108,7 +108,7 @@ impl Releases {
                 path,
             });
         }
-        out.sort_by(|a, b| release_order(&b.name).cmp(&release_order(&a.name)));
+        out.sort_by_key(|r| std::cmp::Reverse(release_order(&r.name)));
         Ok(out)
     }
 

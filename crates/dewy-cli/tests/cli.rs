@@ -1,0 +1,230 @@
+//! The real `dewy` binary in temporary folders: help, version, validation
+//! errors, configuration precedence, and a full `dewy server` run.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+
+fn dewy(dir: &Path) -> Command {
+    let mut cmd = Command::cargo_bin("dewy").unwrap();
+    cmd.current_dir(dir).env_remove("DEWY_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DEWY_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn help_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, _) = run(dewy(dir.path()).arg("--help"));
+    assert_eq!(code, 0);
+    assert!(out.contains("server") && out.contains("assets"), "{out}");
+    let (code, out, _) = run(dewy(dir.path()).arg("help"));
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = run(dewy(dir.path()).args(["server", "--help"]));
+    assert_eq!(code, 0);
+    for flag in [
+        "--registry",
+        "--cache",
+        "--notifier",
+        "--interval",
+        "--port",
+        "--log-level",
+        "--log-format",
+        "--before-deploy-hook",
+        "--after-deploy-hook",
+        "--slot",
+        "--calver",
+        "--keep-releases",
+        "--grace-period",
+        "--hook-timeout",
+        "--workdir",
+    ] {
+        assert!(out.contains(flag), "{flag} missing from help:\n{out}");
+    }
+    let (code, out, _) = run(dewy(dir.path()).arg("--version"));
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), format!("dewy version: {}", env!("CARGO_PKG_VERSION")));
+    let (code, out2, _) = run(dewy(dir.path()).arg("-v"));
+    assert_eq!((code, out2), (0, out));
+}
+
+#[test]
+fn every_bad_value_is_a_usage_error_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["assets", "--registry", "file:///nonexistent"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["assets"], "--registry"),
+        (&["assets", "--registry", "/srv/releases"], "--registry"),
+        (&[&base[..], &["--interval", "0"]].concat(), "--interval"),
+        (&[&base[..], &["--interval", "soon"]].concat(), "--interval"),
+        (&[&base[..], &["--log-level", "loud"]].concat(), "--log-level"),
+        (&[&base[..], &["--log-format", "xml"]].concat(), "--log-format"),
+        (&[&base[..], &["--keep-releases", "0"]].concat(), "--keep-releases"),
+        (&[&base[..], &["--grace-period", "x"]].concat(), "--grace-period"),
+        (&[&base[..], &["--hook-timeout", "0"]].concat(), "--hook-timeout"),
+        (&[&base[..], &["--calver", "abc"]].concat(), "--calver"),
+        (&[&base[..], &["--cache", "/tmp/cache"]].concat(), "--cache"),
+        (&[&base[..], &["--notifier", "slack"]].concat(), "--notifier"),
+        (&[&base[..], &["--workdir", "/nonexistent/dir"]].concat(), "--workdir"),
+        (
+            &["server", "--registry", "file:///x", "-p", "70000", "--", "sh"],
+            "--port",
+        ),
+        (&["server", "--registry", "file:///x"], "COMMAND"),
+        (
+            &["server", "--registry", "file:///x", "--", "no-such-program-xyz"],
+            "COMMAND",
+        ),
+        (&["assets", "--bogus"], "--bogus"),
+    ];
+    for (args, flag) in cases {
+        let (code, _, err) = run(dewy(dir.path()).args(*args));
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?}: message does not name {flag}: {err}");
+    }
+}
+
+#[test]
+fn flag_beats_env_beats_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("dewy.toml"),
+        "registry = \"file:///from-file\"\ninterval = \"0\"\n",
+    )
+    .unwrap();
+    // The file's bad interval is reported with its key.
+    let (code, _, err) = run(dewy(dir.path()).args(["assets"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("interval"), "{err}");
+    // The environment overrides the file; its bad value is named too.
+    let (code, _, err) = run(dewy(dir.path()).arg("assets").env("DEWY_INTERVAL", "never"));
+    assert_eq!(code, 2);
+    assert!(err.contains("`never`"), "env overrides file: {err}");
+    // The flag overrides both.
+    let (code, _, err) = run(dewy(dir.path())
+        .args(["assets", "--interval", "nope"])
+        .env("DEWY_INTERVAL", "never"));
+    assert_eq!(code, 2);
+    assert!(err.contains("`nope`"), "flag overrides env: {err}");
+    // Unknown keys in the file are errors.
+    std::fs::write(
+        dir.path().join("dewy.toml"),
+        "registry = \"file:///x\"\nregistery = \"typo\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(dewy(dir.path()).arg("assets"));
+    assert_eq!(code, 2);
+    assert!(err.contains("registery"), "{err}");
+}
+
+fn targz(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&b.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
+    let demo = std::fs::read(dewy_testkit::demo_app()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
+    std::fs::create_dir_all(&app).unwrap();
+    let publish = |tag: &str| {
+        let d = reg.join(tag);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("demo_linux_amd64.tar.gz"),
+            targz(&[("demo-app", &demo, 0o755), ("VERSION", tag.as_bytes(), 0o644)]),
+        )
+        .unwrap();
+    };
+    publish("v1.0.0");
+    let port = dewy_testkit::free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = dewy(&app)
+        .args([
+            "server",
+            "--registry",
+            &format!("file://{}", reg.display()),
+            "-p",
+            &format!("127.0.0.1:{port}"),
+            "-i",
+            "1",
+            "-f",
+            "json",
+        ])
+        .args(["--", "current/demo-app"])
+        .env("GITHUB_TOKEN", "must-not-leak")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let body = || dewy_testkit::http_get(addr, "/").map(|(_, b)| b).unwrap_or_default();
+    wait_for("v1", Duration::from_secs(30), || body().starts_with("version=v1.0.0"));
+    publish("v2.0.0");
+    wait_for("v2", Duration::from_secs(30), || {
+        body().starts_with("version=v2.0.0 generation=2")
+    });
+    let pid: i32 = body().split("pid=").nth(1).unwrap().trim().parse().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("must-not-leak"),
+        "secrets stay out of the app's environment"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+        "the app was stopped"
+    );
+    // JSON logs: time, level, msg first, then fields.
+    let cached = log
+        .lines()
+        .find(|l| l.contains("\"Cached artifact\""))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(cached.starts_with("{\"time\":\""), "{cached}");
+    let v: serde_json::Value = serde_json::from_str(cached).unwrap();
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["cache_key"], "v1.0.0--demo_linux_amd64.tar.gz");
+    let current = std::fs::read_to_string(app.join("current/VERSION")).unwrap();
+    assert_eq!(current, "v2.0.0");
+}
