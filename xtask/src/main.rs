@@ -151,5 +151,15 @@ fn test() -> Result<()> {
         run(cargo().args(["install", "cargo-deny", "--locked"]))?;
     }
     run(cargo().args(["deny", "--all-features", "check", "bans", "licenses", "sources"]))?;
+    // dewy-archive's own ban list: no HTTP, TLS or async runtime in its tree.
+    run(cargo().args([
+        "deny",
+        "--manifest-path",
+        "crates/dewy-archive/Cargo.toml",
+        "--config",
+        "crates/dewy-archive/deny.toml",
+        "check",
+        "bans",
+    ]))?;
     Ok(())
 }
