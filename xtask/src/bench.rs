@@ -10,11 +10,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::{run, workspace_root};
 
-pub(crate) const NAMES: &[&str] = &["archive"];
+pub(crate) const NAMES: &[&str] = &["archive", "download", "restart"];
 
 pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
     match name {
         Some("archive") => archive(args),
+        Some("download") => download(args),
+        Some("restart") => restart(args),
         Some(other) => bail!("unknown benchmark `{other}`; known: {}", NAMES.join(", ")),
         None => bail!("name a benchmark: {}", NAMES.join(", ")),
     }
@@ -78,6 +80,265 @@ fn time_cmd(cmd: &mut Command) -> Result<(Duration, String)> {
     Ok((took, String::from_utf8_lossy(&out.stderr).into_owned()))
 }
 
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+fn build_release(args: &[&str]) -> Result<()> {
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["build", "--release", "--quiet"])
+        .args(args))
+}
+
+/// Serves one file over HTTP/1.1 on 127.0.0.1 (std's `io::copy` from a file
+/// to a socket uses sendfile, so the server is not the bottleneck).
+fn serve_file(path: PathBuf) -> Result<std::net::SocketAddr> {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let path = path.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut reader = BufReader::new(stream.try_clone()?);
+                let mut line = String::new();
+                while reader.read_line(&mut line)? > 2 {
+                    line.clear();
+                }
+                let mut file = std::fs::File::open(&path)?;
+                let len = file.metadata()?.len();
+                let mut out = stream;
+                write!(
+                    out,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+                )?;
+                std::io::copy(&mut file, &mut out)?;
+                Ok(())
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn download(args: &[String]) -> Result<()> {
+    let mib: u64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--mib="))
+        .map_or(Ok(1024), str::parse)?;
+    let rounds: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--rounds="))
+        .map_or(Ok(3), str::parse)?;
+    if !crate::have("curl") {
+        bail!("`curl` is needed as the peer of this benchmark (apt-get install curl)");
+    }
+    build_release(&["-p", "dewy-registry", "--example", "fetch"])?;
+    let fetch = target_dir().join("release/examples/fetch");
+    let work = tempfile::tempdir()?;
+    let file = work.path().join("artifact.bin");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file)?);
+        let block = semi_compressible(1 << 20, 7);
+        for _ in 0..mib {
+            f.write_all(&block)?;
+        }
+    }
+    let addr = serve_file(file.clone())?;
+    let url = format!("http://{addr}/artifact.bin");
+    let staging = work.path().join("staging");
+    std::fs::create_dir_all(&staging)?;
+    let (mut ours, mut theirs, mut durable, mut rss) = (Vec::new(), Vec::new(), Vec::new(), 0u64);
+    let out = work.path().join("curl.bin");
+    for _ in 0..rounds {
+        let (t, err) = time_cmd(Command::new(&fetch).arg(&url).arg(&staging).env("DEWY_REPORT_RSS", "1"))?;
+        rss = rss.max(peak_rss_kib(&err).unwrap_or(0));
+        ours.push(t);
+        let (t, _) = time_cmd(Command::new("curl").args(["-s", "-f", "-o"]).arg(&out).arg(&url))?;
+        theirs.push(t);
+        std::fs::remove_file(&out)?;
+        // dewy syncs the file before it enters the cache (a crash must never
+        // leave a partial artifact under a final name); the same guarantee
+        // with curl is `curl -o F && sync F`.
+        let sh = format!("curl -s -f -o {0} {url} && sync {0}", out.display());
+        let (t, _) = time_cmd(Command::new("sh").arg("-c").arg(&sh))?;
+        durable.push(t);
+        std::fs::remove_file(&out)?;
+    }
+    let (o, p, d) = (median(ours), median(theirs), median(durable));
+    let mb = mib as f64;
+    println!("download of {mib} MiB from a local HTTP server, median of {rounds} alternating rounds");
+    println!(
+        "dewy (hashed, fsynced):  {:.3} s  ({:.0} MiB/s)",
+        o.as_secs_f64(),
+        mb / o.as_secs_f64()
+    );
+    println!(
+        "curl -o F && sync F:     {:.3} s  ({:.0} MiB/s)",
+        d.as_secs_f64(),
+        mb / d.as_secs_f64()
+    );
+    println!(
+        "curl -o F (page cache):  {:.3} s  ({:.0} MiB/s)",
+        p.as_secs_f64(),
+        mb / p.as_secs_f64()
+    );
+    println!(
+        "throughput ratio dewy / durable curl: {:.2}x (goal >= 0.9x)",
+        d.as_secs_f64() / o.as_secs_f64()
+    );
+    println!(
+        "throughput ratio dewy / bare curl:    {:.2}x",
+        p.as_secs_f64() / o.as_secs_f64()
+    );
+    println!("dewy peak RSS: {:.1} MiB (goal < 32 MiB)", rss as f64 / 1024.0);
+    Ok(())
+}
+
+/// Runs wrk against `port` for `secs` and returns (requests, errors).
+fn wrk(port: u16, secs: u64) -> Result<std::process::Child> {
+    Ok(Command::new("wrk")
+        .args([
+            "-t2",
+            "-c50",
+            &format!("-d{secs}s"),
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+fn wrk_result(child: std::process::Child) -> Result<(u64, u64, String)> {
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let mut errors = 0u64;
+    if let Some(line) = text.lines().find(|l| l.contains("Socket errors")) {
+        errors += line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    if let Some(line) = text.lines().find(|l| l.contains("Non-2xx")) {
+        errors += line
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok((requests, errors, text))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn restart(args: &[String]) -> Result<()> {
+    let restarts: u32 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--restarts="))
+        .map_or(Ok(20), str::parse)?;
+    for tool in ["wrk", "start_server"] {
+        if !crate::have(tool) {
+            bail!("`{tool}` is needed for this benchmark (apt-get install wrk libserver-starter-perl)");
+        }
+    }
+    build_release(&["-p", "dewy-starter", "--example", "restarter"])?;
+    build_release(&["-p", "demo-app"])?;
+    let restarter = target_dir().join("release/examples/restarter");
+    let app = target_dir().join("release/demo-app");
+    let interval_ms = 1000u64;
+    let secs = (u64::from(restarts) + 3) * interval_ms / 1000 + 2;
+
+    // dewy-starter, readiness by notification.
+    let port = free_port()?;
+    let mut ours = Command::new(&restarter)
+        .args([
+            &port.to_string(),
+            &restarts.to_string(),
+            &interval_ms.to_string(),
+            "notify",
+            "--",
+        ])
+        .arg(&app)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdin = ours.stdin.take();
+    let mut lines = std::io::BufReader::new(ours.stdout.take().expect("piped"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut lines, &mut first)?;
+    let load = wrk(port, secs)?;
+    let (our_requests, our_errors, _) = wrk_result(load)?;
+    drop(stdin);
+    let mut summary = String::new();
+    std::io::Read::read_to_string(&mut lines, &mut summary)?;
+    ours.wait()?;
+    let summary = summary
+        .lines()
+        .filter(|l| l.starts_with("restarts="))
+        .collect::<String>();
+
+    // start_server --interval=1 with SIGHUP.
+    let port = free_port()?;
+    let ss = Command::new("start_server")
+        .args([&format!("--port=127.0.0.1:{port}"), "--interval=1", "--"])
+        .arg(&app)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let load = wrk(port, secs)?;
+    let mut ss_times = Vec::new();
+    for _ in 0..restarts {
+        std::thread::sleep(Duration::from_millis(interval_ms));
+        let t = Instant::now();
+        Command::new("kill").args(["-HUP", &ss.id().to_string()]).status()?;
+        // start_server declares the new generation after --interval (1 s).
+        let before = crate::bench::generation_of(port);
+        while crate::bench::generation_of(port) == before && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ss_times.push(t.elapsed());
+    }
+    let (ss_requests, ss_errors, _) = wrk_result(load)?;
+    Command::new("kill").args(["-TERM", &ss.id().to_string()]).status()?;
+    let ss_median = median(ss_times);
+
+    println!("{restarts} restarts under wrk -t2 -c50 on loopback (demo-app drains on SIGTERM)");
+    println!(
+        "dewy-starter: {our_requests} requests, {our_errors} failed; {}",
+        summary.trim()
+    );
+    println!(
+        "start_server: {ss_requests} requests, {ss_errors} failed; median time to new generation serving {:.1} ms",
+        ss_median.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+/// The generation answering on `port` right now (from the demo app's body).
+pub(crate) fn generation_of(port: u16) -> String {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split("generation=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 fn archive(args: &[String]) -> Result<()> {
     let scale: usize = args
         .iter()
@@ -106,7 +367,20 @@ fn archive(args: &[String]) -> Result<()> {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
     let extract = target.join("release/examples/extract");
 
-    let work = tempfile::tempdir()?;
+    // Extract into memory (/dev/shm) when there is one: this measures the
+    // extractors, not the disk's writeback of earlier rounds.
+    let base = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--dir=").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            if Path::new("/dev/shm").is_dir() {
+                PathBuf::from("/dev/shm")
+            } else {
+                std::env::temp_dir()
+            }
+        });
+    let work = tempfile::tempdir_in(&base)?;
+    println!("working in {}", base.display());
     let tree = work.path().join("tree");
     eprintln!("building a reproducible tree (scale {scale})...");
     build_tree(&tree, scale)?;

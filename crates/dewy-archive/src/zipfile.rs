@@ -27,7 +27,7 @@ fn corrupt(archive: &Path, entry: Option<PathBuf>, source: zip::result::ZipError
 pub(crate) fn unpack(archive: &Path, sink: &mut Sink<'_>) -> Result<(), Error> {
     let file = File::open(archive).map_err(|source| Error::io("open", archive, source))?;
     let mut zip =
-        zip::ZipArchive::new(BufReader::with_capacity(256 * 1024, file)).map_err(|e| corrupt(archive, None, e))?;
+        zip::ZipArchive::new(BufReader::with_capacity(32 * 1024, file)).map_err(|e| corrupt(archive, None, e))?;
     for index in 0..zip.len() {
         let mut entry = zip.by_index(index).map_err(|e| corrupt(archive, None, e))?;
         let raw = entry.name_raw().to_vec();
