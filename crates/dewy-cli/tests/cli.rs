@@ -228,3 +228,103 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     let current = std::fs::read_to_string(app.join("current/VERSION")).unwrap();
     assert_eq!(current, "v2.0.0");
 }
+
+/// dewy killed with SIGKILL at several points of a deploy, then started
+/// again: `current` always points to a complete release, the next run
+/// converges on the newest version, and no application process is left
+/// behind.
+#[test]
+fn sigkill_during_deploys_converges_after_restart() {
+    let demo = std::fs::read(dewy_testkit::demo_app()).unwrap();
+    let padding: Vec<u8> = (0..6_000_000u32)
+        .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
+    std::fs::create_dir_all(&app).unwrap();
+    let publish = |tag: &str| {
+        let d = reg.join(tag);
+        std::fs::create_dir_all(&d).unwrap();
+        let tmp = d.join(".tmp");
+        std::fs::write(
+            &tmp,
+            targz(&[
+                ("demo-app", &demo, 0o755),
+                ("VERSION", tag.as_bytes(), 0o644),
+                ("data.bin", &padding, 0o644),
+            ]),
+        )
+        .unwrap();
+        std::fs::rename(tmp, d.join("demo_linux_amd64.tar.gz")).unwrap();
+    };
+    let port = dewy_testkit::free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let start = || {
+        dewy(&app)
+            .args([
+                "server",
+                "--registry",
+                &format!("file://{}", reg.display()),
+                "-p",
+                &format!("127.0.0.1:{port}"),
+                "-i",
+                "1",
+                "-l",
+                "error",
+            ])
+            .args(["--", "current/demo-app"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let body = || dewy_testkit::http_get(addr, "/").map(|(_, b)| b).unwrap_or_default();
+    let app_pids = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == app)
+                    && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+            })
+            .collect()
+    };
+    publish("v1.0.0");
+    let mut dewy_proc = start();
+    wait_for("v1", Duration::from_secs(30), || body().starts_with("version=v1.0.0"));
+    for (i, delay_ms) in [0u64, 10, 40, 120, 300].into_iter().enumerate() {
+        let tag = format!("v1.1.{i}");
+        publish(&tag);
+        std::thread::sleep(Duration::from_millis(1000 + delay_ms));
+        dewy_proc.kill().unwrap();
+        dewy_proc.wait().unwrap();
+        // `current` is always a complete release.
+        let version = std::fs::read_to_string(app.join("current/VERSION")).unwrap();
+        assert!(version.starts_with("v1."), "{version}");
+        assert_eq!(
+            std::fs::metadata(app.join("current/data.bin")).unwrap().len(),
+            padding.len() as u64
+        );
+        // The application follows dewy (parent-death signal), leaving no orphan.
+        wait_for("the app to stop after dewy was killed", Duration::from_secs(10), || {
+            app_pids().is_empty() && dewy_testkit::http_get(addr, "/").is_err()
+        });
+        dewy_proc = start();
+        wait_for(&tag, Duration::from_secs(30), || {
+            body().starts_with(&format!("version={tag}"))
+        });
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dewy_proc.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(dewy_proc.wait().unwrap().code(), Some(0));
+    let leftovers: Vec<_> = std::fs::read_dir(app.join("releases"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "staging folders left: {leftovers:?}");
+    assert!(app_pids().is_empty());
+}

@@ -394,3 +394,56 @@ async fn twenty_restarts_under_load_drop_no_request() {
     assert!(ok > 200, "load ran: {ok} requests");
     assert_eq!(failed, 0, "{failed} failed requests out of {}", ok + failed);
 }
+
+const ORPHAN_HELPER: &str = "DEWY_STARTER_ORPHAN_HELPER";
+
+/// Not a test of its own: the body of the helper process of
+/// `a_dewy_killed_with_sigkill_leaves_no_orphan`, acting as a dewy that
+/// starts the demo app and then waits to be killed.
+#[tokio::test]
+async fn orphan_helper_process() {
+    let Ok(pid_file) = std::env::var(ORPHAN_HELPER) else {
+        return;
+    };
+    let (listeners, _) = loopback();
+    let starter = Starter::new(
+        config(
+            &dewy_testkit::demo_app(),
+            &[],
+            Readiness::Notify {
+                timeout: Duration::from_secs(10),
+            },
+        ),
+        listeners,
+    );
+    let g = starter.start().await.unwrap();
+    std::fs::write(format!("{pid_file}.tmp"), g.pid.to_string()).unwrap();
+    std::fs::rename(format!("{pid_file}.tmp"), &pid_file).unwrap();
+    tokio::time::sleep(Duration::from_secs(120)).await;
+}
+
+#[tokio::test]
+async fn a_dewy_killed_with_sigkill_leaves_no_orphan() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("app.pid");
+    // Build the app first so the helper does not compile under a deadline.
+    dewy_testkit::demo_app();
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "orphan_helper_process", "--nocapture"])
+        .env(ORPHAN_HELPER, &pid_file)
+        .spawn()
+        .unwrap();
+    let pid: i32 = wait_file(&pid_file).await.trim().parse().unwrap();
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    assert!(alive(pid));
+    helper.kill().unwrap(); // SIGKILL
+    helper.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(pid) && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the app {pid} outlived its killed supervisor"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
