@@ -41,6 +41,26 @@ pub struct ServerArgs {
     #[arg(short = 'p', long = "port", value_name = "PORTS")]
     pub port: Vec<String>,
 
+    /// Readiness by HTTP: after a start or restart, the new generation must
+    /// answer 2xx to `GET PATH` (on a private socket it inherits last)
+    /// before the previous one is stopped.
+    #[arg(long = "health-path", value_name = "PATH")]
+    pub health_path: Option<String>,
+
+    /// Readiness by notification: the app sends `READY=1` to
+    /// `NOTIFY_SOCKET`, as under systemd's `Type=notify`.
+    #[arg(long = "ready-notify")]
+    pub ready_notify: bool,
+
+    /// How long a new generation gets to become ready. Default 30s.
+    #[arg(long = "health-timeout", value_name = "DURATION")]
+    pub health_timeout: Option<String>,
+
+    /// How long a generation gets to exit after SIGTERM before SIGKILL.
+    /// Default 30s.
+    #[arg(long = "stop-timeout", value_name = "DURATION")]
+    pub stop_timeout: Option<String>,
+
     /// The application's command and arguments (after `--`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
     pub command: Vec<String>,

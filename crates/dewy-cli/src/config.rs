@@ -29,6 +29,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("abort_on_hook_failure", "--abort-on-hook-failure"),
     ("workdir", "--workdir"),
     ("pass_env", "--pass-env"),
+    ("health_path", "--health-path"),
+    ("ready_notify", "--ready-notify"),
+    ("health_timeout", "--health-timeout"),
+    ("stop_timeout", "--stop-timeout"),
     ("command", "COMMAND (after --)"),
 ];
 
@@ -92,6 +96,10 @@ struct Raw {
     workdir: Option<Scalar>,
     pass_env: Option<OneOrMany>,
     command: Option<OneOrMany>,
+    health_path: Option<Scalar>,
+    ready_notify: Option<Scalar>,
+    health_timeout: Option<Scalar>,
+    stop_timeout: Option<Scalar>,
 }
 
 /// Log output format.
@@ -153,6 +161,10 @@ pub struct Settings {
     pub pass_env: Vec<String>,
     /// The application's command (server).
     pub command: Vec<String>,
+    /// When a new generation counts as ready.
+    pub readiness: dewy_starter::Readiness,
+    /// SIGTERM-to-SIGKILL delay for a generation.
+    pub stop_timeout: Duration,
 }
 
 /// A configuration value that is wrong: names the flag or key, the value,
@@ -223,8 +235,23 @@ fn text(v: &Option<Scalar>) -> Option<String> {
 
 /// Merges the sources and validates.
 pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
+    let mut server_flags: Vec<(&str, String)> = Vec::new();
     let (mode, common, ports, command): (Mode, &CommonArgs, Vec<String>, Vec<String>) = match cli.command.as_ref() {
-        Some(Command::Server(s)) => (Mode::Server, &s.common, s.port.clone(), s.command.clone()),
+        Some(Command::Server(s)) => {
+            if let Some(p) = &s.health_path {
+                server_flags.push(("health_path", p.clone()));
+            }
+            if s.ready_notify {
+                server_flags.push(("ready_notify", "true".into()));
+            }
+            if let Some(t) = &s.health_timeout {
+                server_flags.push(("health_timeout", t.clone()));
+            }
+            if let Some(t) = &s.stop_timeout {
+                server_flags.push(("stop_timeout", t.clone()));
+            }
+            (Mode::Server, &s.common, s.port.clone(), s.command.clone())
+        }
         Some(Command::Assets(a)) => (Mode::Assets, a, vec![], vec![]),
         None => return Err(ConfigError::Source("a command is required: server or assets".into())),
     };
@@ -250,6 +277,9 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
     }
     if !command.is_empty() {
         figment = figment.merge(Serialized::default("command", &command));
+    }
+    for (key, value) in &server_flags {
+        figment = figment.merge(Serialized::default(key, value));
     }
     let raw: Raw = figment.extract().map_err(|e| {
         let mut msg = e.to_string();
@@ -377,7 +407,52 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             ));
         }
     }
+    let health_timeout = raw
+        .health_timeout
+        .as_ref()
+        .map(|v| duration("health_timeout", v, false))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(30));
+    let stop_timeout = raw
+        .stop_timeout
+        .as_ref()
+        .map(|v| duration("stop_timeout", v, false))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(30));
+    let ready_notify = match &raw.ready_notify {
+        Some(Scalar::Bool(b)) => *b,
+        Some(v) => match v.text().as_str() {
+            "true" | "1" => true,
+            "false" | "0" | "" => false,
+            other => return Err(invalid("ready_notify", other, "true or false")),
+        },
+        None => false,
+    };
+    let readiness = match (text(&raw.health_path), ready_notify) {
+        (Some(_), true) => {
+            return Err(invalid(
+                "health_path",
+                "--health-path with --ready-notify",
+                "one readiness method, not both",
+            ));
+        }
+        (Some(path), false) => {
+            if !path.starts_with('/') {
+                return Err(invalid("health_path", &path, "a path starting with /, such as /health"));
+            }
+            dewy_starter::Readiness::Http {
+                path,
+                timeout: health_timeout,
+            }
+        }
+        (None, true) => dewy_starter::Readiness::Notify {
+            timeout: health_timeout,
+        },
+        (None, false) => dewy_starter::Readiness::Alive(Duration::from_secs(1)),
+    };
     Ok(Settings {
+        readiness,
+        stop_timeout,
         mode,
         registry,
         cache,

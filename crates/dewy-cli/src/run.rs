@@ -33,9 +33,24 @@ fn child_env(pass: &[String]) -> Vec<(OsString, OsString)> {
     std::env::vars_os()
         .filter(|(k, _)| {
             let name = k.to_string_lossy();
-            !SECRETS.contains(&name.as_ref()) || pass.iter().any(|p| *p == name)
+            // systemd's socket is dewy's, not the app's.
+            name != "NOTIFY_SOCKET" && (!SECRETS.contains(&name.as_ref()) || pass.iter().any(|p| *p == name))
         })
         .collect()
+}
+
+/// Tells systemd (`Type=notify`) that dewy is up, when it runs under it.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = var("NOTIFY_SOCKET") else { return };
+    let addr = match path.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|a| std::os::unix::net::UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(err) = sent {
+        tracing::warn!(error = %err, "Could not notify systemd");
+    }
 }
 
 fn var(name: &str) -> Option<String> {
@@ -104,9 +119,9 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
             args: s.command[1..].iter().map(OsString::from).collect(),
             dir: s.workdir.clone(),
             env: env.clone(),
-            readiness: dewy_starter::Readiness::Alive(Duration::from_secs(1)),
+            readiness: s.readiness.clone(),
             stop_signal: nix::sys::signal::Signal::SIGTERM,
-            stop_timeout: Duration::from_secs(30),
+            stop_timeout: s.stop_timeout,
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
         };
@@ -140,6 +155,7 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         let d = deployer.clone();
         tokio::spawn(async move { d.run().await })
     };
+    notify_systemd("READY=1");
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -161,6 +177,7 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         }
     };
     tracing::info!(signal = name, "Shutting down");
+    notify_systemd("STOPPING=1");
     deployer.shutdown(name).await;
     let _ = runner.await;
     Ok(())

@@ -170,6 +170,12 @@ pub enum TickOutcome {
     Skipped,
     /// The release's artifact is not there yet, inside the grace period.
     WithinGracePeriod,
+    /// The newest release already failed to start or become ready; it is not
+    /// tried again until a newer one appears.
+    KnownBad {
+        /// Its tag.
+        tag: String,
+    },
     /// A release was deployed.
     Deployed {
         /// Its tag.
@@ -183,6 +189,9 @@ pub enum TickOutcome {
 struct State {
     /// The tag running (or placed) now.
     current_tag: Option<String>,
+    /// A release whose application failed to start or become ready; it is
+    /// not tried again until a newer release appears (or dewy restarts).
+    bad_key: Option<String>,
 }
 
 /// The deployment loop.
@@ -358,6 +367,7 @@ impl Deployer {
                 return;
             }
             match self.tick().await {
+                Ok(TickOutcome::KnownBad { .. }) => {}
                 Ok(_) => self.notify.success(),
                 Err(err) => {
                     let text = chain(&err);
@@ -407,6 +417,10 @@ impl Deployer {
             }
         };
         let key = Key::artifact(&release.tag, &release.artifact_name).map_err(Error::Cache)?;
+        if self.state.lock().await.bad_key.as_deref() == Some(key.as_str()) {
+            tracing::debug!(cache_key = %key, "Deploy skipped: this release failed to start before");
+            return Ok(TickOutcome::KnownBad { tag: release.tag });
+        }
         let current = self.cache.read(&Key::current()).await.map_err(Error::Cache)?;
         let cached = self.cache.local_path(&key).await.map_err(Error::Cache)?;
         let same = current.as_deref() == Some(key.as_str().as_bytes());
@@ -561,6 +575,9 @@ impl Deployer {
                         }
                     }
                     let _ = std::fs::remove_dir_all(&release_dir);
+                    if let Ok(key) = Key::artifact(&release.tag, &release.artifact_name) {
+                        self.state.lock().await.bad_key = Some(key.to_string());
+                    }
                     return Err(Error::App {
                         action: if restart { "restart" } else { "start" },
                         tag: release.tag.clone(),

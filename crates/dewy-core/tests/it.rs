@@ -358,9 +358,16 @@ async fn failed_restart_switches_current_back_and_keeps_the_old_version() {
     assert_eq!(r.current_version().as_deref(), Some("v1"));
     assert_eq!(r.current_key().await.as_deref(), Some("v1.0.0--app_linux_amd64.tar.gz"));
     assert_eq!(r.release_count(), 1);
-    // Retried next tick, from the cache.
+    // Not retried every tick: the version that failed to start is skipped
+    // until a newer one appears.
+    assert_eq!(
+        r.deployer.tick().await.unwrap(),
+        TickOutcome::KnownBad { tag: "v2.0.0".into() }
+    );
+    assert_eq!(r.app.restarts.load(Ordering::SeqCst), 0);
+    r.registry.publish("v2.0.1", &app_v("v2.1"));
     r.deployer.tick().await.unwrap();
-    assert_eq!(r.current_version().as_deref(), Some("v2"));
+    assert_eq!(r.current_version().as_deref(), Some("v2.1"));
 }
 
 #[tokio::test(start_paused = true)]
