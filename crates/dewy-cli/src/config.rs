@@ -229,6 +229,29 @@ fn duration(key: &str, value: &Scalar, allow_zero: bool) -> Result<Duration, Con
     Ok(d)
 }
 
+/// A boolean: `true`/`false`/`1`/`0`, absent is false.
+fn boolean(key: &str, value: &Option<Scalar>) -> Result<bool, ConfigError> {
+    match value {
+        Some(Scalar::Bool(b)) => Ok(*b),
+        Some(v) => match v.text().as_str() {
+            "true" | "1" => Ok(true),
+            "false" | "0" | "" => Ok(false),
+            other => Err(invalid(key, other, "true or false")),
+        },
+        None => Ok(false),
+    }
+}
+
+/// An optional duration with a default.
+fn duration_or(
+    key: &str,
+    value: &Option<Scalar>,
+    allow_zero: bool,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    value.as_ref().map_or(Ok(default), |v| duration(key, v, allow_zero))
+}
+
 fn text(v: &Option<Scalar>) -> Option<String> {
     v.as_ref().map(Scalar::text).filter(|s| !s.is_empty())
 }
@@ -324,12 +347,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             format!("a URL with one of the schemes {}", dewy_notify::SCHEMES.join(", ")),
         ));
     }
-    let interval = raw
-        .interval
-        .as_ref()
-        .map(|v| duration("interval", v, false))
-        .transpose()?
-        .unwrap_or(Duration::from_secs(10));
+    let interval = duration_or("interval", &raw.interval, false, Duration::from_secs(10))?;
     let log_level = text(&raw.log_level)
         .unwrap_or_else(|| "info".into())
         .to_ascii_lowercase();
@@ -358,27 +376,9 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             .ok_or_else(|| invalid("keep_releases", v.text(), "a whole number of at least 1"))?,
         None => 7,
     };
-    let grace_period = raw
-        .grace_period
-        .as_ref()
-        .map(|v| duration("grace_period", v, true))
-        .transpose()?
-        .unwrap_or(Duration::from_secs(1800));
-    let hook_timeout = raw
-        .hook_timeout
-        .as_ref()
-        .map(|v| duration("hook_timeout", v, false))
-        .transpose()?
-        .unwrap_or(Duration::from_secs(300));
-    let abort_on_hook_failure = match &raw.abort_on_hook_failure {
-        Some(Scalar::Bool(b)) => *b,
-        Some(v) => match v.text().as_str() {
-            "true" | "1" => true,
-            "false" | "0" | "" => false,
-            other => return Err(invalid("abort_on_hook_failure", other, "true or false")),
-        },
-        None => false,
-    };
+    let grace_period = duration_or("grace_period", &raw.grace_period, true, Duration::from_secs(1800))?;
+    let hook_timeout = duration_or("hook_timeout", &raw.hook_timeout, false, Duration::from_secs(300))?;
+    let abort_on_hook_failure = boolean("abort_on_hook_failure", &raw.abort_on_hook_failure)?;
     let workdir = text(&raw.workdir)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
@@ -407,27 +407,9 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             ));
         }
     }
-    let health_timeout = raw
-        .health_timeout
-        .as_ref()
-        .map(|v| duration("health_timeout", v, false))
-        .transpose()?
-        .unwrap_or(Duration::from_secs(30));
-    let stop_timeout = raw
-        .stop_timeout
-        .as_ref()
-        .map(|v| duration("stop_timeout", v, false))
-        .transpose()?
-        .unwrap_or(Duration::from_secs(30));
-    let ready_notify = match &raw.ready_notify {
-        Some(Scalar::Bool(b)) => *b,
-        Some(v) => match v.text().as_str() {
-            "true" | "1" => true,
-            "false" | "0" | "" => false,
-            other => return Err(invalid("ready_notify", other, "true or false")),
-        },
-        None => false,
-    };
+    let health_timeout = duration_or("health_timeout", &raw.health_timeout, false, Duration::from_secs(30))?;
+    let stop_timeout = duration_or("stop_timeout", &raw.stop_timeout, false, Duration::from_secs(30))?;
+    let ready_notify = boolean("ready_notify", &raw.ready_notify)?;
     let readiness = match (text(&raw.health_path), ready_notify) {
         (Some(_), true) => {
             return Err(invalid(

@@ -1,7 +1,6 @@
 //! The real `dewy` binary in temporary folders: help, version, validation
 //! errors, configuration precedence, and a full `dewy server` run.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -162,18 +161,12 @@ fn flag_beats_env_beats_file() {
     assert!(err.contains("registery"), "{err}");
 }
 
-fn targz(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data, mode) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(*mode);
-        h.set_cksum();
-        b.append_data(&mut h, name, *data).unwrap();
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&b.into_inner().unwrap()).unwrap();
-    gz.finish().unwrap()
+/// Publishes the demo app as release `tag` (with a VERSION file and
+/// `extra` files) into the `file://` registry at `reg`.
+fn release(reg: &Path, demo: &[u8], tag: &str, extra: &[(&str, &[u8], u32)]) {
+    let mut files: Vec<(&str, &[u8], u32)> = vec![("demo-app", demo, 0o755), ("VERSION", tag.as_bytes(), 0o644)];
+    files.extend_from_slice(extra);
+    dewy_testkit::publish(reg, tag, "demo_linux_amd64.tar.gz", &dewy_testkit::targz(&files));
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -190,15 +183,7 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
     std::fs::create_dir_all(&app).unwrap();
-    let publish = |tag: &str| {
-        let d = reg.join(tag);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(
-            d.join("demo_linux_amd64.tar.gz"),
-            targz(&[("demo-app", &demo, 0o755), ("VERSION", tag.as_bytes(), 0o644)]),
-        )
-        .unwrap();
-    };
+    let publish = |tag: &str| release(&reg, &demo, tag, &[]);
     publish("v1.0.0");
     let port = dewy_testkit::free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
@@ -271,21 +256,7 @@ fn sigkill_during_deploys_converges_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
     std::fs::create_dir_all(&app).unwrap();
-    let publish = |tag: &str| {
-        let d = reg.join(tag);
-        std::fs::create_dir_all(&d).unwrap();
-        let tmp = d.join(".tmp");
-        std::fs::write(
-            &tmp,
-            targz(&[
-                ("demo-app", &demo, 0o755),
-                ("VERSION", tag.as_bytes(), 0o644),
-                ("data.bin", &padding, 0o644),
-            ]),
-        )
-        .unwrap();
-        std::fs::rename(tmp, d.join("demo_linux_amd64.tar.gz")).unwrap();
-    };
+    let publish = |tag: &str| release(&reg, &demo, tag, &[("data.bin", &padding, 0o644)]);
     let port = dewy_testkit::free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let start = || {
@@ -369,15 +340,8 @@ fn health_path_gates_a_restart() {
     let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
     std::fs::create_dir_all(&app).unwrap();
     let publish = |tag: &str, health: &str| {
-        let d = reg.join(tag);
-        std::fs::create_dir_all(&d).unwrap();
         let env = format!("DEMO_HEALTH_STATUS={health}\n");
-        let files: [(&str, &[u8], u32); 3] = [
-            ("demo-app", &demo, 0o755),
-            ("VERSION", tag.as_bytes(), 0o644),
-            ("demo.env", env.as_bytes(), 0o644),
-        ];
-        std::fs::write(d.join("demo_linux_amd64.tar.gz"), targz(&files)).unwrap();
+        release(&reg, &demo, tag, &[("demo.env", env.as_bytes(), 0o644)]);
     };
     publish("v1.0.0", "200");
     let port = dewy_testkit::free_port();

@@ -2,7 +2,6 @@
 //! a scripted supervisor; then the file registry, the file cache, real
 //! archives and a real child app.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,19 +13,7 @@ use dewy_notify::{Context, Notification, Notifier, Notify};
 use dewy_registry::{Registry, Release};
 use dewy_starter::{Event, GenerationInfo, Supervisor};
 
-fn targz(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data, mode) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(*mode);
-        h.set_cksum();
-        b.append_data(&mut h, name, *data).unwrap();
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&b.into_inner().unwrap()).unwrap();
-    gz.finish().unwrap()
-}
+use dewy_testkit::targz;
 
 enum Answer {
     Release(String),
@@ -57,9 +44,7 @@ impl Scripted {
         })
     }
     fn publish(&self, tag: &str, artifact: &[u8]) {
-        let d = self.dir.join(tag);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("app_linux_amd64.tar.gz"), artifact).unwrap();
+        dewy_testkit::publish(&self.dir, tag, "app_linux_amd64.tar.gz", artifact);
         *self.answer.lock().unwrap() = Some(Answer::Release(tag.into()));
     }
     fn set(&self, a: Answer) {
@@ -443,9 +428,7 @@ async fn file_registry_file_cache_and_a_real_app() {
         let mut files: Vec<(&str, &[u8], u32)> =
             vec![("demo-app", &demo_bytes, 0o755), ("VERSION", version.as_bytes(), 0o644)];
         files.extend_from_slice(extra);
-        let d = reg.join(tag);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("app_linux_amd64.tar.gz"), targz(&files)).unwrap();
+        dewy_testkit::publish(&reg, tag, "app_linux_amd64.tar.gz", &targz(&files));
     };
     publish("v1.0.0", &[]);
     let opts = dewy_registry::OpenOptions {

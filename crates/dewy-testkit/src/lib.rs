@@ -636,3 +636,28 @@ pub fn demo_app() -> PathBuf {
         })
         .clone()
 }
+
+/// A `.tar.gz` of `(name, bytes, mode)` entries, built in memory.
+pub fn targz(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).expect("append tar entry");
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&b.into_inner().expect("finish tar")).expect("gzip");
+    gz.finish().expect("finish gzip")
+}
+
+/// Publishes `artifact` as `<registry>/<tag>/<name>` in a `file://`
+/// registry, atomically (written under a temporary name, then renamed).
+pub fn publish(registry: &Path, tag: &str, name: &str, artifact: &[u8]) {
+    let dir = registry.join(tag);
+    std::fs::create_dir_all(&dir).expect("create release folder");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, artifact).expect("write artifact");
+    std::fs::rename(&tmp, dir.join(name)).expect("publish artifact");
+}
