@@ -27,6 +27,20 @@ pub enum Command {
     Server(ServerArgs),
     /// Keep files on the newest release (no process management).
     Assets(CommonArgs),
+    /// List the releases on disk: which is current, their versions and
+    /// when they were deployed (from the deployment history).
+    Releases(ReleasesArgs),
+}
+
+/// `dewy releases`.
+#[derive(Debug, Args)]
+pub struct ReleasesArgs {
+    /// The app folder. Default: the current directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `dewy server`.

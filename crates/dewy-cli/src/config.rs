@@ -276,7 +276,9 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
             (Mode::Server, &s.common, s.port.clone(), s.command.clone())
         }
         Some(Command::Assets(a)) => (Mode::Assets, a, vec![], vec![]),
-        None => return Err(ConfigError::Source("a command is required: server or assets".into())),
+        Some(Command::Releases(_)) | None => {
+            return Err(ConfigError::Source("a command is required: server or assets".into()));
+        }
     };
     let mut figment = Figment::new();
     let file = common.config.clone().map(PathBuf::from).or_else(|| {

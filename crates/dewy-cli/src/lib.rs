@@ -25,6 +25,9 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    if let Some(cli::Command::Releases(args)) = &cli.command {
+        return run::releases(args);
+    }
     let settings = match config::load(&cli) {
         Ok(s) => s,
         Err(err) => {

@@ -182,3 +182,52 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     let _ = runner.await;
     Ok(())
 }
+
+/// `dewy releases`: the releases on disk, newest first.
+pub(crate) fn releases(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode {
+    let root = std::path::PathBuf::from(args.workdir.as_deref().unwrap_or("."));
+    let root = std::path::absolute(&root).unwrap_or(root);
+    let layout = dewy_core::Releases::new(&root);
+    let list = match layout.list() {
+        Ok(l) => l,
+        Err(err) => {
+            eprintln!("error: cannot list {}: {err}", layout.dir().display());
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let history = dewy_core::read_history(&root);
+    let rows: Vec<serde_json::Value> = list
+        .iter()
+        .map(|r| {
+            let dir = r.path.display().to_string();
+            let entry = history
+                .iter()
+                .rev()
+                .find(|e| e.release_dir.as_deref() == Some(dir.as_str()));
+            serde_json::json!({
+                "release": r.name,
+                "current": r.current,
+                "version": entry.map(|e| e.version.clone()),
+                "deployed_at": entry.map(|e| e.time.to_string()),
+                "path": dir,
+            })
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else if rows.is_empty() {
+        println!("No releases in {}.", layout.dir().display());
+    } else {
+        println!("{:<8} {:<22} {:<20} DEPLOYED", "CURRENT", "RELEASE", "VERSION");
+        for r in &rows {
+            println!(
+                "{:<8} {:<22} {:<20} {}",
+                if r["current"] == true { "*" } else { "" },
+                r["release"].as_str().unwrap_or_default(),
+                r["version"].as_str().unwrap_or("?"),
+                r["deployed_at"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    std::process::ExitCode::SUCCESS
+}

@@ -211,6 +211,15 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     wait_for("v2", Duration::from_secs(30), || {
         body().starts_with("version=v2.0.0 generation=2")
     });
+    // SIGUSR1 restarts the application gracefully.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    wait_for("generation 3", Duration::from_secs(30), || {
+        body().starts_with("version=v2.0.0 generation=3")
+    });
     let pid: i32 = body().split("pid=").nth(1).unwrap().trim().parse().unwrap();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(
@@ -241,6 +250,21 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     assert_eq!(v["cache_key"], "v1.0.0--demo_linux_amd64.tar.gz");
     let current = std::fs::read_to_string(app.join("current/VERSION")).unwrap();
     assert_eq!(current, "v2.0.0");
+
+    // `dewy releases` lists both, the current one first and marked.
+    let (code, out, err) = run(dewy(&app).args(["releases", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(list[0]["version"], "v2.0.0");
+    assert_eq!(list[0]["current"], true);
+    assert_eq!(list[1]["version"], "v1.0.0");
+    let (code, table, _) = run(dewy(&app).arg("releases"));
+    assert_eq!(code, 0);
+    assert!(
+        table.lines().nth(1).unwrap().starts_with('*') && table.contains("v1.0.0"),
+        "{table}"
+    );
 }
 
 /// dewy killed with SIGKILL at several points of a deploy, then started

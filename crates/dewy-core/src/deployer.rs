@@ -433,12 +433,28 @@ impl Deployer {
             }
             tracing::info!(cache_key = %key, "Server not running, redeploying from cache");
         }
-        let artifact = match cached {
-            Some(path) => path,
-            None => self.download(&release, &key).await?,
+        let started = std::time::Instant::now();
+        let result = async {
+            let artifact = match cached {
+                Some(path) => path,
+                None => self.download(&release, &key).await?,
+            };
+            self.notify.send(format!("Downloaded artifact for `{}`", release.tag));
+            self.deploy(&release, &artifact, current.as_deref()).await
+        }
+        .await;
+        let entry = crate::history::Entry {
+            time: self.clock.now(),
+            version: release.tag.clone(),
+            outcome: if result.is_ok() { "deployed" } else { "failed" }.to_owned(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            release_dir: result.as_ref().ok().map(|d| d.display().to_string()),
+            reason: result.as_ref().err().map(|e| chain(e)),
         };
-        self.notify.send(format!("Downloaded artifact for `{}`", release.tag));
-        let release_dir = self.deploy(&release, &artifact, current.as_deref()).await?;
+        if let Err(err) = crate::history::append(&self.config.root, &entry) {
+            tracing::warn!(error = %err, "Could not write the deployment history");
+        }
+        let release_dir = result?;
         self.record(&release, &key, &release_dir).await;
         Ok(TickOutcome::Deployed {
             tag: release.tag,

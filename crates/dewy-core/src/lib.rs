@@ -51,6 +51,7 @@
 #![deny(missing_docs)]
 
 mod deployer;
+mod history;
 mod hooks;
 mod layout;
 
@@ -59,5 +60,6 @@ pub use dewy_cache::Cache;
 pub use dewy_notify::Notify;
 pub use dewy_registry::Registry;
 pub use dewy_starter::Supervisor;
+pub use history::{Entry as HistoryEntry, read as read_history};
 pub use hooks::HookOutcome;
 pub use layout::{ReleaseInfo, Releases};

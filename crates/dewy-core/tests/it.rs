@@ -324,6 +324,21 @@ async fn extraction_failure_keeps_everything_as_it_was_and_is_retried() {
     );
     assert_eq!(r.release_count(), 1, "no partial release left");
     assert_eq!(r.app.restarts.load(Ordering::SeqCst), 0);
+    let history = dewy_core::read_history(&r.root);
+    assert_eq!(history.len(), 2);
+    assert_eq!(
+        (history[0].version.as_str(), history[0].outcome.as_str()),
+        ("v1.0.0", "deployed")
+    );
+    assert_eq!(
+        (history[1].version.as_str(), history[1].outcome.as_str()),
+        ("v1.1.0", "failed")
+    );
+    assert!(
+        history[1].reason.as_deref().unwrap().contains("failed to extract"),
+        "{:?}",
+        history[1]
+    );
     // The next tick tries again (not skipped), and a fixed v1.1.1 deploys.
     assert!(r.deployer.tick().await.is_err());
     r.registry.publish("v1.1.1", &app_v("v3"));

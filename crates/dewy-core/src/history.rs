@@ -1,0 +1,62 @@
+//! The deployment history: one JSON line per deploy attempt in
+//! `<root>/.dewy/history.jsonl`, rotated to `history.jsonl.1` past 1 MiB.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One deploy attempt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Entry {
+    /// When it ended.
+    pub time: jiff::Timestamp,
+    /// The release's tag.
+    pub version: String,
+    /// `deployed` or `failed`.
+    pub outcome: String,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// The release folder, when deployed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub release_dir: Option<String>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+}
+
+const ROTATE_AT: u64 = 1 << 20;
+
+fn path(root: &Path) -> PathBuf {
+    root.join(".dewy/history.jsonl")
+}
+
+/// Appends `entry`, rotating the file when it grew past 1 MiB.
+pub(crate) fn append(root: &Path, entry: &Entry) -> std::io::Result<()> {
+    let file = path(root);
+    std::fs::create_dir_all(file.parent().expect("has parent"))?;
+    if std::fs::metadata(&file).is_ok_and(|m| m.len() > ROTATE_AT) {
+        std::fs::rename(&file, file.with_extension("jsonl.1"))?;
+    }
+    let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    // One write of a whole line in append mode: concurrent readers never see
+    // half a record.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)?
+        .write_all(&line)
+}
+
+/// Every recorded attempt, oldest first (the rotated file included).
+pub fn read(root: &Path) -> Vec<Entry> {
+    let file = path(root);
+    [file.with_extension("jsonl.1"), file]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Entry>(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
