@@ -12,6 +12,7 @@
 mod cli;
 mod config;
 mod logging;
+mod progress;
 mod run;
 
 use std::process::ExitCode;

@@ -147,9 +147,13 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     config.abort_on_before_hook_failure = s.abort_on_hook_failure;
     config.hook_env = env;
     config.hostname = host;
-    let deployer = Arc::new(
-        dewy_core::Deployer::new(config, registry, cache, notify, app).context("cannot prepare the app folder")?,
-    );
+    let mut deployer =
+        dewy_core::Deployer::new(config, registry, cache, notify, app).context("cannot prepare the app folder")?;
+    // A bar on a terminal; otherwise dewy-core logs progress every few seconds.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) && s.log_format == crate::config::LogFormat::Text {
+        deployer = deployer.with_progress(Arc::new(crate::progress::BarProgress::default()));
+    }
+    let deployer = Arc::new(deployer);
 
     let runner = {
         let d = deployer.clone();

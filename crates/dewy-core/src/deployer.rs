@@ -204,6 +204,7 @@ pub struct Deployer {
     app: Option<Arc<dyn Supervisor>>,
     downloader: Downloader,
     clock: Arc<dyn Clock>,
+    progress: Arc<dyn DeployProgress>,
     releases: Releases,
     state: Mutex<State>,
     tick_lock: Mutex<()>,
@@ -211,19 +212,73 @@ pub struct Deployer {
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
-/// Logs download progress every few seconds (libraries never draw).
-struct LogProgress {
-    tag: String,
+/// Observer of long work (downloads, extractions). dewy-core never draws:
+/// the default logs a line every few seconds; dewy-cli draws a bar on a
+/// terminal.
+pub trait DeployProgress: Send + Sync + std::fmt::Debug {
+    /// Bytes of the artifact of `tag` downloaded so far, and the total when
+    /// known.
+    fn downloading(&self, tag: &str, done: u64, total: Option<u64>);
+    /// Bytes of `tag` unpacked so far.
+    fn extracting(&self, tag: &str, unpacked: u64);
+    /// The download or extraction of `tag` ended.
+    fn finished(&self, _tag: &str) {}
+}
+
+/// The default [`DeployProgress`]: a log line every three seconds.
+#[derive(Debug)]
+pub struct LogProgress {
     last: std::sync::Mutex<std::time::Instant>,
 }
 
-impl DownloadProgress for LogProgress {
-    fn on_progress(&self, done: u64, total: Option<u64>) {
-        let mut last = self.last.lock().expect("progress clock");
-        if last.elapsed() >= Duration::from_secs(3) {
-            *last = std::time::Instant::now();
-            tracing::info!(tag = %self.tag, bytes = done, total = total.unwrap_or(0), "Downloading artifact");
+impl Default for LogProgress {
+    fn default() -> Self {
+        Self {
+            last: std::sync::Mutex::new(std::time::Instant::now()),
         }
+    }
+}
+
+impl LogProgress {
+    fn due(&self) -> bool {
+        let mut last = self.last.lock().expect("progress clock");
+        let due = last.elapsed() >= Duration::from_secs(3);
+        if due {
+            *last = std::time::Instant::now();
+        }
+        due
+    }
+}
+
+impl DeployProgress for LogProgress {
+    fn downloading(&self, tag: &str, done: u64, total: Option<u64>) {
+        if self.due() {
+            tracing::info!(tag, bytes = done, total = total.unwrap_or(0), "Downloading artifact");
+        }
+    }
+    fn extracting(&self, tag: &str, unpacked: u64) {
+        if self.due() {
+            tracing::info!(tag, bytes = unpacked, "Extracting archive");
+        }
+    }
+}
+
+/// Adapts a [`DeployProgress`] to the registry's and the extractor's
+/// observer traits for one release.
+struct ForRelease {
+    tag: String,
+    progress: Arc<dyn DeployProgress>,
+}
+
+impl DownloadProgress for ForRelease {
+    fn on_progress(&self, done: u64, total: Option<u64>) {
+        self.progress.downloading(&self.tag, done, total);
+    }
+}
+
+impl dewy_archive::Progress for ForRelease {
+    fn on_entry(&self, _path: &Path, unpacked: u64) {
+        self.progress.extracting(&self.tag, unpacked);
     }
 }
 
@@ -265,12 +320,19 @@ impl Deployer {
             app,
             downloader,
             clock: Arc::new(SystemClock),
+            progress: Arc::new(LogProgress::default()),
             releases,
             state: Mutex::new(State::default()),
             tick_lock: Mutex::new(()),
             trigger: tokio::sync::Notify::new(),
             shutdown: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// Replaces the progress observer (the default logs every few seconds).
+    pub fn with_progress(mut self, progress: Arc<dyn DeployProgress>) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// Replaces the clock (tests).
@@ -464,9 +526,9 @@ impl Deployer {
 
     async fn download(&self, release: &Release, key: &Key) -> Result<PathBuf, Error> {
         tracing::info!(tag = %release.tag, url = %SafeUrl(&release.artifact_url), "Downloading artifact");
-        let progress = LogProgress {
+        let progress = ForRelease {
             tag: release.tag.clone(),
-            last: std::sync::Mutex::new(std::time::Instant::now()),
+            progress: self.progress.clone(),
         };
         let downloaded = self
             .downloader
@@ -475,7 +537,9 @@ impl Deployer {
             .map_err(|source| Error::Download {
                 tag: release.tag.clone(),
                 source,
-            })?;
+            });
+        self.progress.finished(&release.tag);
+        let downloaded = downloaded?;
         tracing::info!(tag = %release.tag, bytes = downloaded.size, sha256 = %downloaded.sha256, "Artifact downloaded");
         self.cache.put_file(key, &downloaded.path).await.map_err(Error::Cache)?;
         tracing::info!(cache_key = %key, "Cached artifact");
@@ -543,17 +607,24 @@ impl Deployer {
             artifact.to_path_buf(),
             release_dir.clone(),
         );
-        tokio::task::spawn_blocking(move || extractor.extract(&src, &dest))
-            .await
-            .map_err(|e| Error::Io {
-                op: "extract into",
-                path: release_dir.clone(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|source| Error::Extract {
-                tag: release.tag.clone(),
-                source,
-            })?;
+        let progress = ForRelease {
+            tag: release.tag.clone(),
+            progress: self.progress.clone(),
+        };
+        let extracted =
+            tokio::task::spawn_blocking(move || extractor.extract_with_progress(&src, &dest, Some(&progress)))
+                .await
+                .map_err(|e| Error::Io {
+                    op: "extract into",
+                    path: release_dir.clone(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| Error::Extract {
+                    tag: release.tag.clone(),
+                    source,
+                });
+        self.progress.finished(&release.tag);
+        extracted?;
         let previous_dir = self.releases.current_target();
         tracing::info!(from = %release_dir.display(), to = %self.releases.current_link().display(), "Create symlink");
         self.releases.switch(&release_dir).map_err(|source| Error::Io {
