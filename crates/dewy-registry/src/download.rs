@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 
 use crate::{Error, Release, SafeUrl};
 
@@ -65,10 +64,117 @@ pub struct Downloader {
     policy: DownloadPolicy,
 }
 
+/// The download in progress. Bytes are gathered into 1 MiB blocks and
+/// handed to a writer thread that hashes and writes them, so receiving the
+/// next bytes overlaps with hashing and writing the previous ones, thread
+/// hand-offs happen once per block (not per network chunk), and memory stays
+/// bounded (the block being filled plus `IN_FLIGHT` blocks).
 struct Partial {
-    file: tokio::fs::File,
-    hasher: Sha256,
+    block: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Block>>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<(String, u64)>>>,
     size: u64,
+}
+
+enum Block {
+    Data(Vec<u8>),
+    /// The server ignored the range: start the file over.
+    Reset,
+}
+
+const BLOCK: usize = 1 << 20;
+const IN_FLIGHT: usize = 4;
+
+impl Partial {
+    fn new(file: std::fs::File) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Block>(IN_FLIGHT);
+        let writer = std::thread::spawn(move || -> std::io::Result<(String, u64)> {
+            use std::io::{Seek, Write};
+            let mut file = file;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            for block in rx {
+                match block {
+                    Block::Data(b) => {
+                        hasher.update(&b);
+                        file.write_all(&b)?;
+                        size += b.len() as u64;
+                    }
+                    Block::Reset => {
+                        file.set_len(0)?;
+                        file.seek(std::io::SeekFrom::Start(0))?;
+                        hasher = Sha256::new();
+                        size = 0;
+                    }
+                }
+            }
+            // Durable before it may be renamed into the cache.
+            file.sync_all()?;
+            Ok((hex::encode(hasher.finalize()), size))
+        });
+        Self {
+            block: Vec::with_capacity(BLOCK),
+            tx: Some(tx),
+            writer: Some(writer),
+            size: 0,
+        }
+    }
+
+    async fn send(&mut self, block: Block) -> std::io::Result<()> {
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("download already finished"))?
+            .clone();
+        match tx.try_send(block) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(block)) => tokio::task::spawn_blocking(move || tx.send(block))
+                .await
+                .map_err(std::io::Error::other)?
+                .map_err(|_| self.writer_failed()),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(self.writer_failed()),
+        }
+    }
+
+    fn writer_failed(&self) -> std::io::Error {
+        std::io::Error::other("the download writer stopped (disk full or unwritable?)")
+    }
+
+    async fn push(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.size += bytes.len() as u64;
+        self.block.extend_from_slice(bytes);
+        if self.block.len() >= BLOCK {
+            let full = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK));
+            self.send(Block::Data(full)).await?;
+        }
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> std::io::Result<()> {
+        self.block.clear();
+        self.size = 0;
+        self.send(Block::Reset).await
+    }
+
+    /// Writes what is left, syncs, and returns the SHA-256 and size.
+    async fn finish(&mut self) -> std::io::Result<(String, u64)> {
+        if !self.block.is_empty() {
+            let rest = std::mem::take(&mut self.block);
+            self.send(Block::Data(rest)).await?;
+        }
+        self.tx.take();
+        let writer = self
+            .writer
+            .take()
+            .ok_or_else(|| std::io::Error::other("download already finished"))?;
+        tokio::task::spawn_blocking(move || {
+            writer
+                .join()
+                .map_err(|_| std::io::Error::other("download writer panicked"))?
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
 }
 
 impl Downloader {
@@ -102,11 +208,7 @@ impl Downloader {
             .tempfile_in(staging)
             .map_err(|e| Error::io("create download file in", staging, e))?;
         let (std_file, path) = tmp.into_parts();
-        let mut partial = Partial {
-            file: tokio::fs::File::from_std(std_file),
-            hasher: Sha256::new(),
-            size: 0,
-        };
+        let mut partial = Partial::new(std_file);
         if let Some(rest) = url.strip_prefix("file://") {
             let src = url::Url::parse(url)
                 .ok()
@@ -121,13 +223,8 @@ impl Downloader {
                 reason: "artifact URLs must be file://, http:// or https://".into(),
             });
         }
-        partial.file.flush().await.map_err(|e| Error::io("write", &*path, e))?;
-        partial
-            .file
-            .sync_all()
-            .await
-            .map_err(|e| Error::io("sync", &*path, e))?;
-        let sha256 = hex::encode(partial.hasher.finalize());
+        let (sha256, written) = partial.finish().await.map_err(|e| Error::io("write", &*path, e))?;
+        debug_assert_eq!(written, partial.size);
         if let Some(expected) = &release.checksum
             && !expected.sha256.eq_ignore_ascii_case(&sha256)
         {
@@ -146,17 +243,14 @@ impl Downloader {
     }
 
     async fn append(&self, url: &str, partial: &mut Partial, chunk: &[u8]) -> Result<(), Error> {
-        partial.size += chunk.len() as u64;
-        if partial.size > self.policy.max_bytes {
+        if partial.size + chunk.len() as u64 > self.policy.max_bytes {
             return Err(Error::TooLarge {
                 url: SafeUrl(url).to_string(),
                 limit: self.policy.max_bytes,
             });
         }
-        partial.hasher.update(chunk);
         partial
-            .file
-            .write_all(chunk)
+            .push(chunk)
             .await
             .map_err(|e| Error::io("write download of", PathBuf::from(SafeUrl(url).to_string()), e))
     }
@@ -173,7 +267,7 @@ impl Downloader {
             .await
             .map_err(|e| Error::io("open artifact", src, e))?;
         let total = file.metadata().await.ok().map(|m| m.len());
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = vec![0u8; BLOCK];
         loop {
             let n = file
                 .read(&mut buf)
@@ -207,20 +301,10 @@ impl Downloader {
     }
 
     async fn restart(&self, partial: &mut Partial, url: &str) -> Result<(), Error> {
-        use tokio::io::AsyncSeekExt;
         partial
-            .file
-            .set_len(0)
+            .reset()
             .await
-            .map_err(|e| Error::io("truncate download of", PathBuf::from(SafeUrl(url).to_string()), e))?;
-        partial
-            .file
-            .seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(|e| Error::io("rewind download of", PathBuf::from(SafeUrl(url).to_string()), e))?;
-        partial.hasher = Sha256::new();
-        partial.size = 0;
-        Ok(())
+            .map_err(|e| Error::io("truncate download of", PathBuf::from(SafeUrl(url).to_string()), e))
     }
 
     async fn fetch_http_once(
