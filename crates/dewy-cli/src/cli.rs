@@ -30,9 +30,11 @@ pub enum Command {
     /// List the releases on disk: which is current, their versions and
     /// when they were deployed (from the deployment history).
     Releases(ReleasesArgs),
+    /// Ask the running dewy of an app folder what it is doing.
+    Status(ReleasesArgs),
 }
 
-/// `dewy releases`.
+/// `dewy releases` and `dewy status`.
 #[derive(Debug, Args)]
 pub struct ReleasesArgs {
     /// The app folder. Default: the current directory.
@@ -168,6 +170,24 @@ pub struct CommonArgs {
     #[arg(long = "pass-env", value_name = "NAME")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pass_env: Vec<String>,
+
+    /// Also serve the admin API on 127.0.0.1:PORT (it always listens on
+    /// `.dewy/admin.sock` in the app folder, owner only).
+    #[arg(long = "admin-port", value_name = "PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_port: Option<String>,
+
+    /// Bearer token that callers on the admin port must send to trigger a
+    /// check or a restart.
+    #[arg(long = "admin-token", value_name = "TOKEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+
+    /// Secret of the GitHub webhook (`POST /webhook/github`, checked with
+    /// `X-Hub-Signature-256`); a `release` event triggers a check at once.
+    #[arg(long = "webhook-secret", value_name = "SECRET")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
 
     /// Config file (TOML). Default: `dewy.toml` in the working directory
     /// when it exists.

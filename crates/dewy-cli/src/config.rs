@@ -29,6 +29,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("abort_on_hook_failure", "--abort-on-hook-failure"),
     ("workdir", "--workdir"),
     ("pass_env", "--pass-env"),
+    ("admin_port", "--admin-port"),
+    ("admin_token", "--admin-token"),
+    ("webhook_secret", "--webhook-secret"),
     ("health_path", "--health-path"),
     ("ready_notify", "--ready-notify"),
     ("health_timeout", "--health-timeout"),
@@ -97,6 +100,9 @@ struct Raw {
     pass_env: Option<OneOrMany>,
     command: Option<OneOrMany>,
     health_path: Option<Scalar>,
+    admin_port: Option<Scalar>,
+    admin_token: Option<Scalar>,
+    webhook_secret: Option<Scalar>,
     ready_notify: Option<Scalar>,
     health_timeout: Option<Scalar>,
     stop_timeout: Option<Scalar>,
@@ -165,6 +171,12 @@ pub struct Settings {
     pub readiness: dewy_starter::Readiness,
     /// SIGTERM-to-SIGKILL delay for a generation.
     pub stop_timeout: Duration,
+    /// Admin API port on 127.0.0.1.
+    pub admin_port: Option<u16>,
+    /// Bearer token for mutating admin calls over TCP.
+    pub admin_token: Option<String>,
+    /// GitHub webhook secret.
+    pub webhook_secret: Option<String>,
 }
 
 /// A configuration value that is wrong: names the flag or key, the value,
@@ -276,7 +288,7 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
             (Mode::Server, &s.common, s.port.clone(), s.command.clone())
         }
         Some(Command::Assets(a)) => (Mode::Assets, a, vec![], vec![]),
-        Some(Command::Releases(_)) | None => {
+        Some(Command::Releases(_) | Command::Status(_)) | None => {
             return Err(ConfigError::Source("a command is required: server or assets".into()));
         }
     };
@@ -434,7 +446,20 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         },
         (None, false) => dewy_starter::Readiness::Alive(Duration::from_secs(1)),
     };
+    let admin_port = match text(&raw.admin_port) {
+        Some(p) => Some(
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| invalid("admin_port", &p, "a port number 1-65535"))?,
+        ),
+        None => None,
+    };
     Ok(Settings {
+        admin_port,
+        admin_token: text(&raw.admin_token),
+        webhook_secret: text(&raw.webhook_secret),
         readiness,
         stop_timeout,
         mode,

@@ -9,6 +9,7 @@
 //! fails (a port cannot be bound, the cache folder cannot be used).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod admin;
 mod cli;
 mod config;
 mod logging;
@@ -28,6 +29,9 @@ pub fn main() -> ExitCode {
     };
     if let Some(cli::Command::Releases(args)) = &cli.command {
         return run::releases(args);
+    }
+    if let Some(cli::Command::Status(args)) = &cli.command {
+        return run::status(args);
     }
     let settings = match config::load(&cli) {
         Ok(s) => s,

@@ -154,6 +154,14 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         deployer = deployer.with_progress(Arc::new(crate::progress::BarProgress::default()));
     }
     let deployer = Arc::new(deployer);
+    let (admin_stop, admin_rx) = tokio::sync::watch::channel(false);
+    let admin = Arc::new(crate::admin::Admin {
+        deployer: deployer.clone(),
+        root: s.workdir.clone(),
+        token: s.admin_token.clone(),
+        webhook_secret: s.webhook_secret.clone(),
+    });
+    crate::admin::serve(admin, s.admin_port, admin_rx).await?;
 
     let runner = {
         let d = deployer.clone();
@@ -183,24 +191,19 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     tracing::info!(signal = name, "Shutting down");
     notify_systemd("STOPPING=1");
     deployer.shutdown(name).await;
+    let _ = admin_stop.send(true);
+    let _ = std::fs::remove_file(crate::admin::socket_path(&s.workdir));
     let _ = runner.await;
     Ok(())
 }
 
-/// `dewy releases`: the releases on disk, newest first.
-pub(crate) fn releases(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode {
-    let root = std::path::PathBuf::from(args.workdir.as_deref().unwrap_or("."));
-    let root = std::path::absolute(&root).unwrap_or(root);
-    let layout = dewy_core::Releases::new(&root);
-    let list = match layout.list() {
-        Ok(l) => l,
-        Err(err) => {
-            eprintln!("error: cannot list {}: {err}", layout.dir().display());
-            return std::process::ExitCode::from(1);
-        }
-    };
-    let history = dewy_core::read_history(&root);
-    let rows: Vec<serde_json::Value> = list
+/// The releases on disk, newest first, with what the history says of them.
+pub(crate) fn release_rows(root: &std::path::Path) -> Vec<serde_json::Value> {
+    let layout = dewy_core::Releases::new(root);
+    let history = dewy_core::read_history(root);
+    layout
+        .list()
+        .unwrap_or_default()
         .iter()
         .map(|r| {
             let dir = r.path.display().to_string();
@@ -216,11 +219,27 @@ pub(crate) fn releases(args: &crate::cli::ReleasesArgs) -> std::process::ExitCod
                 "path": dir,
             })
         })
-        .collect();
+        .collect()
+}
+
+fn root_of(args: &crate::cli::ReleasesArgs) -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(args.workdir.as_deref().unwrap_or("."));
+    std::path::absolute(&root).unwrap_or(root)
+}
+
+/// `dewy releases`: the releases on disk, newest first.
+pub(crate) fn releases(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode {
+    let root = root_of(args);
+    let releases_dir = dewy_core::Releases::new(&root).dir();
+    if let Err(err) = std::fs::read_dir(&releases_dir) {
+        eprintln!("error: cannot list {}: {err}", releases_dir.display());
+        return std::process::ExitCode::from(1);
+    }
+    let rows = release_rows(&root);
     if args.json {
         println!("{}", serde_json::Value::Array(rows));
     } else if rows.is_empty() {
-        println!("No releases in {}.", layout.dir().display());
+        println!("No releases in {}.", releases_dir.display());
     } else {
         println!("{:<8} {:<22} {:<20} DEPLOYED", "CURRENT", "RELEASE", "VERSION");
         for r in &rows {
@@ -232,6 +251,51 @@ pub(crate) fn releases(args: &crate::cli::ReleasesArgs) -> std::process::ExitCod
                 r["deployed_at"].as_str().unwrap_or("?")
             );
         }
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// `dewy status`: asks the running dewy over its admin socket.
+pub(crate) fn status(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode {
+    use std::io::{Read, Write};
+    let root = root_of(args);
+    let path = crate::admin::socket_path(&root);
+    let answer = std::os::unix::net::UnixStream::connect(&path).and_then(|mut s| {
+        s.write_all(b"GET /api/status HTTP/1.0\r\nHost: dewy\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    });
+    let body = match answer {
+        Ok(a) => a.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default(),
+        Err(err) => {
+            eprintln!("error: no running dewy answers on {} ({err})", path.display());
+            return std::process::ExitCode::from(1);
+        }
+    };
+    if args.json {
+        println!("{body}");
+        return std::process::ExitCode::SUCCESS;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    for key in [
+        "mode",
+        "dewy_version",
+        "current_version",
+        "current_release",
+        "is_running",
+        "last_check",
+        "last_outcome",
+        "last_error",
+        "next_check",
+        "bad_release",
+    ] {
+        let value = match &v[key] {
+            serde_json::Value::Null => "-".to_owned(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("{key:<16} {value}");
     }
     std::process::ExitCode::SUCCESS
 }

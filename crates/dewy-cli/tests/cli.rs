@@ -421,3 +421,126 @@ fn health_path_gates_a_restart() {
     assert_eq!(status.code(), Some(0));
     assert!(log.contains("answered 500"), "the failure names the cause:\n{log}");
 }
+
+fn http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// The admin API: status over the owner-only socket, metrics, bearer-token
+/// and webhook-signature refusals, and a webhook-triggered deploy that does
+/// not wait for the (long) interval.
+#[test]
+fn admin_api_status_metrics_and_webhook() {
+    use hmac::Mac;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
+    std::fs::create_dir_all(&app).unwrap();
+    let site = |tag: &str| dewy_testkit::targz(&[("index.html", tag.as_bytes(), 0o644)]);
+    dewy_testkit::publish(&reg, "v1.0.0", "site.tar.gz", &site("v1.0.0"));
+    let port = dewy_testkit::free_port();
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = dewy(&app)
+        .args([
+            "assets",
+            "--registry",
+            &format!("file://{}?artifact=site.tar.gz", reg.display()),
+            "-i",
+            "300",
+        ])
+        .args([
+            "--admin-port",
+            &port.to_string(),
+            "--admin-token",
+            "t0ken",
+            "--webhook-secret",
+            "hook-secret",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("v1", Duration::from_secs(30), || {
+        std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|v| v == "v1.0.0")
+    });
+    let sock = app.join(".dewy/admin.sock");
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+
+    wait_for("status", Duration::from_secs(10), || {
+        let (code, out, _) = run(dewy(&app).args(["status", "--json"]));
+        code == 0 && serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|v| v["current_version"] == "v1.0.0")
+    });
+    let (code, out, _) = run(dewy(&app).arg("status"));
+    assert_eq!(code, 0);
+    assert!(out.contains("last_outcome") && out.contains("deployed"), "{out}");
+
+    let (status, metrics) = http(admin, "GET /metrics HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("dewy_deployments_total{command=\"assets\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("dewy_info{dewy_version="), "{metrics}");
+
+    // Mutating calls over TCP need the token.
+    assert_eq!(http(admin, "POST /api/check HTTP/1.0\r\n\r\n").0, 401);
+    assert_eq!(
+        http(admin, "POST /api/check HTTP/1.0\r\nAuthorization: Bearer wrong\r\n\r\n").0,
+        401
+    );
+    assert_eq!(
+        http(admin, "POST /api/check HTTP/1.0\r\nAuthorization: Bearer t0ken\r\n\r\n").0,
+        202
+    );
+    // Let that check finish before v2 is published.
+    wait_for("the requested check", Duration::from_secs(10), || {
+        let (_, out, _) = run(dewy(&app).args(["status", "--json"]));
+        serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|v| v["last_outcome"] == "skipped")
+    });
+
+    // A webhook with a bad signature is refused; a signed release event
+    // deploys v2 at once although the interval is five minutes.
+    dewy_testkit::publish(&reg, "v2.0.0", "site.tar.gz", &site("v2.0.0"));
+    let body = r#"{"action":"published","release":{"tag_name":"v2.0.0"}}"#;
+    let bad = format!(
+        "POST /webhook/github HTTP/1.0\r\nX-GitHub-Event: release\r\nX-Hub-Signature-256: sha256={}\r\nContent-Length: {}\r\n\r\n{body}",
+        "00".repeat(32),
+        body.len()
+    );
+    assert_eq!(http(admin, &bad).0, 401);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        std::fs::read_to_string(app.join("current/index.html")).unwrap(),
+        "v1.0.0"
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hook-secret").unwrap();
+    mac.update(body.as_bytes());
+    let sig = hex::encode(mac.finalize().into_bytes());
+    let good = format!(
+        "POST /webhook/github HTTP/1.0\r\nX-GitHub-Event: release\r\nX-Hub-Signature-256: sha256={sig}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(http(admin, &good).0, 202);
+    wait_for("v2 by webhook", Duration::from_secs(10), || {
+        std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|v| v == "v2.0.0")
+    });
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(!sock.exists(), "the socket is removed on shutdown");
+}

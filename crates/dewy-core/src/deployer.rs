@@ -192,6 +192,61 @@ struct State {
     /// A release whose application failed to start or become ready; it is
     /// not tried again until a newer release appears (or dewy restarts).
     bad_key: Option<String>,
+    /// When the last tick ended, and how.
+    last_check: Option<jiff::Timestamp>,
+    last_outcome: Option<String>,
+    last_error: Option<String>,
+    next_check: Option<jiff::Timestamp>,
+}
+
+/// Counters for metrics, all since dewy started.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Successful deploys.
+    pub deployments: std::sync::atomic::AtomicU64,
+    /// Failed deploys (a tick that got as far as a release and failed).
+    pub deployment_errors: std::sync::atomic::AtomicU64,
+    /// Sum of successful deploy durations, in milliseconds.
+    pub deployment_millis: std::sync::atomic::AtomicU64,
+    /// Restarts for a deploy.
+    pub restarts_deploy: std::sync::atomic::AtomicU64,
+    /// Restarts asked for by a signal or the admin API.
+    pub restarts_signal: std::sync::atomic::AtomicU64,
+    /// Ticks by outcome: skipped, deployed, grace, known-bad, error.
+    pub ticks_skipped: std::sync::atomic::AtomicU64,
+    /// See `ticks_skipped`.
+    pub ticks_deployed: std::sync::atomic::AtomicU64,
+    /// See `ticks_skipped`.
+    pub ticks_grace: std::sync::atomic::AtomicU64,
+    /// See `ticks_skipped`.
+    pub ticks_known_bad: std::sync::atomic::AtomicU64,
+    /// See `ticks_skipped`.
+    pub ticks_error: std::sync::atomic::AtomicU64,
+}
+
+/// What the loop is doing, for `dewy status` and the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// `server` or `assets`.
+    pub mode: &'static str,
+    /// dewy's version.
+    pub dewy_version: String,
+    /// The version running (or placed).
+    pub current_version: Option<String>,
+    /// Where `current` points.
+    pub current_release: Option<String>,
+    /// Whether the application runs (server mode).
+    pub is_running: bool,
+    /// When the last check ended.
+    pub last_check: Option<String>,
+    /// How it ended: skipped, deployed, grace-period, known-bad, error.
+    pub last_outcome: Option<String>,
+    /// The last error, if the last check failed.
+    pub last_error: Option<String>,
+    /// When the next check is due.
+    pub next_check: Option<String>,
+    /// A release that failed to start and is not retried.
+    pub bad_release: Option<String>,
 }
 
 /// The deployment loop.
@@ -209,6 +264,7 @@ pub struct Deployer {
     state: Mutex<State>,
     tick_lock: Mutex<()>,
     trigger: tokio::sync::Notify,
+    metrics: Metrics,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -325,6 +381,7 @@ impl Deployer {
             state: Mutex::new(State::default()),
             tick_lock: Mutex::new(()),
             trigger: tokio::sync::Notify::new(),
+            metrics: Metrics::default(),
             shutdown: tokio::sync::watch::channel(false).0,
         })
     }
@@ -356,7 +413,30 @@ impl Deployer {
         self.trigger.notify_one();
     }
 
-    /// Restarts the application on request (SIGUSR1).
+    /// Counters since start.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// What the loop is doing now.
+    pub async fn status(&self) -> Status {
+        let state = self.state.lock().await;
+        let fmt = |t: &Option<jiff::Timestamp>| t.map(|t| t.to_string());
+        Status {
+            mode: self.config.mode.as_str(),
+            dewy_version: self.config.dewy_version.clone(),
+            current_version: state.current_tag.clone(),
+            current_release: self.releases.current_target().map(|p| p.display().to_string()),
+            is_running: self.app.as_ref().is_some_and(|a| a.is_running()),
+            last_check: fmt(&state.last_check),
+            last_outcome: state.last_outcome.clone(),
+            last_error: state.last_error.clone(),
+            next_check: fmt(&state.next_check),
+            bad_release: state.bad_key.clone(),
+        }
+    }
+
+    /// Restarts the application on request (SIGUSR1, the admin API).
     pub async fn restart_app(&self) -> Result<(), Error> {
         let Some(app) = &self.app else {
             tracing::info!("Restart requested, but assets mode runs no application");
@@ -368,6 +448,9 @@ impl Deployer {
             tag,
             source,
         })?;
+        self.metrics
+            .restarts_signal
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.notify.send("Restarted receiving by `SIGUSR1` signal");
         Ok(())
     }
@@ -428,7 +511,28 @@ impl Deployer {
             if *shutdown.borrow() {
                 return;
             }
-            match self.tick().await {
+            let result = self.tick().await;
+            {
+                use std::sync::atomic::Ordering::Relaxed;
+                let m = &self.metrics;
+                let (counter, outcome, error) = match &result {
+                    Ok(TickOutcome::Skipped) => (&m.ticks_skipped, "skipped", None),
+                    Ok(TickOutcome::Deployed { .. }) => (&m.ticks_deployed, "deployed", None),
+                    Ok(TickOutcome::WithinGracePeriod) => (&m.ticks_grace, "grace-period", None),
+                    Ok(TickOutcome::KnownBad { .. }) => (&m.ticks_known_bad, "known-bad", None),
+                    Err(err) => (&m.ticks_error, "error", Some(chain(err))),
+                };
+                counter.fetch_add(1, Relaxed);
+                let mut state = self.state.lock().await;
+                let now = self.clock.now();
+                state.last_check = Some(now);
+                state.last_outcome = Some(outcome.to_owned());
+                state.last_error = error;
+                state.next_check = jiff::SignedDuration::try_from(self.config.interval)
+                    .ok()
+                    .and_then(|d| now.checked_add(d).ok());
+            }
+            match result {
                 Ok(TickOutcome::KnownBad { .. }) => {}
                 Ok(_) => self.notify.success(),
                 Err(err) => {
@@ -513,6 +617,15 @@ impl Deployer {
             release_dir: result.as_ref().ok().map(|d| d.display().to_string()),
             reason: result.as_ref().err().map(|e| chain(e)),
         };
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            if result.is_ok() {
+                self.metrics.deployments.fetch_add(1, Relaxed);
+                self.metrics.deployment_millis.fetch_add(entry.duration_ms, Relaxed);
+            } else {
+                self.metrics.deployment_errors.fetch_add(1, Relaxed);
+            }
+        }
         if let Err(err) = crate::history::append(&self.config.root, &entry) {
             tracing::warn!(error = %err, "Could not write the deployment history");
         }
@@ -639,6 +752,9 @@ impl Deployer {
             let restart = app.is_running();
             let result = if restart {
                 tracing::info!(version = %release.tag, "Restart server");
+                self.metrics
+                    .restarts_deploy
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 app.restart().await
             } else {
                 tracing::info!(version = %release.tag, "Start server");

@@ -55,7 +55,9 @@ mod history;
 mod hooks;
 mod layout;
 
-pub use deployer::{Clock, Config, DeployProgress, Deployer, Error, LogProgress, Mode, SystemClock, TickOutcome};
+pub use deployer::{
+    Clock, Config, DeployProgress, Deployer, Error, LogProgress, Metrics, Mode, Status, SystemClock, TickOutcome,
+};
 pub use dewy_cache::Cache;
 pub use dewy_notify::Notify;
 pub use dewy_registry::Registry;

@@ -1,0 +1,266 @@
+//! The admin API: a unix socket in the app folder (owner only) and, with
+//! `--admin-port`, 127.0.0.1:PORT.
+//!
+//! | endpoint | what |
+//! |---|---|
+//! | `GET /api/status` | what the loop is doing (JSON) |
+//! | `GET /api/releases` | the releases on disk (JSON) |
+//! | `POST /api/check` | check the registry now |
+//! | `POST /api/restart` | restart the application gracefully |
+//! | `POST /webhook/github` | a GitHub `release` event (signed) checks now |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! Callers on the unix socket are trusted (its mode is 0600). On the TCP
+//! port, `POST /api/*` needs `Authorization: Bearer <--admin-token>` and is
+//! refused when no token is configured; the webhook is authenticated by
+//! its HMAC signature instead.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hmac::{Hmac, Mac};
+
+/// Shared by both listeners.
+#[derive(Debug)]
+pub(crate) struct Admin {
+    pub(crate) deployer: Arc<dewy_core::Deployer>,
+    pub(crate) root: PathBuf,
+    pub(crate) token: Option<String>,
+    pub(crate) webhook_secret: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Ctx {
+    admin: Arc<Admin>,
+    /// The unix socket: callers are the owner.
+    trusted: bool,
+}
+
+/// The path of the admin socket of an app folder.
+pub(crate) fn socket_path(root: &Path) -> PathBuf {
+    root.join(".dewy/admin.sock")
+}
+
+fn router(admin: Arc<Admin>, trusted: bool) -> Router {
+    Router::new()
+        .route("/api/status", get(status))
+        .route("/api/releases", get(releases))
+        .route("/api/check", post(check))
+        .route("/api/restart", post(restart))
+        .route("/webhook/github", post(webhook))
+        .route("/metrics", get(metrics))
+        .with_state(Ctx { admin, trusted })
+}
+
+/// Starts the listeners; they stop when `shutdown` fires.
+pub(crate) async fn serve(
+    admin: Arc<Admin>,
+    port: Option<u16>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let path = socket_path(&admin.root);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let unix = tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    tracing::info!(path = %path.display(), "Admin API listening");
+    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let unix_app = router(admin.clone(), true);
+    tokio::spawn({
+        let rx = shutdown.clone();
+        async move {
+            let _ = axum::serve(unix, unix_app).with_graceful_shutdown(stop(rx)).await;
+        }
+    });
+    if let Some(port) = port {
+        let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("cannot listen for the admin API on 127.0.0.1:{port}"))?;
+        tracing::info!(port, "Admin API port bound successfully");
+        let tcp_app = router(admin, false);
+        tokio::spawn(async move {
+            let _ = axum::serve(tcp, tcp_app).with_graceful_shutdown(stop(shutdown)).await;
+        });
+    }
+    Ok(())
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response {
+    tracing::warn!(status = status.as_u16(), reason = why, "Admin API request refused");
+    (status, format!("{why}\n")).into_response()
+}
+
+/// Mutating calls: trusted on the socket, bearer token on TCP.
+fn authorized(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Response> {
+    if ctx.trusted {
+        return Ok(());
+    }
+    let Some(token) = &ctx.admin.token else {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "no --admin-token is configured; use the unix socket",
+        ));
+    };
+    let sent = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if sent.is_some_and(|s| constant_time_eq(s.as_bytes(), token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn status(State(ctx): State<Ctx>) -> Response {
+    axum::Json(ctx.admin.deployer.status().await).into_response()
+}
+
+async fn releases(State(ctx): State<Ctx>) -> Response {
+    axum::Json(crate::run::release_rows(&ctx.admin.root)).into_response()
+}
+
+async fn check(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&ctx, &headers) {
+        return r;
+    }
+    ctx.admin.deployer.request_check();
+    (StatusCode::ACCEPTED, "check requested\n").into_response()
+}
+
+async fn restart(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&ctx, &headers) {
+        return r;
+    }
+    match ctx.admin.deployer.restart_app().await {
+        Ok(()) => (StatusCode::OK, "restarted\n").into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}
+
+async fn webhook(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(secret) = &ctx.admin.webhook_secret else {
+        return refuse(StatusCode::FORBIDDEN, "no --webhook-secret is configured");
+    };
+    let signature = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("sha256="))
+        .and_then(|h| hex::decode(h).ok());
+    let Some(signature) = signature else {
+        return refuse(StatusCode::UNAUTHORIZED, "missing X-Hub-Signature-256");
+    };
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
+        return refuse(StatusCode::INTERNAL_SERVER_ERROR, "bad webhook secret");
+    };
+    mac.update(&body);
+    if mac.verify_slice(&signature).is_err() {
+        return refuse(StatusCode::UNAUTHORIZED, "webhook signature does not match");
+    }
+    let event = headers
+        .get("x-github-event")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    match event {
+        "release" => {
+            tracing::info!("GitHub release event received, checking now");
+            ctx.admin.deployer.request_check();
+            (StatusCode::ACCEPTED, "check requested\n").into_response()
+        }
+        "ping" => (StatusCode::OK, "pong\n").into_response(),
+        other => (StatusCode::OK, format!("ignored event `{other}`\n")).into_response(),
+    }
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    let d = &ctx.admin.deployer;
+    let m = d.metrics();
+    let st = d.status().await;
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let cmd = format!("{{command=\"{}\"}}", st.mode);
+    family(
+        "dewy_deployments_total",
+        "counter",
+        "Successful deploys.",
+        &[(cmd.clone(), m.deployments.load(Relaxed))],
+    );
+    family(
+        "dewy_deployment_errors_total",
+        "counter",
+        "Failed deploys.",
+        &[(cmd.clone(), m.deployment_errors.load(Relaxed))],
+    );
+    family(
+        "dewy_deployment_duration_seconds_sum",
+        "counter",
+        "Total time of successful deploys.",
+        &[(cmd, m.deployment_millis.load(Relaxed) / 1000)],
+    );
+    family(
+        "dewy_server_restarts_total",
+        "counter",
+        "Application restarts.",
+        &[
+            ("{reason=\"deploy\"}".into(), m.restarts_deploy.load(Relaxed)),
+            ("{reason=\"signal\"}".into(), m.restarts_signal.load(Relaxed)),
+        ],
+    );
+    family(
+        "dewy_ticks_total",
+        "counter",
+        "Registry checks by outcome.",
+        &[
+            ("{outcome=\"skipped\"}".into(), m.ticks_skipped.load(Relaxed)),
+            ("{outcome=\"deployed\"}".into(), m.ticks_deployed.load(Relaxed)),
+            ("{outcome=\"grace_period\"}".into(), m.ticks_grace.load(Relaxed)),
+            ("{outcome=\"known_bad\"}".into(), m.ticks_known_bad.load(Relaxed)),
+            ("{outcome=\"error\"}".into(), m.ticks_error.load(Relaxed)),
+        ],
+    );
+    let stats = d.notify().stats();
+    family(
+        "dewy_notifications_total",
+        "counter",
+        "Notifications by result.",
+        &[
+            ("{result=\"sent\"}".into(), stats.sent.load(Relaxed)),
+            ("{result=\"dropped\"}".into(), stats.dropped.load(Relaxed)),
+            ("{result=\"failed\"}".into(), stats.failed.load(Relaxed)),
+            ("{result=\"suppressed\"}".into(), stats.suppressed.load(Relaxed)),
+        ],
+    );
+    let version = st.current_version.unwrap_or_default().replace('"', "");
+    family(
+        "dewy_info",
+        "gauge",
+        "dewy and the version it runs.",
+        &[(
+            format!("{{dewy_version=\"{}\",version=\"{version}\"}}", st.dewy_version),
+            1,
+        )],
+    );
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
