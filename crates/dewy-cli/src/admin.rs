@@ -103,13 +103,14 @@ fn refuse(status: StatusCode, why: &str) -> Response {
     (status, format!("{why}\n")).into_response()
 }
 
-/// Mutating calls: trusted on the socket, bearer token on TCP.
-fn authorized(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Response> {
+/// Mutating calls: trusted on the socket, bearer token on TCP. Returns the
+/// refusal, if any.
+fn unauthorized(ctx: &Ctx, headers: &HeaderMap) -> Option<Response> {
     if ctx.trusted {
-        return Ok(());
+        return None;
     }
     let Some(token) = &ctx.admin.token else {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::FORBIDDEN,
             "no --admin-token is configured; use the unix socket",
         ));
@@ -119,9 +120,9 @@ fn authorized(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if sent.is_some_and(|s| constant_time_eq(s.as_bytes(), token.as_bytes())) {
-        Ok(())
+        None
     } else {
-        Err(refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
+        Some(refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
     }
 }
 
