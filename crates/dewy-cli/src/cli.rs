@@ -32,6 +32,37 @@ pub enum Command {
     Releases(ReleasesArgs),
     /// Ask the running dewy of an app folder what it is doing.
     Status(ReleasesArgs),
+    /// Switch `current` back to the previous release (or `--to VERSION`)
+    /// still on disk, restart the app if dewy runs, and pin the folder so no
+    /// deploy replaces it until `dewy unpin`.
+    Rollback(RollbackArgs),
+    /// Hold the app folder at VERSION (a release on disk): `dewy rollback
+    /// --to VERSION`.
+    Pin(PinArgs),
+    /// Release the pin: deploys resume at the next check.
+    Unpin(ReleasesArgs),
+}
+
+/// `dewy rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The version to go back to (default: the release before the current one).
+    #[arg(long = "to", value_name = "VERSION")]
+    pub to: Option<String>,
+    /// The app folder. Default: the current directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+}
+
+/// `dewy pin`.
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// The version to hold.
+    #[arg(value_name = "VERSION")]
+    pub release: String,
+    /// The app folder. Default: the current directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
 }
 
 /// `dewy releases` and `dewy status`.

@@ -288,7 +288,10 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
             (Mode::Server, &s.common, s.port.clone(), s.command.clone())
         }
         Some(Command::Assets(a)) => (Mode::Assets, a, vec![], vec![]),
-        Some(Command::Releases(_) | Command::Status(_)) | None => {
+        Some(
+            Command::Releases(_) | Command::Status(_) | Command::Rollback(_) | Command::Pin(_) | Command::Unpin(_),
+        )
+        | None => {
             return Err(ConfigError::Source("a command is required: server or assets".into()));
         }
     };

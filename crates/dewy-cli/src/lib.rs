@@ -30,8 +30,12 @@ pub fn main() -> ExitCode {
     if let Some(cli::Command::Releases(args)) = &cli.command {
         return run::releases(args);
     }
-    if let Some(cli::Command::Status(args)) = &cli.command {
-        return run::status(args);
+    match &cli.command {
+        Some(cli::Command::Status(args)) => return run::status(args),
+        Some(cli::Command::Rollback(args)) => return run::rollback(args.workdir.as_deref(), args.to.as_deref()),
+        Some(cli::Command::Pin(args)) => return run::rollback(args.workdir.as_deref(), Some(&args.release)),
+        Some(cli::Command::Unpin(args)) => return run::unpin(args.workdir.as_deref()),
+        _ => {}
     }
     let settings = match config::load(&cli) {
         Ok(s) => s,

@@ -223,8 +223,102 @@ pub(crate) fn release_rows(root: &std::path::Path) -> Vec<serde_json::Value> {
 }
 
 fn root_of(args: &crate::cli::ReleasesArgs) -> std::path::PathBuf {
-    let root = std::path::PathBuf::from(args.workdir.as_deref().unwrap_or("."));
+    root_from(args.workdir.as_deref())
+}
+
+fn root_from(workdir: Option<&str>) -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(workdir.unwrap_or("."));
     std::path::absolute(&root).unwrap_or(root)
+}
+
+/// One request to the running dewy over its admin socket.
+fn admin_request(root: &std::path::Path, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(crate::admin::socket_path(root))?;
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: dewy\r\nContent-Length: 0\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
+}
+
+/// `dewy rollback` and `dewy pin`.
+pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process::ExitCode {
+    let root = root_from(workdir);
+    let rows = release_rows(&root);
+    let version_of = |r: &serde_json::Value| r["version"].as_str().map(str::to_owned);
+    let current = rows.iter().position(|r| r["current"] == true);
+    let target = match to {
+        Some(v) => rows
+            .iter()
+            .find(|r| version_of(r).as_deref() == Some(v) || r["release"] == v),
+        None => current.and_then(|i| rows.get(i + 1)),
+    };
+    let Some(target) = target else {
+        let on_disk: Vec<String> = rows
+            .iter()
+            .map(|r| version_of(r).unwrap_or_else(|| r["release"].as_str().unwrap_or("?").to_owned()))
+            .collect();
+        match to {
+            Some(v) => eprintln!(
+                "error: version `{v}` is not on disk in {}; releases: {}",
+                root.display(),
+                on_disk.join(", ")
+            ),
+            None => eprintln!(
+                "error: no release before the current one in {}; releases: {}",
+                root.display(),
+                on_disk.join(", ")
+            ),
+        }
+        return std::process::ExitCode::from(1);
+    };
+    let path = std::path::PathBuf::from(target["path"].as_str().unwrap_or_default());
+    let version = version_of(target).unwrap_or_else(|| target["release"].as_str().unwrap_or_default().to_owned());
+    if let Err(err) = dewy_core::set_pin(&root, Some(&version)) {
+        eprintln!("error: cannot pin {}: {err}", root.display());
+        return std::process::ExitCode::from(1);
+    }
+    if let Err(err) = dewy_core::Releases::new(&root).switch(&path) {
+        eprintln!("error: cannot switch current to {}: {err}", path.display());
+        return std::process::ExitCode::from(1);
+    }
+    println!(
+        "current -> {} ({version}); pinned: no deploy replaces it until `dewy unpin`",
+        path.display()
+    );
+    match admin_request(&root, "POST", "/api/restart") {
+        Ok((200, _)) => println!("the running dewy restarted the application"),
+        Ok((status, body)) => {
+            eprintln!(
+                "error: the running dewy could not restart the application ({status}): {}",
+                body.trim()
+            );
+            return std::process::ExitCode::from(1);
+        }
+        Err(_) => println!(
+            "no running dewy in {}; the next start uses this release",
+            root.display()
+        ),
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// `dewy unpin`.
+pub(crate) fn unpin(workdir: Option<&str>) -> std::process::ExitCode {
+    let root = root_from(workdir);
+    if let Err(err) = dewy_core::set_pin(&root, None) {
+        eprintln!("error: cannot unpin {}: {err}", root.display());
+        return std::process::ExitCode::from(1);
+    }
+    let _ = admin_request(&root, "POST", "/api/check");
+    println!("unpinned: deploys resume at the next check");
+    std::process::ExitCode::SUCCESS
 }
 
 /// `dewy releases`: the releases on disk, newest first.
@@ -257,19 +351,14 @@ pub(crate) fn releases(args: &crate::cli::ReleasesArgs) -> std::process::ExitCod
 
 /// `dewy status`: asks the running dewy over its admin socket.
 pub(crate) fn status(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode {
-    use std::io::{Read, Write};
     let root = root_of(args);
-    let path = crate::admin::socket_path(&root);
-    let answer = std::os::unix::net::UnixStream::connect(&path).and_then(|mut s| {
-        s.write_all(b"GET /api/status HTTP/1.0\r\nHost: dewy\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    });
-    let body = match answer {
-        Ok(a) => a.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default(),
+    let body = match admin_request(&root, "GET", "/api/status") {
+        Ok((_, body)) => body,
         Err(err) => {
-            eprintln!("error: no running dewy answers on {} ({err})", path.display());
+            eprintln!(
+                "error: no running dewy answers on {} ({err})",
+                crate::admin::socket_path(&root).display()
+            );
             return std::process::ExitCode::from(1);
         }
     };

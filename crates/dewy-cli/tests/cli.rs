@@ -220,6 +220,28 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     wait_for("generation 3", Duration::from_secs(30), || {
         body().starts_with("version=v2.0.0 generation=3")
     });
+    // `dewy rollback` while dewy runs: back to v1, restarted, pinned; a new
+    // release waits until `dewy unpin`.
+    let (code, out, err) = run(dewy(&app).arg("rollback"));
+    assert_eq!(code, 0, "{out}{err}");
+    wait_for("v1 again", Duration::from_secs(30), || {
+        body().starts_with("version=v1.0.0")
+    });
+    publish("v3.0.0");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(body().starts_with("version=v1.0.0"), "pinned: {}", body());
+    let (code, out, _) = run(dewy(&app).args(["status", "--json"]));
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["pinned"],
+        "v1.0.0"
+    );
+    let (code, _, err) = run(dewy(&app).args(["rollback", "--to", "v9.9.9"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("v9.9.9") && err.contains("v1.0.0"), "{err}");
+    let (code, _, _) = run(dewy(&app).arg("unpin"));
+    assert_eq!(code, 0);
+    wait_for("v3", Duration::from_secs(30), || body().starts_with("version=v3.0.0"));
     let pid: i32 = body().split("pid=").nth(1).unwrap().trim().parse().unwrap();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(
@@ -249,22 +271,28 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     assert_eq!(v["level"], "INFO");
     assert_eq!(v["cache_key"], "v1.0.0--demo_linux_amd64.tar.gz");
     let current = std::fs::read_to_string(app.join("current/VERSION")).unwrap();
-    assert_eq!(current, "v2.0.0");
+    assert_eq!(current, "v3.0.0");
 
-    // `dewy releases` lists both, the current one first and marked.
+    // `dewy releases` lists them, the current one first and marked.
     let (code, out, err) = run(dewy(&app).args(["releases", "--json"]));
     assert_eq!(code, 0, "{err}");
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 2, "{out}");
-    assert_eq!(list[0]["version"], "v2.0.0");
+    assert_eq!(list.as_array().unwrap().len(), 3, "{out}");
+    assert_eq!(list[0]["version"], "v3.0.0");
     assert_eq!(list[0]["current"], true);
-    assert_eq!(list[1]["version"], "v1.0.0");
+    assert_eq!(list[1]["version"], "v2.0.0");
+    assert_eq!(list[2]["version"], "v1.0.0");
     let (code, table, _) = run(dewy(&app).arg("releases"));
     assert_eq!(code, 0);
     assert!(
         table.lines().nth(1).unwrap().starts_with('*') && table.contains("v1.0.0"),
         "{table}"
     );
+    // Without a running dewy, rollback works on the folder directly.
+    let (code, out, _) = run(dewy(&app).args(["pin", "v2.0.0"]));
+    assert_eq!(code, 0);
+    assert!(out.contains("no running dewy"), "{out}");
+    assert_eq!(std::fs::read_to_string(app.join("current/VERSION")).unwrap(), "v2.0.0");
 }
 
 /// dewy killed with SIGKILL at several points of a deploy, then started

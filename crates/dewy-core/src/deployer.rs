@@ -176,6 +176,12 @@ pub enum TickOutcome {
         /// Its tag.
         tag: String,
     },
+    /// An operator pinned the app folder (`dewy rollback`, `dewy pin`):
+    /// nothing is deployed until `dewy unpin`.
+    Pinned {
+        /// The version pinned.
+        version: String,
+    },
     /// A release was deployed.
     Deployed {
         /// Its tag.
@@ -247,6 +253,8 @@ pub struct Status {
     pub next_check: Option<String>,
     /// A release that failed to start and is not retried.
     pub bad_release: Option<String>,
+    /// The version an operator pinned, if any.
+    pub pinned: Option<String>,
 }
 
 /// The deployment loop.
@@ -433,6 +441,7 @@ impl Deployer {
             last_error: state.last_error.clone(),
             next_check: fmt(&state.next_check),
             bad_release: state.bad_key.clone(),
+            pinned: crate::layout::pinned(&self.config.root),
         }
     }
 
@@ -520,6 +529,7 @@ impl Deployer {
                     Ok(TickOutcome::Deployed { .. }) => (&m.ticks_deployed, "deployed", None),
                     Ok(TickOutcome::WithinGracePeriod) => (&m.ticks_grace, "grace-period", None),
                     Ok(TickOutcome::KnownBad { .. }) => (&m.ticks_known_bad, "known-bad", None),
+                    Ok(TickOutcome::Pinned { .. }) => (&m.ticks_skipped, "pinned", None),
                     Err(err) => (&m.ticks_error, "error", Some(chain(err))),
                 };
                 counter.fetch_add(1, Relaxed);
@@ -552,6 +562,10 @@ impl Deployer {
     /// One cycle: check, cache, download, deploy, start or restart, record.
     pub async fn tick(&self) -> Result<TickOutcome, Error> {
         let _guard = self.tick_lock.lock().await;
+        if let Some(version) = crate::layout::pinned(&self.config.root) {
+            tracing::debug!(version, "Deploy skipped: pinned");
+            return Ok(TickOutcome::Pinned { version });
+        }
         let release = match self.registry.latest().await {
             Ok(r) => r,
             Err(dewy_registry::Error::ArtifactNotFound {
@@ -590,7 +604,12 @@ impl Deployer {
         let current = self.cache.read(&Key::current()).await.map_err(Error::Cache)?;
         let cached = self.cache.local_path(&key).await.map_err(Error::Cache)?;
         let same = current.as_deref() == Some(key.as_str().as_bytes());
-        if same && cached.is_some() && self.releases.current_target().is_some() {
+        // `current` must still point at this release: an operator may have
+        // rolled back by hand (`dewy rollback`) since.
+        let in_place = self.releases.current_target().is_some_and(|target| {
+            crate::history::version_of(&self.config.root, &target).is_none_or(|v| v == release.tag)
+        });
+        if same && cached.is_some() && in_place {
             let running = self.app.as_ref().is_none_or(|a| a.is_running());
             if running {
                 tracing::debug!(cache_key = %key, "Deploy skipped");

@@ -60,3 +60,13 @@ pub fn read(root: &Path) -> Vec<Entry> {
         })
         .collect()
 }
+
+/// The version last deployed into `release_dir`, if the history knows it.
+pub(crate) fn version_of(root: &Path, release_dir: &Path) -> Option<String> {
+    let dir = release_dir.display().to_string();
+    read(root)
+        .into_iter()
+        .rev()
+        .find(|e| e.outcome == "deployed" && e.release_dir.as_deref() == Some(dir.as_str()))
+        .map(|e| e.version)
+}

@@ -147,6 +147,31 @@ impl Releases {
     }
 }
 
+/// The version pinned in `<root>/.dewy/pin`, if any.
+pub fn pinned(root: &Path) -> Option<String> {
+    std::fs::read_to_string(root.join(".dewy/pin"))
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// Pins `<root>` at `version` (atomically written), or unpins with `None`.
+pub fn set_pin(root: &Path, version: Option<&str>) -> std::io::Result<()> {
+    let path = root.join(".dewy/pin");
+    match version {
+        Some(v) => {
+            std::fs::create_dir_all(root.join(".dewy"))?;
+            let tmp = root.join(".dewy/.pin.tmp");
+            std::fs::write(&tmp, format!("{v}\n"))?;
+            std::fs::rename(tmp, path)
+        }
+        None => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
 /// `20240115T103045Z-2` sorts after `20240115T103045Z-1` after `20240115T103045Z`.
 fn release_order(name: &str) -> (String, u64) {
     match name.rsplit_once('-') {

@@ -64,4 +64,4 @@ pub use dewy_registry::Registry;
 pub use dewy_starter::Supervisor;
 pub use history::{Entry as HistoryEntry, read as read_history};
 pub use hooks::HookOutcome;
-pub use layout::{ReleaseInfo, Releases};
+pub use layout::{ReleaseInfo, Releases, pinned, set_pin};
