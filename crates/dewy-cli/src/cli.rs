@@ -103,6 +103,12 @@ pub struct ServerArgs {
     #[arg(long = "health-timeout", value_name = "DURATION")]
     pub health_timeout: Option<String>,
 
+    /// With `--health-path`: after each restart the new release must keep
+    /// answering 2xx on the app's first port for this long, or dewy rolls
+    /// back to the previous release. Default 0 (off).
+    #[arg(long = "health-soak", value_name = "DURATION")]
+    pub health_soak: Option<String>,
+
     /// How long a generation gets to exit after SIGTERM before SIGKILL.
     /// Default 30s.
     #[arg(long = "stop-timeout", value_name = "DURATION")]

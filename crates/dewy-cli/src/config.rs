@@ -36,6 +36,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("ready_notify", "--ready-notify"),
     ("health_timeout", "--health-timeout"),
     ("stop_timeout", "--stop-timeout"),
+    ("health_soak", "--health-soak"),
     ("command", "COMMAND (after --)"),
 ];
 
@@ -100,6 +101,7 @@ struct Raw {
     pass_env: Option<OneOrMany>,
     command: Option<OneOrMany>,
     health_path: Option<Scalar>,
+    health_soak: Option<Scalar>,
     admin_port: Option<Scalar>,
     admin_token: Option<Scalar>,
     webhook_secret: Option<Scalar>,
@@ -171,6 +173,8 @@ pub struct Settings {
     pub readiness: dewy_starter::Readiness,
     /// SIGTERM-to-SIGKILL delay for a generation.
     pub stop_timeout: Duration,
+    /// Health soak after each restart (zero: off).
+    pub health_soak: Duration,
     /// Admin API port on 127.0.0.1.
     pub admin_port: Option<u16>,
     /// Bearer token for mutating admin calls over TCP.
@@ -284,6 +288,9 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
             }
             if let Some(t) = &s.stop_timeout {
                 server_flags.push(("stop_timeout", t.clone()));
+            }
+            if let Some(t) = &s.health_soak {
+                server_flags.push(("health_soak", t.clone()));
             }
             (Mode::Server, &s.common, s.port.clone(), s.command.clone())
         }
@@ -459,7 +466,16 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         ),
         None => None,
     };
+    let health_soak = duration_or("health_soak", &raw.health_soak, true, Duration::ZERO)?;
+    if !health_soak.is_zero() && !matches!(readiness, dewy_starter::Readiness::Http { .. }) {
+        return Err(invalid(
+            "health_soak",
+            humantime::format_duration(health_soak).to_string(),
+            "--health-path as well (the soak watches that path)",
+        ));
+    }
     Ok(Settings {
+        health_soak,
         admin_port,
         admin_token: text(&raw.admin_token),
         webhook_secret: text(&raw.webhook_secret),

@@ -147,6 +147,34 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     config.abort_on_before_hook_failure = s.abort_on_hook_failure;
     config.hook_env = env;
     config.hostname = host;
+    if let (false, dewy_starter::Readiness::Http { path, .. }, Some(spec)) =
+        (s.health_soak.is_zero(), &s.readiness, s.ports.first())
+    {
+        let addr = match spec {
+            dewy_starter::ListenSpec::Port(p) => Some(std::net::SocketAddr::from(([127, 0, 0, 1], *p))),
+            dewy_starter::ListenSpec::Addr(a) if a.ip().is_unspecified() => Some(std::net::SocketAddr::new(
+                if a.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                },
+                a.port(),
+            )),
+            dewy_starter::ListenSpec::Addr(a) => Some(*a),
+            dewy_starter::ListenSpec::Unix(_) => None,
+        };
+        match addr {
+            Some(addr) => {
+                config.soak = Some(dewy_core::Soak {
+                    addr,
+                    path: path.clone(),
+                    duration: s.health_soak,
+                    interval: Duration::from_millis(500),
+                })
+            }
+            None => tracing::warn!("--health-soak needs a TCP port first in --port; the soak is off"),
+        }
+    }
     let mut deployer =
         dewy_core::Deployer::new(config, registry, cache, notify, app).context("cannot prepare the app folder")?;
     // A bar on a terminal; otherwise dewy-core logs progress every few seconds.

@@ -572,3 +572,87 @@ fn admin_api_status_metrics_and_webhook() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert!(!sock.exists(), "the socket is removed on shutdown");
 }
+
+/// With `--health-soak`, a release that turns unhealthy after it passed its
+/// readiness check is rolled back, with no failed request from a client
+/// running throughout, is not redeployed on the next ticks, and is replaced
+/// when a newer release appears.
+#[test]
+fn unhealthy_release_during_soak_is_rolled_back() {
+    let demo = std::fs::read(dewy_testkit::demo_app()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
+    std::fs::create_dir_all(&app).unwrap();
+    release(&reg, &demo, "v1.0.0", &[]);
+    let port = dewy_testkit::free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = dewy(&app)
+        .args([
+            "server",
+            "--registry",
+            &format!("file://{}", reg.display()),
+            "-p",
+            &format!("127.0.0.1:{port}"),
+            "-i",
+            "1",
+        ])
+        .args(["--health-path", "/health", "--health-soak", "3s"])
+        .args([
+            "--after-deploy-hook",
+            "echo \"$DEWY_VERSION rollback=${DEWY_ROLLBACK:-0}\" >> hooks.log",
+            "--",
+            "current/demo-app",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let body = || dewy_testkit::http_get(addr, "/").map(|(_, b)| b).unwrap_or_default();
+    wait_for("v1", Duration::from_secs(30), || body().starts_with("version=v1.0.0"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match dewy_testkit::http_get(addr, "/") {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        })
+    };
+    release(
+        &reg,
+        &demo,
+        "v2.0.0",
+        &[("demo.env", b"DEMO_UNHEALTHY_AFTER_MS=1000\n", 0o644)],
+    );
+    wait_for("v2 to start", Duration::from_secs(30), || {
+        body().starts_with("version=v2.0.0")
+    });
+    wait_for("the rollback to v1", Duration::from_secs(30), || {
+        body().starts_with("version=v1.0.0")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(body().starts_with("version=v1.0.0"), "v2 redeployed: {}", body());
+    assert_eq!(std::fs::read_to_string(app.join("current/VERSION")).unwrap(), "v1.0.0");
+    release(&reg, &demo, "v3.0.0", &[]);
+    wait_for("v3", Duration::from_secs(30), || body().starts_with("version=v3.0.0"));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = client.join().unwrap();
+    assert!(ok > 50, "the client ran: {ok}");
+    assert!(failed.is_empty(), "{} failed requests: {failed:?}", failed.len());
+    let hooks = std::fs::read_to_string(app.join("hooks.log")).unwrap();
+    assert!(hooks.contains("v1.0.0 rollback=1"), "{hooks}");
+    let history = std::fs::read_to_string(app.join(".dewy/history.jsonl")).unwrap();
+    assert!(history.contains("failed its health check"), "{history}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

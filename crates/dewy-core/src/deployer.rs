@@ -80,6 +80,8 @@ pub struct Config {
     pub dewy_version: String,
     /// Archive limits.
     pub limits: Limits,
+    /// Health watched after each restart; a failure rolls back.
+    pub soak: Option<Soak>,
     /// Download limits and timeouts.
     pub download: DownloadPolicy,
 }
@@ -102,7 +104,44 @@ impl Config {
             dewy_version: env!("CARGO_PKG_VERSION").to_owned(),
             limits: Limits::default(),
             download: DownloadPolicy::default(),
+            soak: None,
         }
+    }
+}
+
+/// After a restart, the new release must keep answering 2xx to
+/// `GET path` on `addr` for `duration`, checked every `interval`; otherwise
+/// dewy rolls back to the previous release.
+#[derive(Debug, Clone)]
+pub struct Soak {
+    /// Where the application listens (its first port).
+    pub addr: std::net::SocketAddr,
+    /// The health path, such as `/health`.
+    pub path: String,
+    /// How long the new release must stay healthy.
+    pub duration: Duration,
+    /// Time between two checks.
+    pub interval: Duration,
+}
+
+async fn health_get(addr: std::net::SocketAddr, path: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = vec![0u8; 64];
+        let n = s.read(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let line = tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .map_err(|_| format!("GET {path} timed out"))?
+        .map_err(|e| format!("GET {path} failed: {e}"))?;
+    match line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()) {
+        Some(code) if (200..300).contains(&code) => Ok(()),
+        Some(code) => Err(format!("GET {path} answered {code}")),
+        None => Err(format!("GET {path} got no HTTP answer")),
     }
 }
 
@@ -148,6 +187,17 @@ pub enum Error {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The new release failed its health checks during the soak period and
+    /// was rolled back.
+    #[error("`{tag}` failed its health check after the restart ({reason}); rolled back to `{previous}`")]
+    Unhealthy {
+        /// The release rolled back.
+        tag: String,
+        /// The failed check.
+        reason: String,
+        /// The release running again.
+        previous: String,
     },
     /// The application could not be started or restarted; the previous
     /// generation keeps serving and `current` was switched back.
@@ -785,6 +835,13 @@ impl Deployer {
                     tracing::info!(version = %release.tag, generation = generation.generation, pid = generation.pid, "Server {verb}");
                     self.notify
                         .send_important(format!("Server {verb} for `{}`", release.tag));
+                    if let (true, Some(soak), Some(prev)) = (restart, &self.config.soak, &previous_dir)
+                        && let Err(reason) = self.soak(soak).await
+                    {
+                        return Err(self
+                            .roll_back(release, &release_dir, prev, previous_tag.as_deref(), reason)
+                            .await);
+                    }
                 }
                 Err(source) => {
                     // Put the previous release back so that the generation
@@ -809,6 +866,58 @@ impl Deployer {
             }
         }
         Ok(release_dir)
+    }
+
+    /// Watches the new release's health for the soak period.
+    async fn soak(&self, soak: &Soak) -> Result<(), String> {
+        let until = tokio::time::Instant::now() + soak.duration;
+        tracing::info!(duration = ?soak.duration, path = %soak.path, "Watching health after restart");
+        while tokio::time::Instant::now() < until {
+            health_get(soak.addr, &soak.path).await?;
+            tokio::time::sleep(soak.interval).await;
+        }
+        Ok(())
+    }
+
+    /// Puts the previous release back after a failed soak: switch, restart,
+    /// after hook with `DEWY_ROLLBACK=1`, and the release is remembered as
+    /// bad.
+    async fn roll_back(
+        &self,
+        release: &Release,
+        release_dir: &Path,
+        previous: &Path,
+        previous_tag: Option<&str>,
+        reason: String,
+    ) -> Error {
+        let previous_tag = previous_tag.unwrap_or("the previous release").to_owned();
+        tracing::error!(version = %release.tag, reason, "Health check failed after restart, rolling back");
+        if let Err(e) = self.releases.switch(previous) {
+            tracing::error!(error = %e, "Switching current back failed");
+        }
+        if let Some(app) = &self.app
+            && let Err(e) = app.restart().await
+        {
+            tracing::error!(error = %chain(&e), "Restarting the previous release failed");
+        }
+        if let Some(cmd) = &self.config.after_hook {
+            let mut env = self.config.hook_env.clone();
+            env.push(("DEWY_VERSION".into(), previous_tag.clone().into()));
+            env.push(("DEWY_RELEASE_DIR".into(), previous.into()));
+            env.push(("DEWY_PREVIOUS_VERSION".into(), release.tag.clone().into()));
+            env.push(("DEWY_APP_DIR".into(), self.config.root.clone().into()));
+            env.push(("DEWY_ROLLBACK".into(), "1".into()));
+            self.run_hook("After", cmd, &env).await;
+        }
+        let _ = std::fs::remove_dir_all(release_dir);
+        if let Ok(key) = Key::artifact(&release.tag, &release.artifact_name) {
+            self.state.lock().await.bad_key = Some(key.to_string());
+        }
+        Error::Unhealthy {
+            tag: release.tag.clone(),
+            reason,
+            previous: previous_tag,
+        }
     }
 
     /// After a successful deploy: `current` in the cache, the audit report,

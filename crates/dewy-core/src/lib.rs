@@ -56,7 +56,7 @@ mod hooks;
 mod layout;
 
 pub use deployer::{
-    Clock, Config, DeployProgress, Deployer, Error, LogProgress, Metrics, Mode, Status, SystemClock, TickOutcome,
+    Clock, Config, DeployProgress, Deployer, Error, LogProgress, Metrics, Mode, Soak, Status, SystemClock, TickOutcome,
 };
 pub use dewy_cache::Cache;
 pub use dewy_notify::Notify;

@@ -15,7 +15,8 @@
 //! Fault switches for tests, from the environment or from `demo.env` next to
 //! the executable (`KEY=VALUE` lines): `DEMO_EXIT_AT_START=1` exits at once
 //! with status 3, `DEMO_IGNORE_TERM=1` ignores SIGTERM, `DEMO_NO_READY=1`
-//! never sends `READY=1`, `DEMO_START_DELAY_MS` waits before serving.
+//! never sends `READY=1`, `DEMO_START_DELAY_MS` waits before serving,
+//! `DEMO_UNHEALTHY_AFTER_MS` turns `/health` to 500 that long after start.
 #![allow(unsafe_code, clippy::print_stderr, clippy::exit)]
 
 use std::collections::HashMap;
@@ -37,7 +38,19 @@ struct Config {
     version: String,
     generation: String,
     health: u16,
+    /// `/health` answers 500 from this long after the start on.
+    unhealthy_after: Option<Duration>,
+    started: std::time::Instant,
     settings: HashMap<String, String>,
+}
+
+impl Config {
+    fn health_now(&self) -> u16 {
+        match self.unhealthy_after {
+            Some(d) if self.started.elapsed() >= d => 500,
+            _ => self.health,
+        }
+    }
 }
 
 fn settings() -> HashMap<String, String> {
@@ -140,6 +153,11 @@ fn main() {
             .get("DEMO_HEALTH_STATUS")
             .and_then(|v| v.parse().ok())
             .unwrap_or(200),
+        unhealthy_after: settings
+            .get("DEMO_UNHEALTHY_AFTER_MS")
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
+        started: std::time::Instant::now(),
         settings: settings.clone(),
     });
     let active = Arc::new(AtomicUsize::new(0));
@@ -254,7 +272,8 @@ fn serve(stream: Box<dyn Conn>, config: &Config) {
         }
         let path = request_line.split_whitespace().nth(1).unwrap_or("/");
         let (status, body) = if path == "/health" {
-            (config.health, format!("health={}\n", config.health))
+            let h = config.health_now();
+            (h, format!("health={h}\n"))
         } else {
             (
                 200,
