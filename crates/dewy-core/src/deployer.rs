@@ -698,6 +698,14 @@ impl Deployer {
         if let Err(err) = crate::history::append(&self.config.root, &entry) {
             tracing::warn!(error = %err, "Could not write the deployment history");
         }
+        if let Err(Error::Extract { .. }) = &result {
+            // The cached artifact may be a truncated copy (a `file://`
+            // registry whose artifact was still being written): drop it so
+            // the next tick downloads it again instead of failing forever.
+            if let Err(err) = self.cache.delete(&key).await {
+                tracing::warn!(cache_key = %key, error = %chain(&err), "Could not drop the unusable cached artifact");
+            }
+        }
         let release_dir = result?;
         self.record(&release, &key, &release_dir).await;
         Ok(TickOutcome::Deployed {
