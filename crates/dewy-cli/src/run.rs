@@ -75,6 +75,7 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     };
     let registry = dewy_registry::open(&s.registry, &open).context("cannot open the registry")?;
 
+    let shared_cache = !s.cache.is_empty() || var("DEWY_CACHEDIR").is_some();
     let cache_dir = if let Some(path) = s.cache.strip_prefix("file://") {
         std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
     } else if let Some(dir) = var("DEWY_CACHEDIR") {
@@ -147,6 +148,15 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     config.abort_on_before_hook_failure = s.abort_on_hook_failure;
     config.hook_env = env;
     config.hostname = host;
+    if shared_cache {
+        // A cache outside the app folder may be shared by several apps:
+        // each records its own `current` (Dewy's single key made two apps
+        // redeploy each other forever).
+        use sha2::Digest;
+        let digest = hex::encode(sha2::Sha256::digest(s.workdir.as_os_str().as_encoded_bytes()));
+        config.current_key =
+            dewy_cache::Key::new(format!("current-{}", &digest[..16])).context("per-app current key")?;
+    }
     if let (false, dewy_starter::Readiness::Http { path, .. }, Some(spec)) =
         (s.health_soak.is_zero(), &s.readiness, s.ports.first())
     {

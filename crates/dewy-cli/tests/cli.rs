@@ -656,3 +656,62 @@ fn unhealthy_release_during_soak_is_rolled_back() {
     .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// Two apps sharing one cache folder (`DEWY_CACHEDIR`) each keep their own
+/// `current`: neither redeploys the other's release every tick (Dewy did).
+#[test]
+fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("shared-cache");
+    let mut children = Vec::new();
+    let mut apps = Vec::new();
+    for name in ["a", "b"] {
+        let (app, reg) = (
+            dir.path().join(format!("app-{name}")),
+            dir.path().join(format!("reg-{name}")),
+        );
+        std::fs::create_dir_all(&app).unwrap();
+        // Artifact keys are `<tag>--<artifact>`, shared on purpose by a
+        // fleet of one app; different apps publish different artifact names.
+        let artifact = format!("site-{name}.tar.gz");
+        dewy_testkit::publish(
+            &reg,
+            "v1.0.0",
+            &artifact,
+            &dewy_testkit::targz(&[("index.html", name.as_bytes(), 0o644)]),
+        );
+        let child = dewy(&app)
+            .args([
+                "assets",
+                "--registry",
+                &format!("file://{}?artifact={artifact}", reg.display()),
+                "-i",
+                "1",
+            ])
+            .env("DEWY_CACHEDIR", &cache)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        children.push(child);
+        apps.push(app);
+    }
+    for (app, name) in apps.iter().zip(["a", "b"]) {
+        wait_for(name, Duration::from_secs(30), || {
+            std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|v| v == name)
+        });
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    for app in &apps {
+        let history = std::fs::read_to_string(app.join(".dewy/history.jsonl")).unwrap();
+        assert_eq!(history.lines().count(), 1, "redeployed:\n{history}");
+    }
+    for mut c in children {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert_eq!(c.wait().unwrap().code(), Some(0));
+    }
+}

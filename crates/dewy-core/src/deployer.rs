@@ -82,6 +82,10 @@ pub struct Config {
     pub limits: Limits,
     /// Health watched after each restart; a failure rolls back.
     pub soak: Option<Soak>,
+    /// The cache key that records the artifact in use: `current`, as in
+    /// Dewy, when the cache belongs to this app; a per-app key when the
+    /// cache may be shared, so two apps never overwrite each other's.
+    pub current_key: Key,
     /// Download limits and timeouts.
     pub download: DownloadPolicy,
 }
@@ -105,6 +109,7 @@ impl Config {
             limits: Limits::default(),
             download: DownloadPolicy::default(),
             soak: None,
+            current_key: Key::current(),
         }
     }
 }
@@ -651,7 +656,7 @@ impl Deployer {
             tracing::debug!(cache_key = %key, "Deploy skipped: this release failed to start before");
             return Ok(TickOutcome::KnownBad { tag: release.tag });
         }
-        let current = self.cache.read(&Key::current()).await.map_err(Error::Cache)?;
+        let current = self.cache.read(&self.config.current_key).await.map_err(Error::Cache)?;
         let cached = self.cache.local_path(&key).await.map_err(Error::Cache)?;
         let same = current.as_deref() == Some(key.as_str().as_bytes());
         // `current` must still point at this release: an operator may have
@@ -931,8 +936,12 @@ impl Deployer {
     /// After a successful deploy: `current` in the cache, the audit report,
     /// pruning. Failures here are logged, never undo the deploy.
     async fn record(&self, release: &Release, key: &Key, release_dir: &Path) {
-        let previous = self.cache.read(&Key::current()).await.ok().flatten();
-        if let Err(err) = self.cache.write(&Key::current(), key.as_str().as_bytes()).await {
+        let previous = self.cache.read(&self.config.current_key).await.ok().flatten();
+        if let Err(err) = self
+            .cache
+            .write(&self.config.current_key, key.as_str().as_bytes())
+            .await
+        {
             tracing::error!(error = %chain(&err), "Failed to record the current release in the cache");
         }
         self.state.lock().await.current_tag = Some(release.tag.clone());
@@ -961,12 +970,14 @@ impl Deployer {
             }
             Err(err) => tracing::error!(error = %err, "Keep releases failure"),
         }
+        // Never evict what this app, or another app sharing the cache, runs.
         let mut protect = vec![key.clone()];
-        if let Some(p) = previous
-            .and_then(|p| String::from_utf8(p).ok())
-            .and_then(|p| Key::new(p).ok())
-        {
-            protect.push(p);
+        let as_key = |v: Vec<u8>| String::from_utf8(v).ok().and_then(|p| Key::new(p).ok());
+        protect.extend(previous.and_then(as_key));
+        for entry in self.cache.list().await.unwrap_or_default() {
+            if entry.key.as_str().starts_with("current") {
+                protect.extend(self.cache.read(&entry.key).await.ok().flatten().and_then(as_key));
+            }
         }
         if let Err(err) = self.cache.evict(self.config.keep_releases, &protect).await {
             tracing::error!(error = %chain(&err), "Cache eviction failure");
