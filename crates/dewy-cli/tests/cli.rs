@@ -161,6 +161,22 @@ fn flag_beats_env_beats_file() {
     assert!(err.contains("registery"), "{err}");
 }
 
+/// `dewy server` on the `file://` registry `reg`, holding 127.0.0.1:`port`,
+/// checking every second.
+fn server_cmd(app: &Path, reg: &Path, port: u16) -> Command {
+    let mut cmd = dewy(app);
+    cmd.args([
+        "server",
+        "--registry",
+        &format!("file://{}", reg.display()),
+        "-p",
+        &format!("127.0.0.1:{port}"),
+        "-i",
+        "1",
+    ]);
+    cmd
+}
+
 /// Publishes the demo app as release `tag` (with a VERSION file and
 /// `extra` files) into the `file://` registry at `reg`.
 fn release(reg: &Path, demo: &[u8], tag: &str, extra: &[(&str, &[u8], u32)]) {
@@ -187,18 +203,8 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     publish("v1.0.0");
     let port = dewy_testkit::free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut child = dewy(&app)
-        .args([
-            "server",
-            "--registry",
-            &format!("file://{}", reg.display()),
-            "-p",
-            &format!("127.0.0.1:{port}"),
-            "-i",
-            "1",
-            "-f",
-            "json",
-        ])
+    let mut child = server_cmd(&app, &reg, port)
+        .args(["-f", "json"])
         .args(["--", "current/demo-app"])
         .env("GITHUB_TOKEN", "must-not-leak")
         .stdout(Stdio::null())
@@ -312,18 +318,8 @@ fn sigkill_during_deploys_converges_after_restart() {
     let port = dewy_testkit::free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let start = || {
-        dewy(&app)
-            .args([
-                "server",
-                "--registry",
-                &format!("file://{}", reg.display()),
-                "-p",
-                &format!("127.0.0.1:{port}"),
-                "-i",
-                "1",
-                "-l",
-                "error",
-            ])
+        server_cmd(&app, &reg, port)
+            .args(["-l", "error"])
             .args(["--", "current/demo-app"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -398,16 +394,7 @@ fn health_path_gates_a_restart() {
     publish("v1.0.0", "200");
     let port = dewy_testkit::free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut child = dewy(&app)
-        .args([
-            "server",
-            "--registry",
-            &format!("file://{}", reg.display()),
-            "-p",
-            &format!("127.0.0.1:{port}"),
-            "-i",
-            "1",
-        ])
+    let mut child = server_cmd(&app, &reg, port)
         .args([
             "--health-path",
             "/health",
@@ -586,16 +573,7 @@ fn unhealthy_release_during_soak_is_rolled_back() {
     release(&reg, &demo, "v1.0.0", &[]);
     let port = dewy_testkit::free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut child = dewy(&app)
-        .args([
-            "server",
-            "--registry",
-            &format!("file://{}", reg.display()),
-            "-p",
-            &format!("127.0.0.1:{port}"),
-            "-i",
-            "1",
-        ])
+    let mut child = server_cmd(&app, &reg, port)
         .args(["--health-path", "/health", "--health-soak", "3s"])
         .args([
             "--after-deploy-hook",
