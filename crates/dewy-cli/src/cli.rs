@@ -109,6 +109,10 @@ pub struct ServerArgs {
     #[arg(long = "health-soak", value_name = "DURATION")]
     pub health_soak: Option<String>,
 
+    /// Time between two health checks during the soak. Default 500ms.
+    #[arg(long = "health-interval", value_name = "DURATION")]
+    pub health_interval: Option<String>,
+
     /// How long a generation gets to exit after SIGTERM before SIGKILL.
     /// Default 30s.
     #[arg(long = "stop-timeout", value_name = "DURATION")]

@@ -37,6 +37,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("health_timeout", "--health-timeout"),
     ("stop_timeout", "--stop-timeout"),
     ("health_soak", "--health-soak"),
+    ("health_interval", "--health-interval"),
     ("command", "COMMAND (after --)"),
 ];
 
@@ -102,6 +103,7 @@ struct Raw {
     command: Option<OneOrMany>,
     health_path: Option<Scalar>,
     health_soak: Option<Scalar>,
+    health_interval: Option<Scalar>,
     admin_port: Option<Scalar>,
     admin_token: Option<Scalar>,
     webhook_secret: Option<Scalar>,
@@ -175,6 +177,8 @@ pub struct Settings {
     pub stop_timeout: Duration,
     /// Health soak after each restart (zero: off).
     pub health_soak: Duration,
+    /// Time between two soak checks.
+    pub health_interval: Duration,
     /// Admin API port on 127.0.0.1.
     pub admin_port: Option<u16>,
     /// Bearer token for mutating admin calls over TCP.
@@ -291,6 +295,9 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
             }
             if let Some(t) = &s.health_soak {
                 server_flags.push(("health_soak", t.clone()));
+            }
+            if let Some(t) = &s.health_interval {
+                server_flags.push(("health_interval", t.clone()));
             }
             (Mode::Server, &s.common, s.port.clone(), s.command.clone())
         }
@@ -474,8 +481,15 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             "--health-path as well (the soak watches that path)",
         ));
     }
+    let health_interval = duration_or(
+        "health_interval",
+        &raw.health_interval,
+        false,
+        Duration::from_millis(500),
+    )?;
     Ok(Settings {
         health_soak,
+        health_interval,
         admin_port,
         admin_token: text(&raw.admin_token),
         webhook_secret: text(&raw.webhook_secret),

@@ -179,7 +179,7 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
                     addr,
                     path: path.clone(),
                     duration: s.health_soak,
-                    interval: Duration::from_millis(500),
+                    interval: s.health_interval,
                 })
             }
             None => tracing::warn!("--health-soak needs a TCP port first in --port; the soak is off"),

@@ -120,6 +120,24 @@ fn every_bad_value_is_a_usage_error_naming_the_flag() {
             &["server", "--registry", "file:///x", "--stop-timeout", "0", "--", "sh"],
             "--stop-timeout",
         ),
+        (
+            &["server", "--registry", "file:///x", "--health-soak", "5s", "--", "sh"],
+            "--health-soak",
+        ),
+        (
+            &[
+                "server",
+                "--registry",
+                "file:///x",
+                "--health-path",
+                "/h",
+                "--health-interval",
+                "0",
+                "--",
+                "sh",
+            ],
+            "--health-interval",
+        ),
     ];
     for (args, flag) in cases {
         let (code, _, err) = run(dewy(dir.path()).args(*args));
@@ -574,7 +592,14 @@ fn unhealthy_release_during_soak_is_rolled_back() {
     let port = dewy_testkit::free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let mut child = server_cmd(&app, &reg, port)
-        .args(["--health-path", "/health", "--health-soak", "3s"])
+        .args([
+            "--health-path",
+            "/health",
+            "--health-soak",
+            "3s",
+            "--health-interval",
+            "200ms",
+        ])
         .args([
             "--after-deploy-hook",
             "echo \"$DEWY_VERSION rollback=${DEWY_ROLLBACK:-0}\" >> hooks.log",
