@@ -50,9 +50,24 @@ impl Key {
         Self(Self::CURRENT.to_owned())
     }
 
+    /// The key recording that the release of artifact key `artifact`
+    /// failed (to start, or its health checks): `bad.<tag>--<artifact>`.
+    /// Kept in the cache so a restarted dewy, and every host sharing the
+    /// cache, skips that release too.
+    pub fn bad(artifact: &Key) -> Self {
+        Self(format!("{}{}", Self::BAD_PREFIX, artifact.0))
+    }
+
+    const BAD_PREFIX: &'static str = "bad.";
+
+    /// Whether this key is a bad-release record.
+    pub fn is_bad_record(&self) -> bool {
+        self.0.starts_with(Self::BAD_PREFIX)
+    }
+
     /// Whether this key names an artifact (`<tag>--<artifact>`).
     pub fn is_artifact(&self) -> bool {
-        self.0.contains("--")
+        self.0.contains("--") && !self.is_bad_record() && !self.0.starts_with(Self::CURRENT)
     }
 
     /// The key as a string.
@@ -111,6 +126,9 @@ mod tests {
         assert_eq!(k.as_str(), "v1.2.3--app.tar.gz");
         assert_eq!(k.tag(), Some("v1.2.3"));
         assert!(k.is_artifact() && !Key::current().is_artifact());
+        let bad = Key::bad(&k);
+        assert_eq!(bad.as_str(), "bad.v1.2.3--app.tar.gz");
+        assert!(bad.is_bad_record() && !bad.is_artifact());
         assert!(Key::artifact("../v1", "x").is_err());
         let err = Key::new("a\0b").unwrap_err().to_string();
         assert!(err.contains("a\\0b"), "{err}");

@@ -7,6 +7,7 @@
 //! | `GET /api/releases` | the releases on disk (JSON) |
 //! | `POST /api/check` | check the registry now |
 //! | `POST /api/restart` | restart the application gracefully |
+//! | `POST /api/clear-bad` | forget the releases recorded as bad |
 //! | `POST /webhook/github` | a GitHub `release` event (signed) checks now |
 //! | `GET /metrics` | Prometheus text |
 //!
@@ -55,6 +56,7 @@ fn router(admin: Arc<Admin>, trusted: bool) -> Router {
         .route("/api/releases", get(releases))
         .route("/api/check", post(check))
         .route("/api/restart", post(restart))
+        .route("/api/clear-bad", post(clear_bad))
         .route("/webhook/github", post(webhook))
         .route("/metrics", get(metrics))
         .with_state(Ctx { admin, trusted })
@@ -152,6 +154,19 @@ async fn restart(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     }
     match ctx.admin.deployer.restart_app().await {
         Ok(()) => (StatusCode::OK, "restarted\n").into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}
+
+async fn clear_bad(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&ctx, &headers) {
+        return r;
+    }
+    match ctx.admin.deployer.clear_bad().await {
+        Ok(n) => {
+            ctx.admin.deployer.request_check();
+            (StatusCode::OK, format!("cleared {n} bad release records\n")).into_response()
+        }
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
     }
 }

@@ -41,6 +41,9 @@ pub enum Command {
     Pin(PinArgs),
     /// Release the pin: deploys resume at the next check.
     Unpin(ReleasesArgs),
+    /// Forget the releases recorded as bad (failed to start or failed their
+    /// health checks), so they are tried again.
+    ClearBad(ReleasesArgs),
 }
 
 /// `dewy rollback`.
@@ -211,6 +214,13 @@ pub struct CommonArgs {
     #[arg(long = "pass-env", value_name = "NAME")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pass_env: Vec<String>,
+
+    /// assets: a shell command run after each switch (with the hooks'
+    /// variables); if it fails, the previous release is put back and this
+    /// one is recorded as bad.
+    #[arg(long = "health-command", value_name = "COMMAND")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_command: Option<String>,
 
     /// Also serve the admin API on 127.0.0.1:PORT (it always listens on
     /// `.dewy/admin.sock` in the app folder, owner only).

@@ -29,6 +29,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("abort_on_hook_failure", "--abort-on-hook-failure"),
     ("workdir", "--workdir"),
     ("pass_env", "--pass-env"),
+    ("health_command", "--health-command"),
     ("admin_port", "--admin-port"),
     ("admin_token", "--admin-token"),
     ("webhook_secret", "--webhook-secret"),
@@ -105,6 +106,7 @@ struct Raw {
     health_soak: Option<Scalar>,
     health_interval: Option<Scalar>,
     admin_port: Option<Scalar>,
+    health_command: Option<Scalar>,
     admin_token: Option<Scalar>,
     webhook_secret: Option<Scalar>,
     ready_notify: Option<Scalar>,
@@ -179,6 +181,8 @@ pub struct Settings {
     pub health_soak: Duration,
     /// Time between two soak checks.
     pub health_interval: Duration,
+    /// Assets health command.
+    pub health_command: Option<String>,
     /// Admin API port on 127.0.0.1.
     pub admin_port: Option<u16>,
     /// Bearer token for mutating admin calls over TCP.
@@ -302,10 +306,8 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
             (Mode::Server, &s.common, s.port.clone(), s.command.clone())
         }
         Some(Command::Assets(a)) => (Mode::Assets, a, vec![], vec![]),
-        Some(
-            Command::Releases(_) | Command::Status(_) | Command::Rollback(_) | Command::Pin(_) | Command::Unpin(_),
-        )
-        | None => {
+        // The other commands read no configuration (see `crate::main`).
+        Some(_) | None => {
             return Err(ConfigError::Source("a command is required: server or assets".into()));
         }
     };
@@ -487,7 +489,16 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         false,
         Duration::from_millis(500),
     )?;
+    let health_command = text(&raw.health_command);
+    if health_command.is_some() && mode == Mode::Server {
+        return Err(invalid(
+            "health_command",
+            health_command.unwrap_or_default(),
+            "assets mode only; in server mode use --health-path",
+        ));
+    }
     Ok(Settings {
+        health_command,
         health_soak,
         health_interval,
         admin_port,

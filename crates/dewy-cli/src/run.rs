@@ -148,6 +148,7 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     config.abort_on_before_hook_failure = s.abort_on_hook_failure;
     config.hook_env = env;
     config.hostname = host;
+    config.health_command = s.health_command.clone();
     if shared_cache {
         // A cache outside the app folder may be shared by several apps:
         // each records its own `current` (Dewy's single key made two apps
@@ -344,6 +345,36 @@ pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process:
             root.display()
         ),
     }
+    std::process::ExitCode::SUCCESS
+}
+
+/// `dewy clear-bad`: through the running dewy, else on its cache directly.
+pub(crate) fn clear_bad(workdir: Option<&str>) -> std::process::ExitCode {
+    let root = root_from(workdir);
+    match admin_request(&root, "POST", "/api/clear-bad") {
+        Ok((200, body)) => {
+            println!("{}", body.trim());
+            return std::process::ExitCode::SUCCESS;
+        }
+        Ok((status, body)) => {
+            eprintln!("error: the running dewy refused ({status}): {}", body.trim());
+            return std::process::ExitCode::from(1);
+        }
+        Err(_) => {}
+    }
+    let dir = var("DEWY_CACHEDIR").map_or_else(|| root.join(".dewy/cache"), std::path::PathBuf::from);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        println!("cleared 0 bad release records (no cache in {})", dir.display());
+        return std::process::ExitCode::SUCCESS;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if dewy_cache::Key::new(name).is_ok_and(|k| k.is_bad_record()) && std::fs::remove_file(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    println!("cleared {n} bad release records in {}", dir.display());
     std::process::ExitCode::SUCCESS
 }
 

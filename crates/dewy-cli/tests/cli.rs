@@ -129,6 +129,18 @@ fn every_bad_value_is_a_usage_error_naming_the_flag() {
                 "server",
                 "--registry",
                 "file:///x",
+                "--health-command",
+                "true",
+                "--",
+                "sh",
+            ],
+            "--health-command",
+        ),
+        (
+            &[
+                "server",
+                "--registry",
+                "file:///x",
                 "--health-path",
                 "/h",
                 "--health-interval",
@@ -652,6 +664,10 @@ fn unhealthy_release_during_soak_is_rolled_back() {
     assert!(hooks.contains("v1.0.0 rollback=1"), "{hooks}");
     let history = std::fs::read_to_string(app.join(".dewy/history.jsonl")).unwrap();
     assert!(history.contains("failed its health check"), "{history}");
+    // The bad record of v2 is in the cache; an operator can clear it.
+    let (code, out, err) = run(dewy(&app).arg("clear-bad"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cleared 1 bad release records"), "{out}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -82,6 +82,9 @@ pub struct Config {
     pub limits: Limits,
     /// Health watched after each restart; a failure rolls back.
     pub soak: Option<Soak>,
+    /// Assets mode: a shell command run after the switch; if it fails, the
+    /// previous release is put back and this one is recorded as bad.
+    pub health_command: Option<String>,
     /// The cache key that records the artifact in use: `current`, as in
     /// Dewy, when the cache belongs to this app; a per-app key when the
     /// cache may be shared, so two apps never overwrite each other's.
@@ -110,6 +113,7 @@ impl Config {
             download: DownloadPolicy::default(),
             soak: None,
             current_key: Key::current(),
+            health_command: None,
         }
     }
 }
@@ -652,7 +656,8 @@ impl Deployer {
             }
         };
         let key = Key::artifact(&release.tag, &release.artifact_name).map_err(Error::Cache)?;
-        if self.state.lock().await.bad_key.as_deref() == Some(key.as_str()) {
+        let recorded_bad = self.cache.read(&Key::bad(&key)).await.ok().flatten().is_some();
+        if recorded_bad || self.state.lock().await.bad_key.as_deref() == Some(key.as_str()) {
             tracing::debug!(cache_key = %key, "Deploy skipped: this release failed to start before");
             return Ok(TickOutcome::KnownBad { tag: release.tag });
         }
@@ -830,6 +835,32 @@ impl Deployer {
         if let Some(cmd) = &self.config.after_hook {
             self.run_hook("After", cmd, &env).await;
         }
+        if let (Mode::Assets, Some(cmd)) = (self.config.mode, &self.config.health_command) {
+            match hooks::run(cmd, &self.config.root, &env, self.config.hook_timeout).await {
+                Ok(o) if o.success() => tracing::info!(command = %cmd, "Health command passed"),
+                outcome => {
+                    let reason = match outcome {
+                        Ok(o) => format!("health command `{cmd}`: {} {}", o.failure(), o.stderr)
+                            .trim()
+                            .to_owned(),
+                        Err(e) => format!("health command `{cmd}` could not run: {e}"),
+                    };
+                    return match &previous_dir {
+                        Some(prev) => Err(self
+                            .roll_back(release, &release_dir, prev, previous_tag.as_deref(), reason)
+                            .await),
+                        None => {
+                            self.mark_bad(release, &reason).await;
+                            Err(Error::Unhealthy {
+                                tag: release.tag.clone(),
+                                reason,
+                                previous: "nothing (first deploy)".into(),
+                            })
+                        }
+                    };
+                }
+            }
+        }
         if let Some(app) = &self.app {
             let restart = app.is_running();
             let result = if restart {
@@ -867,9 +898,7 @@ impl Deployer {
                         }
                     }
                     let _ = std::fs::remove_dir_all(&release_dir);
-                    if let Ok(key) = Key::artifact(&release.tag, &release.artifact_name) {
-                        self.state.lock().await.bad_key = Some(key.to_string());
-                    }
+                    self.mark_bad(release, &source.to_string()).await;
                     return Err(Error::App {
                         action: if restart { "restart" } else { "start" },
                         tag: release.tag.clone(),
@@ -879,6 +908,34 @@ impl Deployer {
             }
         }
         Ok(release_dir)
+    }
+
+    /// Records `release` as bad, in memory and in the cache (so a restarted
+    /// dewy and every host sharing the cache skip it until a newer release
+    /// appears or an operator clears it).
+    async fn mark_bad(&self, release: &Release, reason: &str) {
+        let Ok(key) = Key::artifact(&release.tag, &release.artifact_name) else {
+            return;
+        };
+        self.state.lock().await.bad_key = Some(key.to_string());
+        if let Err(err) = self.cache.write(&Key::bad(&key), reason.as_bytes()).await {
+            tracing::warn!(error = %chain(&err), "Could not record the bad release in the cache");
+        }
+    }
+
+    /// Forgets every bad-release record, so those releases are tried again.
+    /// Returns how many were cleared.
+    pub async fn clear_bad(&self) -> Result<usize, Error> {
+        self.state.lock().await.bad_key = None;
+        let mut n = 0;
+        for entry in self.cache.list().await.map_err(Error::Cache)? {
+            if entry.key.is_bad_record() {
+                self.cache.delete(&entry.key).await.map_err(Error::Cache)?;
+                n += 1;
+            }
+        }
+        tracing::info!(cleared = n, "Bad release records cleared");
+        Ok(n)
     }
 
     /// Watches the new release's health for the soak period.
@@ -923,9 +980,7 @@ impl Deployer {
             self.run_hook("After", cmd, &env).await;
         }
         let _ = std::fs::remove_dir_all(release_dir);
-        if let Ok(key) = Key::artifact(&release.tag, &release.artifact_name) {
-            self.state.lock().await.bad_key = Some(key.to_string());
-        }
+        self.mark_bad(release, &reason).await;
         Error::Unhealthy {
             tag: release.tag.clone(),
             reason,

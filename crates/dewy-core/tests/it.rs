@@ -522,3 +522,51 @@ async fn file_registry_file_cache_and_a_real_app() {
     d.shutdown("terminated").await;
     assert!(dewy_testkit::http_get(addr, "/").is_err() || dewy_testkit::http_get(addr, "/").unwrap().0 == 0);
 }
+
+#[tokio::test]
+async fn assets_health_command_rolls_back_and_the_record_survives_a_restart() {
+    let r = rig_with(Mode::Assets, |c| {
+        c.health_command = Some("test -f \"$DEWY_RELEASE_DIR/OK\"".into());
+        c.after_hook = Some("echo \"$DEWY_VERSION ${DEWY_ROLLBACK:-0}\" >> hooks.log".into());
+    });
+    let with_ok = |v: &str| targz(&[("VERSION", v.as_bytes(), 0o644), ("OK", b"", 0o644)]);
+    r.registry.publish("v1.0.0", &with_ok("v1"));
+    r.deployer.tick().await.unwrap();
+    r.registry.publish("v2.0.0", &app_v("v2"));
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(matches!(err, Error::Unhealthy { .. }), "{err}");
+    assert!(err.to_string().contains("rolled back to `v1.0.0`"), "{err}");
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert_eq!(r.release_count(), 1);
+    let log = std::fs::read_to_string(r.root.join("hooks.log")).unwrap();
+    assert!(
+        log.ends_with("v1.0.0 1\n"),
+        "after hook ran with DEWY_ROLLBACK=1: {log}"
+    );
+    let bad = Key::bad(&Key::artifact("v2.0.0", "app_linux_amd64.tar.gz").unwrap());
+    assert!(
+        r.cache.read(&bad).await.unwrap().is_some(),
+        "the bad record is in the cache"
+    );
+    assert_eq!(
+        r.deployer.tick().await.unwrap(),
+        TickOutcome::KnownBad { tag: "v2.0.0".into() }
+    );
+
+    // A restarted dewy (a new deployer on the same cache) still skips it.
+    let notify = Notify::new(r.sent.clone(), Context::default(), false);
+    let mut config = Config::new(Mode::Assets, r.root.clone());
+    config.health_command = Some("test -f \"$DEWY_RELEASE_DIR/OK\"".into());
+    let again = Deployer::new(config, r.registry.clone(), r.cache.clone(), notify, None).unwrap();
+    assert_eq!(
+        again.tick().await.unwrap(),
+        TickOutcome::KnownBad { tag: "v2.0.0".into() }
+    );
+    // Cleared by an operator, it is tried (and refused) again.
+    assert_eq!(again.clear_bad().await.unwrap(), 1);
+    assert!(matches!(again.tick().await, Err(Error::Unhealthy { .. })));
+    // A newer release replaces it.
+    r.registry.publish("v3.0.0", &with_ok("v3"));
+    again.tick().await.unwrap();
+    assert_eq!(r.current_version().as_deref(), Some("v3"));
+}
