@@ -455,6 +455,16 @@ fn health_path_gates_a_restart() {
     });
     publish("v3.0.0", "200");
     wait_for("v3", Duration::from_secs(30), || body().starts_with("version=v3.0.0"));
+    // A v4 that exits at start: v3 keeps answering every request.
+    let env = "DEMO_EXIT_AT_START=1\n";
+    release(&reg, &demo, "v4.0.0", &[("demo.env", env.as_bytes(), 0o644)]);
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let (status, b) = dewy_testkit::http_get(addr, "/").unwrap();
+        assert_eq!(status, 200, "{b}");
+        assert!(b.starts_with("version=v3.0.0"), "{b}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

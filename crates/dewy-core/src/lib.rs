@@ -27,6 +27,14 @@
 //! they were, notifies (with error limiting) and is retried on the next
 //! tick. Ticks never overlap; [`Deployer::request_check`] asks for one now.
 //!
+//! A release that fails to start, or fails its health checks during the
+//! soak after a restart ([`Soak`]) or the assets health command, is rolled
+//! back (previous release, restart, after hook with `DEWY_ROLLBACK=1`) and
+//! recorded as bad in the cache (`bad.<tag>--<artifact>`), so no host
+//! sharing the cache deploys it again until a newer release appears or
+//! [`Deployer::clear_bad`]. An operator's pin (`.dewy/pin`, see
+//! [`set_pin`]) holds the folder: ticks deploy nothing while it is set.
+//!
 //! # Embedding
 //!
 //! ```no_run
