@@ -45,6 +45,9 @@ struct Ctx {
     trusted: bool,
 }
 
+/// Dewy's default admin port.
+const DEWY_ADMIN_PORT: u16 = 17539;
+
 /// The path of the admin socket of an app folder.
 pub(crate) fn socket_path(root: &Path) -> PathBuf {
     root.join(".dewy/admin.sock")
@@ -88,9 +91,23 @@ pub(crate) async fn serve(
         }
     });
     if let Some(port) = port {
-        let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .with_context(|| format!("cannot listen for the admin API on 127.0.0.1:{port}"))?;
+        // Dewy's default admin port 17539 moves up to +9 when taken, so
+        // several instances on one host each find one.
+        let candidates: Vec<u16> = if port == DEWY_ADMIN_PORT {
+            (port..port + 10).collect()
+        } else {
+            vec![port]
+        };
+        let mut bound = None;
+        for p in &candidates {
+            if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", *p)).await {
+                bound = Some((l, *p));
+                break;
+            }
+        }
+        let Some((tcp, port)) = bound else {
+            anyhow::bail!("cannot listen for the admin API on 127.0.0.1 (tried ports {candidates:?})");
+        };
         tracing::info!(port, "Admin API port bound successfully");
         let tcp_app = router(admin, false);
         tokio::spawn(async move {
