@@ -71,7 +71,7 @@ pub struct Downloader {
 /// bounded (the block being filled plus `IN_FLIGHT` blocks).
 struct Partial {
     block: Vec<u8>,
-    tx: Option<std::sync::mpsc::SyncSender<Block>>,
+    tx: Option<tokio::sync::mpsc::Sender<Block>>,
     writer: Option<std::thread::JoinHandle<std::io::Result<(String, u64)>>>,
     size: u64,
 }
@@ -87,13 +87,13 @@ const IN_FLIGHT: usize = 4;
 
 impl Partial {
     fn new(file: std::fs::File) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Block>(IN_FLIGHT);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Block>(IN_FLIGHT);
         let writer = std::thread::spawn(move || -> std::io::Result<(String, u64)> {
             use std::io::{Seek, Write};
             let mut file = file;
             let mut hasher = Sha256::new();
             let mut size = 0u64;
-            for block in rx {
+            while let Some(block) = rx.blocking_recv() {
                 match block {
                     Block::Data(b) => {
                         hasher.update(&b);
@@ -124,16 +124,9 @@ impl Partial {
         let tx = self
             .tx
             .as_ref()
-            .ok_or_else(|| std::io::Error::other("download already finished"))?
-            .clone();
-        match tx.try_send(block) {
-            Ok(()) => Ok(()),
-            Err(std::sync::mpsc::TrySendError::Full(block)) => tokio::task::spawn_blocking(move || tx.send(block))
-                .await
-                .map_err(std::io::Error::other)?
-                .map_err(|_| self.writer_failed()),
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(self.writer_failed()),
-        }
+            .ok_or_else(|| std::io::Error::other("download already finished"))?;
+        // Waits without a thread hop while the writer is IN_FLIGHT blocks behind.
+        tx.send(block).await.map_err(|_| self.writer_failed())
     }
 
     fn writer_failed(&self) -> std::io::Error {
