@@ -273,6 +273,52 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
             ("{outcome=\"error\"}".into(), m.ticks_error.load(Relaxed)),
         ],
     );
+    family(
+        "dewy_registry_requests_total",
+        "counter",
+        "Registry answers by result.",
+        &[
+            ("{result=\"release\"}".into(), m.registry_ok.load(Relaxed)),
+            (
+                "{result=\"artifact_not_found\"}".into(),
+                m.registry_not_found.load(Relaxed),
+            ),
+            ("{result=\"error\"}".into(), m.registry_errors.load(Relaxed)),
+        ],
+    );
+    family(
+        "dewy_downloads_total",
+        "counter",
+        "Artifacts downloaded.",
+        &[(String::new(), m.downloads.load(Relaxed))],
+    );
+    family(
+        "dewy_download_bytes_total",
+        "counter",
+        "Bytes downloaded.",
+        &[(String::new(), m.download_bytes.load(Relaxed))],
+    );
+    family(
+        "dewy_cache_hits_total",
+        "counter",
+        "Deploys served from the cache.",
+        &[(String::new(), m.cache_hits.load(Relaxed))],
+    );
+    family(
+        "dewy_hook_runs_total",
+        "counter",
+        "Deploy hooks by outcome.",
+        &[
+            ("{outcome=\"success\"}".into(), m.hooks_ok.load(Relaxed)),
+            ("{outcome=\"failure\"}".into(), m.hooks_failed.load(Relaxed)),
+        ],
+    );
+    family(
+        "dewy_rollbacks_total",
+        "counter",
+        "Automatic rollbacks.",
+        &[(String::new(), m.rollbacks.load(Relaxed))],
+    );
     let stats = d.notify().stats();
     family(
         "dewy_notifications_total",

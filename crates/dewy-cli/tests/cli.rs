@@ -492,6 +492,55 @@ fn http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     )
 }
 
+/// Parses Prometheus text exposition strictly enough to catch a malformed
+/// line: every sample is `name{labels} value` with a `# TYPE` before it.
+fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let name = parts.next().unwrap().to_owned();
+            assert!(
+                matches!(
+                    parts.next(),
+                    Some("counter" | "gauge" | "histogram" | "summary" | "untyped")
+                ),
+                "{line}"
+            );
+            typed.insert(name);
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("malformed sample: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad metric name: {line}"
+        );
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "bad labels: {line}");
+            for pair in labels[1..labels.len() - 1].split(',') {
+                let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("bad label: {line}"));
+                assert!(
+                    !k.is_empty() && v.starts_with('"') && v.ends_with('"'),
+                    "bad label: {line}"
+                );
+            }
+        }
+        assert!(typed.contains(name), "sample before its # TYPE: {line}");
+        samples.insert(
+            series.to_owned(),
+            value.parse::<f64>().unwrap_or_else(|_| panic!("bad value: {line}")),
+        );
+    }
+    samples
+}
+
 /// The admin API: status over the owner-only socket, metrics, bearer-token
 /// and webhook-signature refusals, and a webhook-triggered deploy that does
 /// not wait for the (long) interval.
@@ -542,11 +591,15 @@ fn admin_api_status_metrics_and_webhook() {
 
     let (status, metrics) = http(admin, "GET /metrics HTTP/1.0\r\n\r\n");
     assert_eq!(status, 200);
+    let before = parse_prometheus(&metrics);
+    assert_eq!(before["dewy_deployments_total{command=\"assets\"}"], 1.0, "{metrics}");
+    assert_eq!(before["dewy_downloads_total"], 1.0, "{metrics}");
+    assert!(before["dewy_download_bytes_total"] > 0.0, "{metrics}");
     assert!(
-        metrics.contains("dewy_deployments_total{command=\"assets\"} 1"),
+        before["dewy_registry_requests_total{result=\"release\"}"] >= 1.0,
         "{metrics}"
     );
-    assert!(metrics.contains("dewy_info{dewy_version="), "{metrics}");
+    assert!(before.keys().any(|k| k.starts_with("dewy_info{")), "{metrics}");
 
     // Mutating calls over TCP need the token.
     assert_eq!(http(admin, "POST /api/check HTTP/1.0\r\n\r\n").0, 401);
@@ -589,6 +642,13 @@ fn admin_api_status_metrics_and_webhook() {
     assert_eq!(http(admin, &good).0, 202);
     wait_for("v2 by webhook", Duration::from_secs(10), || {
         std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|v| v == "v2.0.0")
+    });
+    // The series move.
+    wait_for("metrics after v2", Duration::from_secs(10), || {
+        let after = parse_prometheus(&http(admin, "GET /metrics HTTP/1.0\r\n\r\n").1);
+        after["dewy_deployments_total{command=\"assets\"}"] == 2.0
+            && after["dewy_downloads_total"] == 2.0
+            && after["dewy_ticks_total{outcome=\"deployed\"}"] == 2.0
     });
 
     nix::sys::signal::kill(

@@ -287,6 +287,24 @@ pub struct Metrics {
     pub ticks_known_bad: std::sync::atomic::AtomicU64,
     /// See `ticks_skipped`.
     pub ticks_error: std::sync::atomic::AtomicU64,
+    /// Registry answers: a release.
+    pub registry_ok: std::sync::atomic::AtomicU64,
+    /// Registry answers: no artifact for this host (yet).
+    pub registry_not_found: std::sync::atomic::AtomicU64,
+    /// Registry failures.
+    pub registry_errors: std::sync::atomic::AtomicU64,
+    /// Artifacts downloaded.
+    pub downloads: std::sync::atomic::AtomicU64,
+    /// Bytes downloaded.
+    pub download_bytes: std::sync::atomic::AtomicU64,
+    /// Deploys served from the cache without a download.
+    pub cache_hits: std::sync::atomic::AtomicU64,
+    /// Hooks that succeeded.
+    pub hooks_ok: std::sync::atomic::AtomicU64,
+    /// Hooks that failed (or timed out).
+    pub hooks_failed: std::sync::atomic::AtomicU64,
+    /// Automatic rollbacks.
+    pub rollbacks: std::sync::atomic::AtomicU64,
 }
 
 /// What the loop is doing, for `dewy status` and the admin API.
@@ -625,7 +643,18 @@ impl Deployer {
             tracing::debug!(version, "Deploy skipped: pinned");
             return Ok(TickOutcome::Pinned { version });
         }
-        let release = match self.registry.latest().await {
+        let answer = self.registry.latest().await;
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            match &answer {
+                Ok(_) => self.metrics.registry_ok.fetch_add(1, Relaxed),
+                Err(dewy_registry::Error::ArtifactNotFound { .. }) => {
+                    self.metrics.registry_not_found.fetch_add(1, Relaxed)
+                }
+                Err(_) => self.metrics.registry_errors.fetch_add(1, Relaxed),
+            };
+        }
+        let release = match answer {
             Ok(r) => r,
             Err(dewy_registry::Error::ArtifactNotFound {
                 tag,
@@ -681,7 +710,12 @@ impl Deployer {
         let started = std::time::Instant::now();
         let result = async {
             let artifact = match cached {
-                Some(path) => path,
+                Some(path) => {
+                    self.metrics
+                        .cache_hits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    path
+                }
                 None => self.download(&release, &key).await?,
             };
             self.notify.send(format!("Downloaded artifact for `{}`", release.tag));
@@ -741,6 +775,12 @@ impl Deployer {
         self.progress.finished(&release.tag);
         let downloaded = downloaded?;
         tracing::info!(tag = %release.tag, bytes = downloaded.size, sha256 = %downloaded.sha256, "Artifact downloaded");
+        self.metrics
+            .downloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .download_bytes
+            .fetch_add(downloaded.size, std::sync::atomic::Ordering::Relaxed);
         self.cache.put_file(key, &downloaded.path).await.map_err(Error::Cache)?;
         tracing::info!(cache_key = %key, "Cached artifact");
         self.cache.local_path(key).await.map_err(Error::Cache)?.ok_or_else(|| {
@@ -769,6 +809,12 @@ impl Deployer {
                 return None;
             }
         };
+        let counter = if outcome.success() {
+            &self.metrics.hooks_ok
+        } else {
+            &self.metrics.hooks_failed
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if outcome.success() {
             tracing::info!(command, stdout = %outcome.stdout, stderr = %outcome.stderr, duration = ?outcome.duration, "Execute hook");
         } else {
@@ -962,6 +1008,9 @@ impl Deployer {
     ) -> Error {
         let previous_tag = previous_tag.unwrap_or("the previous release").to_owned();
         tracing::error!(version = %release.tag, reason, "Health check failed after restart, rolling back");
+        self.metrics
+            .rollbacks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = self.releases.switch(previous) {
             tracing::error!(error = %e, "Switching current back failed");
         }
