@@ -8,6 +8,8 @@
 //! | `POST /api/check` | check the registry now |
 //! | `POST /api/restart` | restart the application gracefully |
 //! | `POST /api/clear-bad` | forget the releases recorded as bad |
+//! | `POST /api/rollback[?to=VERSION]` | back to the previous (or named) release on disk, restart, pin |
+//! | `POST /api/unpin` | release the pin and check now |
 //! | `POST /webhook/github` | a GitHub `release` event (signed) checks now |
 //! | `GET /metrics` | Prometheus text |
 //!
@@ -60,6 +62,8 @@ fn router(admin: Arc<Admin>, trusted: bool) -> Router {
         .route("/api/check", post(check))
         .route("/api/restart", post(restart))
         .route("/api/clear-bad", post(clear_bad))
+        .route("/api/rollback", post(rollback))
+        .route("/api/unpin", post(unpin))
         .route("/webhook/github", post(webhook))
         .route("/metrics", get(metrics))
         .with_state(Ctx { admin, trusted })
@@ -171,6 +175,39 @@ async fn restart(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     }
     match ctx.admin.deployer.restart_app().await {
         Ok(()) => (StatusCode::OK, "restarted\n").into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct RollbackQuery {
+    to: Option<String>,
+}
+
+async fn rollback(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<RollbackQuery>,
+) -> Response {
+    if let Some(r) = unauthorized(&ctx, &headers) {
+        return r;
+    }
+    let (path, version) = match crate::run::rollback_target(&ctx.admin.root, q.to.as_deref()) {
+        Ok(t) => t,
+        Err(why) => return (StatusCode::NOT_FOUND, format!("{why}\n")).into_response(),
+    };
+    match ctx.admin.deployer.pin_release(&path, &version).await {
+        Ok(()) => (StatusCode::OK, format!("rolled back to {version}; pinned\n")).into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}
+
+async fn unpin(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&ctx, &headers) {
+        return r;
+    }
+    match ctx.admin.deployer.unpin() {
+        Ok(()) => (StatusCode::OK, "unpinned\n").into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
     }
 }

@@ -286,10 +286,13 @@ fn admin_request(root: &std::path::Path, method: &str, path: &str) -> std::io::R
     ))
 }
 
-/// `dewy rollback` and `dewy pin`.
-pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process::ExitCode {
-    let root = root_from(workdir);
-    let rows = release_rows(&root);
+/// The release to roll back to: `to` (a version or a release folder name),
+/// else the one before the current one. `Err` says what is on disk.
+pub(crate) fn rollback_target(
+    root: &std::path::Path,
+    to: Option<&str>,
+) -> Result<(std::path::PathBuf, String), String> {
+    let rows = release_rows(root);
     let version_of = |r: &serde_json::Value| r["version"].as_str().map(str::to_owned);
     let current = rows.iter().position(|r| r["current"] == true);
     let target = match to {
@@ -303,49 +306,77 @@ pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process:
             .iter()
             .map(|r| version_of(r).unwrap_or_else(|| r["release"].as_str().unwrap_or("?").to_owned()))
             .collect();
-        match to {
-            Some(v) => eprintln!(
-                "error: version `{v}` is not on disk in {}; releases: {}",
+        return Err(match to {
+            Some(v) => format!(
+                "version `{v}` is not on disk in {}; releases: {}",
                 root.display(),
                 on_disk.join(", ")
             ),
-            None => eprintln!(
-                "error: no release before the current one in {}; releases: {}",
+            None => format!(
+                "no release before the current one in {}; releases: {}",
                 root.display(),
                 on_disk.join(", ")
             ),
-        }
-        return std::process::ExitCode::from(1);
+        });
     };
     let path = std::path::PathBuf::from(target["path"].as_str().unwrap_or_default());
     let version = version_of(target).unwrap_or_else(|| target["release"].as_str().unwrap_or_default().to_owned());
-    if let Err(err) = dewy_core::set_pin(&root, Some(&version)) {
-        eprintln!("error: cannot pin {}: {err}", root.display());
-        return std::process::ExitCode::from(1);
-    }
-    if let Err(err) = dewy_core::Releases::new(&root).switch(&path) {
-        eprintln!("error: cannot switch current to {}: {err}", path.display());
-        return std::process::ExitCode::from(1);
-    }
-    println!(
-        "current -> {} ({version}); pinned: no deploy replaces it until `dewy unpin`",
-        path.display()
-    );
-    match admin_request(&root, "POST", "/api/restart") {
-        Ok((200, _)) => println!("the running dewy restarted the application"),
+    Ok((path, version))
+}
+
+/// `dewy rollback` and `dewy pin`: through the running dewy (which does it
+/// between ticks and restarts the app), else on the folder directly.
+pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process::ExitCode {
+    let root = root_from(workdir);
+    let (path, version) = match rollback_target(&root, to) {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let query = to.map(|v| format!("?to={}", percent_encode(v))).unwrap_or_default();
+    match admin_request(&root, "POST", &format!("/api/rollback{query}")) {
+        Ok((200, _)) => {
+            println!(
+                "current -> {} ({version}); the running dewy restarted the application; pinned until `dewy unpin`",
+                path.display()
+            );
+            return std::process::ExitCode::SUCCESS;
+        }
         Ok((status, body)) => {
             eprintln!(
-                "error: the running dewy could not restart the application ({status}): {}",
+                "error: the running dewy could not roll back ({status}): {}",
                 body.trim()
             );
             return std::process::ExitCode::from(1);
         }
-        Err(_) => println!(
-            "no running dewy in {}; the next start uses this release",
-            root.display()
-        ),
+        Err(_) => {}
     }
+    if let Err(err) =
+        dewy_core::set_pin(&root, Some(&version)).and_then(|()| dewy_core::Releases::new(&root).switch(&path))
+    {
+        eprintln!("error: cannot roll back {}: {err}", root.display());
+        return std::process::ExitCode::from(1);
+    }
+    println!(
+        "current -> {} ({version}); pinned until `dewy unpin`; no running dewy in {}, the next start uses this release",
+        path.display(),
+        root.display()
+    );
     std::process::ExitCode::SUCCESS
+}
+
+fn percent_encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// `dewy clear-bad`: through the running dewy, else on its cache directly.
@@ -381,11 +412,14 @@ pub(crate) fn clear_bad(workdir: Option<&str>) -> std::process::ExitCode {
 /// `dewy unpin`.
 pub(crate) fn unpin(workdir: Option<&str>) -> std::process::ExitCode {
     let root = root_from(workdir);
+    if let Ok((200, _)) = admin_request(&root, "POST", "/api/unpin") {
+        println!("unpinned: the running dewy checks the registry now");
+        return std::process::ExitCode::SUCCESS;
+    }
     if let Err(err) = dewy_core::set_pin(&root, None) {
         eprintln!("error: cannot unpin {}: {err}", root.display());
         return std::process::ExitCode::from(1);
     }
-    let _ = admin_request(&root, "POST", "/api/check");
     println!("unpinned: deploys resume at the next check");
     std::process::ExitCode::SUCCESS
 }

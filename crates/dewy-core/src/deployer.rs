@@ -969,6 +969,46 @@ impl Deployer {
         }
     }
 
+    /// An operator's rollback or pin: between ticks, pins the folder at
+    /// `version`, points `current` at `release_dir` (a release on disk) and
+    /// restarts the application.
+    pub async fn pin_release(&self, release_dir: &Path, version: &str) -> Result<(), Error> {
+        let _tick = self.tick_lock.lock().await;
+        let io = |op, source| Error::Io {
+            op,
+            path: release_dir.to_path_buf(),
+            source,
+        };
+        crate::layout::set_pin(&self.config.root, Some(version)).map_err(|e| io("pin the app folder at", e))?;
+        self.releases
+            .switch(release_dir)
+            .map_err(|e| io("switch the current symlink to", e))?;
+        self.state.lock().await.current_tag = Some(version.to_owned());
+        if let Some(app) = &self.app {
+            app.restart().await.map_err(|source| Error::App {
+                action: "restart",
+                tag: version.to_owned(),
+                source,
+            })?;
+        }
+        tracing::info!(version, release = %release_dir.display(), "Pinned by an operator");
+        self.notify.send_important(format!(
+            "Rolled back to `{version}` by an operator; deploys are paused until unpinned"
+        ));
+        Ok(())
+    }
+
+    /// Releases an operator's pin and checks the registry at once.
+    pub fn unpin(&self) -> Result<(), Error> {
+        crate::layout::set_pin(&self.config.root, None).map_err(|source| Error::Io {
+            op: "unpin",
+            path: self.config.root.clone(),
+            source,
+        })?;
+        self.request_check();
+        Ok(())
+    }
+
     /// Forgets every bad-release record, so those releases are tried again.
     /// Returns how many were cleared.
     pub async fn clear_bad(&self) -> Result<usize, Error> {
