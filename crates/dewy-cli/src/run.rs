@@ -475,12 +475,16 @@ pub(crate) fn status(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode 
         "dewy_version",
         "current_version",
         "current_release",
+        "previous_release",
         "is_running",
+        "generation",
+        "pid",
         "last_check",
         "last_outcome",
         "last_error",
         "next_check",
         "bad_release",
+        "pinned",
     ] {
         let value = match &v[key] {
             serde_json::Value::Null => "-".to_owned(),

@@ -268,10 +268,14 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     assert!(body().starts_with("version=v1.0.0"), "pinned: {}", body());
     let (code, out, _) = run(dewy(&app).args(["status", "--json"]));
     assert_eq!(code, 0);
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()["pinned"],
-        "v1.0.0"
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["pinned"], "v1.0.0");
+    assert!(
+        status["pid"].as_u64().is_some() && status["generation"].as_u64() >= Some(4),
+        "{status}"
     );
+    // v1 is the oldest release: nothing before it to roll back to.
+    assert!(status["previous_release"].is_null(), "{status}");
     let (code, _, err) = run(dewy(&app).args(["rollback", "--to", "v9.9.9"]));
     assert_eq!(code, 1);
     assert!(err.contains("v9.9.9") && err.contains("v1.0.0"), "{err}");

@@ -320,6 +320,13 @@ pub struct Status {
     pub current_release: Option<String>,
     /// Whether the application runs (server mode).
     pub is_running: bool,
+    /// The generation serving now and its pid (server mode).
+    pub generation: Option<u64>,
+    /// See `generation`.
+    pub pid: Option<u32>,
+    /// The release before the current one on disk (what `dewy rollback`
+    /// would go back to).
+    pub previous_release: Option<String>,
     /// When the last check ended.
     pub last_check: Option<String>,
     /// How it ended: skipped, deployed, grace-period, known-bad, error.
@@ -505,6 +512,16 @@ impl Deployer {
 
     /// What the loop is doing now.
     pub async fn status(&self) -> Status {
+        let serving = match &self.app {
+            Some(app) => app.current().await,
+            None => None,
+        };
+        let releases = self.releases.list().unwrap_or_default();
+        let previous_release = releases
+            .iter()
+            .position(|r| r.current)
+            .and_then(|i| releases.get(i + 1))
+            .map(|r| r.path.display().to_string());
         let state = self.state.lock().await;
         let fmt = |t: &Option<jiff::Timestamp>| t.map(|t| t.to_string());
         Status {
@@ -513,6 +530,9 @@ impl Deployer {
             current_version: state.current_tag.clone(),
             current_release: self.releases.current_target().map(|p| p.display().to_string()),
             is_running: self.app.as_ref().is_some_and(|a| a.is_running()),
+            generation: serving.map(|g| g.generation),
+            pid: serving.map(|g| g.pid),
+            previous_release,
             last_check: fmt(&state.last_check),
             last_outcome: state.last_outcome.clone(),
             last_error: state.last_error.clone(),

@@ -157,6 +157,10 @@ pub trait Supervisor: Send + Sync + std::fmt::Debug {
     fn is_running(&self) -> bool;
     /// Events (starts, exits, crash loops), for logs and notifications.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
+    /// The generation serving now, when known.
+    async fn current(&self) -> Option<GenerationInfo> {
+        None
+    }
 }
 
 #[async_trait::async_trait]
@@ -175,6 +179,9 @@ impl Supervisor for Starter {
     }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
         Starter::subscribe(self)
+    }
+    async fn current(&self) -> Option<GenerationInfo> {
+        Starter::current(self).await
     }
 }
 
