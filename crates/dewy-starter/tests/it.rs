@@ -28,6 +28,21 @@ fn config(command: &Path, env: &[(&str, &str)], readiness: Readiness) -> Starter
     }
 }
 
+/// Readiness by `READY=1`, as the demo app sends it.
+fn notify() -> Readiness {
+    Readiness::Notify {
+        timeout: Duration::from_secs(10),
+    }
+}
+
+/// The demo app as version v1 under a starter on a fresh loopback port.
+fn demo_v1(mut edit: impl FnMut(&mut StarterConfig)) -> (Starter, SocketAddr) {
+    let (listeners, addr) = loopback();
+    let mut cfg = config(&dewy_testkit::demo_app(), &[("APP_VERSION", "v1")], notify());
+    edit(&mut cfg);
+    (Starter::new(cfg, listeners), addr)
+}
+
 fn loopback() -> (Listeners, SocketAddr) {
     let port = dewy_testkit::free_port();
     let spec = ListenSpec::Addr(SocketAddr::from(([127, 0, 0, 1], port)));
@@ -121,17 +136,7 @@ async fn protocol_variables_match_start_server() {
 async fn readiness_by_notify_and_http_and_failures_are_caught() {
     let app = dewy_testkit::demo_app();
     // Notify: ready when READY=1 arrives.
-    let (listeners, addr) = loopback();
-    let starter = Starter::new(
-        config(
-            &app,
-            &[("APP_VERSION", "v1")],
-            Readiness::Notify {
-                timeout: Duration::from_secs(10),
-            },
-        ),
-        listeners,
-    );
+    let (starter, addr) = demo_v1(|_| {});
     starter.start().await.unwrap();
     let (status, body) = get(addr, "/").await.unwrap();
     assert_eq!(status, 200);
@@ -247,18 +252,7 @@ async fn an_app_that_ignores_sigterm_is_killed_after_the_timeout() {
 
 #[tokio::test]
 async fn a_crashed_app_is_restarted_with_backoff() {
-    let app = dewy_testkit::demo_app();
-    let (listeners, addr) = loopback();
-    let starter = Starter::new(
-        config(
-            &app,
-            &[("APP_VERSION", "v1")],
-            Readiness::Notify {
-                timeout: Duration::from_secs(10),
-            },
-        ),
-        listeners,
-    );
+    let (starter, addr) = demo_v1(|_| {});
     let mut events = starter.subscribe();
     let g = starter.start().await.unwrap();
     nix::sys::signal::kill(
@@ -343,17 +337,7 @@ async fn keepalive_client(addr: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<Atomi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_restarts_under_load_drop_no_request() {
-    let app = dewy_testkit::demo_app();
-    let (listeners, addr) = loopback();
-    let mut cfg = config(
-        &app,
-        &[("APP_VERSION", "v1")],
-        Readiness::Notify {
-            timeout: Duration::from_secs(10),
-        },
-    );
-    cfg.stop_timeout = Duration::from_secs(10);
-    let starter = Starter::new(cfg, listeners);
+    let (starter, addr) = demo_v1(|cfg| cfg.stop_timeout = Duration::from_secs(10));
     starter.start().await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -406,16 +390,7 @@ async fn orphan_helper_process() {
         return;
     };
     let (listeners, _) = loopback();
-    let starter = Starter::new(
-        config(
-            &dewy_testkit::demo_app(),
-            &[],
-            Readiness::Notify {
-                timeout: Duration::from_secs(10),
-            },
-        ),
-        listeners,
-    );
+    let starter = Starter::new(config(&dewy_testkit::demo_app(), &[], notify()), listeners);
     let g = starter.start().await.unwrap();
     std::fs::write(format!("{pid_file}.tmp"), g.pid.to_string()).unwrap();
     std::fs::rename(format!("{pid_file}.tmp"), &pid_file).unwrap();
