@@ -323,6 +323,22 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
             ("{result=\"error\"}".into(), m.registry_errors.load(Relaxed)),
         ],
     );
+    let http = d.registry_stats();
+    family(
+        "dewy_registry_http_requests_total",
+        "counter",
+        "Requests the registry backend sent (GitHub: 304s are free against the rate limit).",
+        &[
+            ("{answer=\"any\"}".into(), http.requests),
+            ("{answer=\"not_modified\"}".into(), http.not_modified),
+        ],
+    );
+    family(
+        "dewy_registry_rate_limited_total",
+        "counter",
+        "Times the registry's rate limit stopped requests until its reset.",
+        &[(String::new(), http.rate_limited)],
+    );
     family(
         "dewy_downloads_total",
         "counter",

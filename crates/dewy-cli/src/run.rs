@@ -71,6 +71,15 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     let open = dewy_registry::OpenOptions {
         slot: s.slot.clone(),
         calver: s.calver.clone(),
+        github: dewy_registry::GithubEnv {
+            // GH_TOKEN wins over GITHUB_TOKEN, as in Dewy.
+            token: var("GH_TOKEN").or_else(|| var("GITHUB_TOKEN")),
+            api_url: var("GITHUB_API_URL"),
+            app_id: var("GITHUB_APP_ID"),
+            app_installation_id: var("GITHUB_APP_INSTALLATION_ID"),
+            app_private_key: var("GITHUB_APP_PRIVATE_KEY"),
+            app_private_key_path: var("GITHUB_APP_PRIVATE_KEY_PATH"),
+        },
         ..Default::default()
     };
     let registry = dewy_registry::open(&s.registry, &open).context("cannot open the registry")?;

@@ -510,6 +510,11 @@ impl Deployer {
         &self.metrics
     }
 
+    /// The registry backend's request counters (304s, rate limits).
+    pub fn registry_stats(&self) -> dewy_registry::RegistryStats {
+        self.registry.stats()
+    }
+
     /// What the loop is doing now.
     pub async fn status(&self) -> Status {
         let serving = match &self.app {
@@ -784,9 +789,17 @@ impl Deployer {
             tag: release.tag.clone(),
             progress: self.progress.clone(),
         };
+        let request = self
+            .registry
+            .artifact_request(release)
+            .await
+            .map_err(|source| Error::Download {
+                tag: release.tag.clone(),
+                source,
+            })?;
         let downloaded = self
             .downloader
-            .fetch(release, self.cache.staging_dir(), &progress)
+            .fetch_request(&request, release.checksum.as_ref(), self.cache.staging_dir(), &progress)
             .await
             .map_err(|source| Error::Download {
                 tag: release.tag.clone(),

@@ -142,6 +142,39 @@ pub fn choose_artifact<'a>(names: impl IntoIterator<Item = &'a str>, platform: &
     }
 }
 
+/// The artifact of release `tag` among `names`: the one asked for with
+/// `artifact=`, else the one [`choose_artifact`] picks. A missing artifact
+/// is [`crate::Error::ArtifactNotFound`] with the publish time (for the grace
+/// period); several candidates are [`crate::Error::AmbiguousArtifact`].
+pub(crate) fn pick_artifact<'a>(
+    tag: &str,
+    names: impl IntoIterator<Item = &'a str>,
+    wanted: Option<&str>,
+    platform: &Platform,
+    published_at: Option<jiff::Timestamp>,
+) -> Result<String, crate::Error> {
+    let not_found = || crate::Error::ArtifactNotFound {
+        tag: tag.to_owned(),
+        wanted: wanted.map(str::to_owned),
+        published_at,
+    };
+    match wanted {
+        Some(name) => names
+            .into_iter()
+            .find(|n| *n == name)
+            .map(str::to_owned)
+            .ok_or_else(not_found),
+        None => match choose_artifact(names, platform) {
+            Choice::One(name) => Ok(name),
+            Choice::None => Err(not_found()),
+            Choice::Ambiguous(candidates) => Err(crate::Error::AmbiguousArtifact {
+                tag: tag.to_owned(),
+                candidates,
+            }),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::{Error, Release, SafeUrl};
+use crate::{ArtifactRequest, Checksum, Error, Release, SafeUrl};
 
 /// Limits and timeouts of a download.
 #[derive(Debug, Clone)]
@@ -195,7 +195,22 @@ impl Downloader {
         staging: &Path,
         progress: &dyn DownloadProgress,
     ) -> Result<Downloaded, Error> {
-        let url = release.artifact_url.as_str();
+        let request = ArtifactRequest::plain(&release.artifact_url);
+        self.fetch_request(&request, release.checksum.as_ref(), staging, progress)
+            .await
+    }
+
+    /// Downloads what `request` names into `staging` and verifies it against
+    /// `checksum` when one is known. Headers go to the first host only:
+    /// redirects to another host do not carry `Authorization`.
+    pub async fn fetch_request(
+        &self,
+        request: &ArtifactRequest,
+        checksum: Option<&Checksum>,
+        staging: &Path,
+        progress: &dyn DownloadProgress,
+    ) -> Result<Downloaded, Error> {
+        let url = request.url.as_str();
         let tmp = tempfile::Builder::new()
             .prefix(".download-")
             .tempfile_in(staging)
@@ -209,7 +224,7 @@ impl Downloader {
                 .unwrap_or_else(|| PathBuf::from(rest));
             self.copy_local(&src, url, &mut partial, progress).await?;
         } else if url.starts_with("http://") || url.starts_with("https://") {
-            self.fetch_http(url, &mut partial, progress).await?;
+            self.fetch_http(request, &mut partial, progress).await?;
         } else {
             return Err(Error::InvalidUrl {
                 url: SafeUrl(url).to_string(),
@@ -218,7 +233,7 @@ impl Downloader {
         }
         let (sha256, written) = partial.finish().await.map_err(|e| Error::io("write", &*path, e))?;
         debug_assert_eq!(written, partial.size);
-        if let Some(expected) = &release.checksum
+        if let Some(expected) = checksum
             && !expected.sha256.eq_ignore_ascii_case(&sha256)
         {
             return Err(Error::ChecksumMismatch {
@@ -274,11 +289,17 @@ impl Downloader {
         }
     }
 
-    async fn fetch_http(&self, url: &str, partial: &mut Partial, progress: &dyn DownloadProgress) -> Result<(), Error> {
+    async fn fetch_http(
+        &self,
+        request: &ArtifactRequest,
+        partial: &mut Partial,
+        progress: &dyn DownloadProgress,
+    ) -> Result<(), Error> {
+        let url = request.url.as_str();
         let mut attempt = 0;
         let mut validator: Option<String> = None;
         loop {
-            match self.fetch_http_once(url, partial, progress, &mut validator).await {
+            match self.fetch_http_once(request, partial, progress, &mut validator).await {
                 Ok(()) => return Ok(()),
                 Err(err) if err.is_transient() && attempt < self.policy.retries => {
                     attempt += 1;
@@ -302,17 +323,21 @@ impl Downloader {
 
     async fn fetch_http_once(
         &self,
-        url: &str,
+        request: &ArtifactRequest,
         partial: &mut Partial,
         progress: &dyn DownloadProgress,
         validator: &mut Option<String>,
     ) -> Result<(), Error> {
+        let url = request.url.as_str();
         let safe = || SafeUrl(url).to_string();
         let transport = |e: reqwest::Error| Error::Transport {
             url: SafeUrl(url).to_string(),
             source: Box::new(e),
         };
         let mut req = self.client.get(url);
+        for (name, value) in &request.headers {
+            req = req.header(name.as_str(), value.as_str());
+        }
         let resuming = partial.size > 0 && validator.is_some();
         if resuming {
             req = req.header("Range", format!("bytes={}-", partial.size));

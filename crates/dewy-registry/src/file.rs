@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::artifact::{Choice, Platform, choose_artifact};
+use crate::artifact::{Platform, pick_artifact};
 use crate::{
     Checksum, CommonOptions, Error, OpenOptions, Registry, Release, Report, SafeUrl, Selection, choose_latest,
 };
@@ -147,27 +147,13 @@ impl Registry for FileRegistry {
         let published_at = meta.modified().ok().and_then(|t| jiff::Timestamp::try_from(t).ok());
         let files = self.names_in(&dir, false).await?;
         let tag = version.tag.clone();
-        let artifact = match &self.artifact {
-            Some(name) if files.iter().any(|f| f == name) => name.clone(),
-            Some(name) => {
-                return Err(Error::ArtifactNotFound {
-                    tag,
-                    wanted: Some(name.clone()),
-                    published_at,
-                });
-            }
-            None => match choose_artifact(files.iter().map(String::as_str), &self.platform) {
-                Choice::One(name) => name,
-                Choice::None => {
-                    return Err(Error::ArtifactNotFound {
-                        tag,
-                        wanted: None,
-                        published_at,
-                    });
-                }
-                Choice::Ambiguous(candidates) => return Err(Error::AmbiguousArtifact { tag, candidates }),
-            },
-        };
+        let artifact = pick_artifact(
+            &tag,
+            files.iter().map(String::as_str),
+            self.artifact.as_deref(),
+            &self.platform,
+            published_at,
+        )?;
         let checksum = self.checksum_for(&dir, &artifact).await;
         let path = dir.join(&artifact);
         Ok(Release {

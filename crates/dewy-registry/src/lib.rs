@@ -39,6 +39,8 @@
 mod artifact;
 mod download;
 mod file;
+#[cfg(feature = "github")]
+mod github;
 mod redact;
 mod version;
 
@@ -48,6 +50,8 @@ use std::sync::Arc;
 pub use artifact::{Choice, Platform, choose_artifact};
 pub use download::{DownloadPolicy, DownloadProgress, Downloaded, Downloader, NoProgress};
 pub use file::FileRegistry;
+#[cfg(feature = "github")]
+pub use github::{GithubEnv, GithubRegistry};
 pub use redact::SafeUrl;
 pub use version::{CalVerFormat, Scheme, Selection, Version, choose_latest, parse_semver};
 
@@ -189,6 +193,30 @@ pub enum Error {
         /// Where the expected digest came from.
         source_name: String,
     },
+    /// A registry API answered with an error.
+    #[error("`{registry}` answered HTTP {status}: {message}")]
+    Api {
+        /// The registry (`ghr://owner/repo`).
+        registry: String,
+        /// The status code.
+        status: u16,
+        /// What the server said, with a hint.
+        message: String,
+    },
+    /// The registry's rate limit is spent; no request is sent before `retry_at`.
+    #[error("`{registry}`: rate limit reached; next attempt at {retry_at}")]
+    RateLimited {
+        /// The registry.
+        registry: String,
+        /// When the next request will be sent.
+        retry_at: jiff::Timestamp,
+    },
+    /// Credentials are missing, incomplete or unusable.
+    #[error("registry credentials: {reason}")]
+    Credentials {
+        /// What is wrong, naming the variable.
+        reason: String,
+    },
     /// The artifact is larger than the configured maximum.
     #[error("artifact `{url}` exceeds the maximum size of {limit} bytes")]
     TooLarge {
@@ -211,7 +239,8 @@ impl Error {
     /// Whether retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Transport { .. } => true,
+            Self::Transport { .. } | Self::RateLimited { .. } => true,
+            Self::Api { status, .. } => *status == 429 || *status >= 500,
             Self::HttpStatus { status, .. } => *status == 429 || *status == 408 || *status >= 500,
             _ => false,
         }
@@ -234,6 +263,62 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     async fn report(&self, _report: &Report) -> Result<(), Error> {
         Ok(())
     }
+
+    /// How to fetch the artifact of `release` (a `file://` or `http(s)://`
+    /// URL and the headers it needs, such as credentials). The default is
+    /// the release's URL with no headers.
+    async fn artifact_request(&self, release: &Release) -> Result<ArtifactRequest, Error> {
+        Ok(ArtifactRequest::plain(&release.artifact_url))
+    }
+
+    /// Counters of the requests this backend made (zero for backends that
+    /// make none).
+    fn stats(&self) -> RegistryStats {
+        RegistryStats::default()
+    }
+}
+
+/// Requests a registry backend made, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegistryStats {
+    /// Requests sent.
+    pub requests: u64,
+    /// Answers that were 304 Not Modified (free against rate limits).
+    pub not_modified: u64,
+    /// Rate-limit answers or budget exhaustion.
+    pub rate_limited: u64,
+}
+
+/// Where to download an artifact from. Header values may hold credentials:
+/// `Debug` shows only the header names.
+#[derive(Clone)]
+pub struct ArtifactRequest {
+    /// `file://`, `http://` or `https://`.
+    pub url: String,
+    /// Request headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+}
+
+impl ArtifactRequest {
+    /// A URL fetched with no extra headers.
+    pub fn plain(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ArtifactRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArtifactRequest")
+            .field("url", &SafeUrl(&self.url).to_string())
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// Options that come from flags rather than the registry URL.
@@ -245,6 +330,9 @@ pub struct OpenOptions {
     pub calver: Option<String>,
     /// The host platform for artifact choice.
     pub platform: Platform,
+    /// GitHub credentials and API URL (`ghr://`).
+    #[cfg(feature = "github")]
+    pub github: GithubEnv,
 }
 
 impl Default for OpenOptions {
@@ -253,6 +341,8 @@ impl Default for OpenOptions {
             slot: None,
             calver: None,
             platform: Platform::host(),
+            #[cfg(feature = "github")]
+            github: GithubEnv::default(),
         }
     }
 }
@@ -261,7 +351,11 @@ impl Default for OpenOptions {
 type Constructor = fn(&url::Url, &OpenOptions) -> Result<Arc<dyn Registry>, Error>;
 
 /// The scheme table: every registry backend this build has.
-const SCHEMES: &[(&str, Constructor)] = &[("file", |url, opts| Ok(Arc::new(FileRegistry::from_url(url, opts)?)))];
+const SCHEMES: &[(&str, Constructor)] = &[
+    ("file", |url, opts| Ok(Arc::new(FileRegistry::from_url(url, opts)?))),
+    #[cfg(feature = "github")]
+    ("ghr", |url, opts| Ok(Arc::new(GithubRegistry::from_url(url, opts)?))),
+];
 
 /// Opens the registry named by `url`, choosing the backend by scheme.
 pub fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Registry>, Error> {

@@ -15,6 +15,8 @@
 
 #![allow(clippy::print_stderr)]
 
+pub mod github;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
