@@ -10,13 +10,14 @@ use anyhow::{Context, Result, bail};
 
 use crate::{run, workspace_root};
 
-pub(crate) const NAMES: &[&str] = &["archive", "download", "restart"];
+pub(crate) const NAMES: &[&str] = &["archive", "download", "restart", "ghr-polling"];
 
 pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
     match name {
         Some("archive") => archive(args),
         Some("download") => download(args),
         Some("restart") => restart(args),
+        Some("ghr-polling") => ghr_polling(args),
         Some(other) => bail!("unknown benchmark `{other}`; known: {}", NAMES.join(", ")),
         None => bail!("name a benchmark: {}", NAMES.join(", ")),
     }
@@ -435,5 +436,132 @@ fn archive(args: &[String]) -> Result<()> {
             rss as f64 / 1024.0
         );
     }
+    Ok(())
+}
+
+/// 50 simulated hosts poll the fake GitHub every 10 s for a simulated hour
+/// with no new release; then one release appears. Hosts poll at staggered
+/// phases within the interval, in simulated-time order, against the real
+/// HTTP fake; the peer is the Go original's polling (an unconditional list
+/// of every page per tick), run in the same process for comparison.
+fn ghr_polling(args: &[String]) -> Result<()> {
+    let hosts: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--hosts="))
+        .map_or(Ok(50), str::parse)?;
+    const INTERVAL_S: f64 = 10.0;
+    const HOUR_TICKS: usize = 360;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let gh = dewy_testkit::github::FakeGithub::start();
+    gh.add_token("ghp_fleet");
+    gh.set_rate_limit(u64::MAX / 2, Duration::from_secs(7200));
+    let art = "app_linux_amd64.tar.gz";
+    for i in 0..30 {
+        gh.add_release(&format!("v1.0.{i}"), &[(art, b"x")]);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let opts = dewy_registry::OpenOptions {
+        github: dewy_registry::GithubEnv {
+            token: Some("ghp_fleet".into()),
+            api_url: Some(gh.api_url()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let url = format!("ghr://o/r?artifact={art}");
+    let fleet: Vec<_> = (0..hosts)
+        .map(|_| dewy_registry::open(&url, &opts))
+        .collect::<Result<_, _>>()?;
+    // Poll events in simulated time: host h polls at h/hosts*interval + k*interval.
+    let phase = |h: usize| h as f64 / hosts as f64 * INTERVAL_S;
+    let started = Instant::now();
+    gh.clear_requests();
+    rt.block_on(async {
+        for k in 0..HOUR_TICKS {
+            for reg in &fleet {
+                let tag = reg.latest().await?.tag;
+                anyhow::ensure!(tag == "v1.0.29", "tick {k}: chose {tag}");
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let idle = gh.requests();
+    let idle_counted = idle.iter().filter(|r| r.counted()).count();
+    // The first poll of each host is a fresh answer (its cache is empty);
+    // what matters is the steady state after it.
+    let steady_counted = idle_counted.saturating_sub(hosts);
+
+    // A release appears between two ticks, at a simulated moment in the middle
+    // of the interval; each host sees it at its next poll.
+    let appear_at = HOUR_TICKS as f64 * INTERVAL_S + INTERVAL_S / 2.0 + 0.01;
+    gh.add_release("v1.1.0", &[(art, b"new")]);
+    gh.clear_requests();
+    let mut latest_pick = 0.0f64;
+    let mut chosen = vec![false; hosts];
+    rt.block_on(async {
+        for k in HOUR_TICKS.. {
+            let mut pending = false;
+            for (h, reg) in fleet.iter().enumerate() {
+                let t = k as f64 * INTERVAL_S + phase(h);
+                if chosen[h] {
+                    continue;
+                }
+                if t < appear_at {
+                    pending = true;
+                    continue;
+                }
+                if reg.latest().await?.tag == "v1.1.0" {
+                    chosen[h] = true;
+                    latest_pick = latest_pick.max(t - appear_at);
+                } else {
+                    pending = true;
+                }
+            }
+            if !pending || k > HOUR_TICKS + 10 {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let release_cost = gh.requests().iter().filter(|r| r.counted()).count();
+    let wall = started.elapsed();
+
+    // The peer: Dewy's unconditional listing, one request per page per tick
+    // (30 releases fit one page), for a few hosts over the same hour.
+    let peer_hosts = 5usize;
+    gh.clear_requests();
+    for _ in 0..HOUR_TICKS {
+        for _ in 0..peer_hosts {
+            let (status, _) = dewy_testkit::http_get(gh.api_addr(), "/repos/o/r/releases?per_page=100")?;
+            anyhow::ensure!(status == 200, "peer poll answered {status}");
+        }
+    }
+    let peer_counted = gh.requests().iter().filter(|r| r.counted()).count();
+    let peer_per_host = peer_counted as f64 / peer_hosts as f64;
+    let ours_per_host = steady_counted as f64 / hosts as f64;
+
+    println!("ghr polling: {hosts} hosts, {INTERVAL_S} s interval, one simulated hour, 30 releases");
+    println!(
+        "requests counting against the rate limit per host-hour while nothing changes: dewy {ours_per_host:.2} (goal 0), Go-style peer {peer_per_host:.0}"
+    );
+    println!(
+        "  (dewy: {} requests, {} answered 304; plus {} first answers to fill the caches)",
+        idle.len(),
+        idle.iter().filter(|r| r.status == 304).count(),
+        hosts
+    );
+    println!(
+        "new release: counted requests for the whole fleet {release_cost}; every host chose it {latest_pick:.2} s after it appeared (goal <= {INTERVAL_S} s)"
+    );
+    println!(
+        "hosts one 5,000/h token serves at this interval: dewy unlimited while idle, Go-style peer {:.0}",
+        5000.0 / peer_per_host
+    );
+    println!("(wall time {:.1} s)", wall.as_secs_f64());
+    anyhow::ensure!(
+        steady_counted == 0,
+        "dewy spent {steady_counted} counted requests while idle"
+    );
+    anyhow::ensure!(latest_pick <= INTERVAL_S, "slowest host took {latest_pick:.1} s");
     Ok(())
 }

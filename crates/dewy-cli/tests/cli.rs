@@ -808,3 +808,71 @@ fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
         assert_eq!(c.wait().unwrap().code(), Some(0));
     }
 }
+
+#[test]
+fn assets_from_github_releases_with_a_token_that_never_leaks() {
+    let gh = dewy_testkit::github::FakeGithub::start();
+    gh.add_token("ghp_topsecret");
+    gh.set_private(true);
+    let site = |v: &str| dewy_testkit::targz(&[("index.html", v.as_bytes(), 0o644)]);
+    gh.add_release("v1.0.0", &[("site_linux_amd64.tar.gz", &site("one"))]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dewy.log");
+    let mut child = dewy(dir.path())
+        .args([
+            "assets",
+            "--registry",
+            "ghr://o/r?artifact=site_linux_amd64.tar.gz",
+            "-i",
+            "1",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "--after-deploy-hook",
+            "env > hook-env.txt",
+        ])
+        .env("GITHUB_API_URL", gh.api_url())
+        .env("GH_TOKEN", "ghp_topsecret")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let current = dir.path().join("current/index.html");
+    wait_for("v1.0.0 from GitHub", Duration::from_secs(30), || {
+        std::fs::read_to_string(&current).is_ok_and(|v| v == "one")
+    });
+    gh.add_release("v1.1.0", &[("site_linux_amd64.tar.gz", &site("two"))]);
+    wait_for("v1.1.0 from GitHub", Duration::from_secs(30), || {
+        std::fs::read_to_string(&current).is_ok_and(|v| v == "two")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let requests = gh.requests();
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.host == "storage")
+            .all(|r| r.header("authorization").is_none())
+    );
+    let lists: Vec<_> = requests.iter().filter(|r| r.uri.contains("/releases?")).collect();
+    assert!(lists.len() >= 4, "polled every second: {}", lists.len());
+    assert!(
+        lists.iter().filter(|r| r.status == 304).count() >= lists.len() - 3,
+        "polls between releases are 304: {lists:#?}"
+    );
+    let deployments = gh.deployments();
+    assert_eq!(deployments.len(), 2, "one deployment record per deploy");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("ghp_topsecret"), "the token reached the log");
+    let env = std::fs::read_to_string(dir.path().join("hook-env.txt")).unwrap();
+    assert!(
+        !env.contains("ghp_topsecret"),
+        "the token reached the hook's environment"
+    );
+}

@@ -137,7 +137,8 @@ struct GhAsset {
 
 struct Api {
     base: String,
-    client: Octocrab,
+    /// Built on first use: octocrab needs a running tokio runtime.
+    client: Mutex<Option<Octocrab>>,
     auth: Auth,
     /// `ETag` and `Last-Modified` of the last fresh answer, by route.
     validators: Mutex<HashMap<String, Validators>>,
@@ -177,8 +178,9 @@ impl std::fmt::Debug for Auth {
 struct App {
     app_id: u64,
     installation_id: u64,
-    /// Signs JWTs as the App (octocrab's JWT support).
-    client: Octocrab,
+    key: octocrab::EncodingKey,
+    /// Signs JWTs as the App (octocrab's JWT support); built on first use.
+    client: Mutex<Option<Octocrab>>,
     token: tokio::sync::Mutex<Option<(String, jiff::Timestamp)>>,
 }
 
@@ -409,7 +411,38 @@ impl Registry for GithubRegistry {
     }
 }
 
+/// The octocrab client for `base`, signing as `app` when given.
+fn client(
+    slot: &Mutex<Option<Octocrab>>,
+    base: &str,
+    app: Option<(u64, &octocrab::EncodingKey)>,
+) -> Result<Octocrab, Error> {
+    let mut slot = slot.lock().expect("client lock");
+    if let Some(c) = slot.as_ref() {
+        return Ok(c.clone());
+    }
+    let cred = |e: octocrab::Error| Error::Credentials {
+        reason: format!("cannot set up the GitHub client for `{base}`: {e}"),
+    };
+    let builder = Octocrab::builder()
+        .base_uri(base)
+        .map_err(cred)?
+        .set_connect_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(30)));
+    let built = match app {
+        Some((id, key)) => builder.app(octocrab::models::AppId(id), key.clone()).build(),
+        None => builder.build(),
+    }
+    .map_err(cred)?;
+    *slot = Some(built.clone());
+    Ok(built)
+}
+
 impl Api {
+    fn client(&self) -> Result<Octocrab, Error> {
+        client(&self.client, &self.base, None)
+    }
+
     fn new(env: &GithubEnv) -> Result<Self, Error> {
         let base = env
             .api_url
@@ -418,13 +451,10 @@ impl Api {
             .trim_end_matches('/')
             .to_owned();
         let cred = |reason: String| Error::Credentials { reason };
-        let client = Octocrab::builder()
-            .base_uri(base.as_str())
-            .map_err(|e| cred(format!("GITHUB_API_URL `{base}` is not a URL: {e}")))?
-            .set_connect_timeout(Some(Duration::from_secs(10)))
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .build()
-            .map_err(|e| cred(format!("cannot set up the GitHub client: {e}")))?;
+        match base.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme().is_some() && uri.authority().is_some() => {}
+            _ => return Err(cred(format!("GITHUB_API_URL `{base}` is not an http(s) URL"))),
+        }
         let app_vars = [&env.app_id, &env.app_installation_id];
         let auth = if app_vars.iter().any(|v| v.is_some()) {
             let id = |v: &Option<String>, name: &str| -> Result<u64, Error> {
@@ -450,18 +480,11 @@ impl Api {
             };
             let key = octocrab::EncodingKey::from_rsa_pem(&pem)
                 .map_err(|e| cred(format!("the GitHub App private key is not an RSA PEM key: {e}")))?;
-            let client = Octocrab::builder()
-                .base_uri(base.as_str())
-                .map_err(|e| cred(format!("GITHUB_API_URL `{base}` is not a URL: {e}")))?
-                .set_connect_timeout(Some(Duration::from_secs(10)))
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .app(octocrab::models::AppId(app_id), key)
-                .build()
-                .map_err(|e| cred(format!("cannot set up the GitHub App client: {e}")))?;
             Auth::App(Box::new(App {
                 app_id,
                 installation_id,
-                client,
+                key,
+                client: Mutex::new(None),
                 token: tokio::sync::Mutex::new(None),
             }))
         } else {
@@ -472,7 +495,7 @@ impl Api {
         };
         Ok(Self {
             base,
-            client,
+            client: Mutex::new(None),
             auth,
             validators: Mutex::new(HashMap::new()),
             blocked_until: Mutex::new(None),
@@ -495,7 +518,7 @@ impl Api {
         match &self.auth {
             Auth::Anonymous => Ok(None),
             Auth::Token(t) => Ok(Some(t.clone())),
-            Auth::App(app) => app.token(registry).await.map(Some),
+            Auth::App(app) => app.token(registry, &self.base).await.map(Some),
         }
     }
 
@@ -613,8 +636,8 @@ impl Api {
                 headers.insert(http::header::IF_MODIFIED_SINCE, m);
             }
         }
-        let resp = self
-            .client
+        let client = self.client()?;
+        let resp = client
             ._get_with_headers(route, Some(headers))
             .await
             .map_err(|e| Self::transport(registry, e))?;
@@ -626,8 +649,7 @@ impl Api {
             self.observe(registry, status, &head, "");
             return Ok(Answer::NotModified);
         }
-        let body = self
-            .client
+        let body = client
             .body_to_string(resp)
             .await
             .map_err(|e| Self::transport(registry, e))?;
@@ -670,20 +692,18 @@ impl Api {
         for (k, v) in &self.headers(registry).await? {
             builder = builder.header(k, v);
         }
-        let request = self
-            .client
+        let client = self.client()?;
+        let request = client
             .build_request(builder, Some(body))
             .map_err(|e| Self::transport(registry, e))?;
-        let resp = self
-            .client
+        let resp = client
             .execute(request)
             .await
             .map_err(|e| Self::transport(registry, e))?;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let status = resp.status().as_u16();
         let head = resp.headers().clone();
-        let text = self
-            .client
+        let text = client
             .body_to_string(resp)
             .await
             .map_err(|e| Self::transport(registry, e))?;
@@ -702,7 +722,7 @@ impl Api {
 }
 
 impl App {
-    async fn token(&self, registry: &str) -> Result<String, Error> {
+    async fn token(&self, registry: &str, base: &str) -> Result<String, Error> {
         let mut slot = self.token.lock().await;
         let now = jiff::Timestamp::now();
         let margin = jiff::SignedDuration::try_from(TOKEN_MARGIN).unwrap_or_default();
@@ -712,7 +732,8 @@ impl App {
             return Ok(token.clone());
         }
         let route = format!("/app/installations/{}/access_tokens", self.installation_id);
-        let answer: Result<InstallationToken, _> = self.client.post(&route, None::<&()>).await;
+        let client = client(&self.client, base, Some((self.app_id, &self.key)))?;
+        let answer: Result<InstallationToken, _> = client.post(&route, None::<&()>).await;
         let token = answer.map_err(|e| match e {
             octocrab::Error::GitHub { source, .. } => Error::Api {
                 registry: registry.to_owned(),
@@ -745,6 +766,8 @@ mod tests {
     #[test]
     fn urls_and_credentials_errors_name_the_culprit() {
         let opts = OpenOptions::default();
+        // Opening needs no runtime (the client is built on first use).
+        GithubRegistry::from_url(&url::Url::parse("ghr://o/r").unwrap(), &opts).unwrap();
         let err = GithubRegistry::from_url(&url::Url::parse("ghr://owner").unwrap(), &opts).unwrap_err();
         assert!(err.to_string().contains("ghr://owner/repo"), "{err}");
         let mut opts = OpenOptions::default();

@@ -217,6 +217,11 @@ impl FakeGithub {
         format!("http://{}", self.api)
     }
 
+    /// The API host's address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api
+    }
+
     /// The storage host that asset downloads are redirected to.
     pub fn storage_addr(&self) -> SocketAddr {
         self.storage
