@@ -26,14 +26,24 @@
 //! └── v1.2.3--myapp_linux_amd64.tar.gz
 //! ```
 //!
+//! # Cloud backends (features `s3`, `gcs`)
+//!
+//! [`cloud::CloudCache`] keeps artifacts and bad-release records in a bucket
+//! shared by a fleet, with a local copy per host; the per-host `current`
+//! stays local. [`cloud::ObjectStore`] is the bucket interface that the
+//! registries and the shared registry answer (dewy-registry) also use.
+//!
 //! # What this crate must never do
 //!
-//! Network I/O (cloud backends live with their SDKs elsewhere), reading
-//! environment variables (the CLI passes `DEWY_CACHEDIR` in), or exposing a
-//! partially written value under a final key.
+//! Network I/O outside the `cloud` module, reading environment variables
+//! (the CLI passes `DEWY_CACHEDIR` and credentials in; only the AWS SDK's
+//! standard credential chain reads its own), or exposing a partially written
+//! value under a final key.
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "cloud")]
+pub mod cloud;
 mod file;
 mod key;
 #[cfg(feature = "testing")]
@@ -80,6 +90,30 @@ pub enum Error {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// A remote store (S3, GCS) failed.
+    #[error("failed to {op} `{location}`: {message}")]
+    Remote {
+        /// The operation.
+        op: &'static str,
+        /// The object (`s3://region/bucket/key`).
+        location: String,
+        /// What the store said.
+        message: String,
+    },
+    /// A conditional write lost: the object changed or already exists.
+    #[error("`{location}` was changed by someone else (precondition failed)")]
+    Conflict {
+        /// The object.
+        location: String,
+    },
+    /// A malformed cache URL.
+    #[error("invalid cache URL `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL without its query.
+        url: String,
+        /// What is wrong.
+        reason: String,
     },
     /// A failure injected by a test backend.
     #[error("injected failure: {0}")]

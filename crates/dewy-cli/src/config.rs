@@ -365,11 +365,11 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         ));
     }
     let cache = text(&raw.cache).unwrap_or_default();
-    if !cache.is_empty() && !cache.starts_with("file://") {
+    if !cache.is_empty() && !["file://", "s3://", "gs://"].iter().any(|p| cache.starts_with(p)) {
         return Err(invalid(
             "cache",
             &cache,
-            "empty (the default file cache) or file:///path; s3:// and gs:// caches are not in this build yet",
+            "empty (the default file cache), file:///path, s3://<region>/<bucket>[/<prefix>] or gs://<bucket>[/<prefix>]",
         ));
     }
     let notifier = text(&raw.notifier).unwrap_or_default();

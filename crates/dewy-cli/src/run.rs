@@ -64,6 +64,92 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// The cache named by `--cache` (a local file cache, or a bucket with a
+/// local copy), and the registry wrapped to share its answers through the
+/// bucket when the cache URL asks for it (`registry-ttl=`).
+fn open_cache(
+    s: &Settings,
+    registry: Arc<dyn dewy_registry::Registry>,
+    open: &dewy_registry::OpenOptions,
+) -> Result<(Arc<dyn dewy_cache::Cache>, Arc<dyn dewy_registry::Registry>)> {
+    let local_dir = if let Some(path) = s.cache.strip_prefix("file://") {
+        std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
+    } else if let Some(dir) = var("DEWY_CACHEDIR") {
+        dir.into()
+    } else {
+        s.workdir.join(".dewy/cache")
+    };
+    let local = dewy_cache::FileCache::open_or_fallback(&local_dir)?.cache;
+    if s.cache.is_empty() || s.cache.starts_with("file://") {
+        if s.cache.contains("registry-ttl=") {
+            tracing::warn!("registry-ttl set but cache backend does not support atomic writes; ignoring");
+        }
+        return Ok((Arc::new(local), registry));
+    }
+    let url = url::Url::parse(&s.cache).with_context(|| format!("invalid cache URL `{}`", s.cache))?;
+    let opened = dewy_cache::cloud::open_store(&url, &open.cloud)?;
+    let mut ttl = None;
+    for (k, v) in &opened.rest {
+        match k.as_str() {
+            "registry-ttl" if v.is_empty() => {}
+            "registry-ttl" => {
+                ttl = Some(
+                    humantime::parse_duration(v)
+                        .with_context(|| format!("cache option `registry-ttl={v}` is not a duration such as 30s"))?,
+                )
+            }
+            other => {
+                let valid = if url.scheme() == "s3" {
+                    "endpoint, region, registry-ttl"
+                } else {
+                    "registry-ttl"
+                };
+                anyhow::bail!("unknown cache option `{other}`; valid options: {valid}");
+            }
+        }
+    }
+    let cache = Arc::new(dewy_cache::cloud::CloudCache::new(
+        opened.store.clone(),
+        opened.prefix.clone(),
+        local,
+    ));
+    let Some(ttl) = ttl.filter(|t| !t.is_zero()) else {
+        return Ok((cache, registry));
+    };
+    let registry_url = url::Url::parse(&s.registry)?;
+    let calver = s.calver.clone().or_else(|| {
+        registry_url
+            .query_pairs()
+            .find(|(k, _)| k == "calver")
+            .map(|(_, v)| v.into_owned())
+    });
+    let scheme = match &calver {
+        Some(f) => dewy_registry::Scheme::CalVer(dewy_registry::CalVerFormat::new(f).map_err(anyhow::Error::msg)?),
+        None => dewy_registry::Scheme::SemVer,
+    };
+    let scope = format!(
+        "{}|{}|{}|{}",
+        open.platform.os,
+        open.platform.arch,
+        s.slot.as_deref().unwrap_or_default(),
+        calver.as_deref().unwrap_or_default()
+    );
+    tracing::info!(ttl = %humantime::format_duration(ttl), "Registry result cache enabled");
+    let shared = dewy_registry::SharedRegistry::new(
+        registry,
+        opened.store,
+        &opened.prefix,
+        dewy_registry::SharedScope {
+            registry_url: s.registry.clone(),
+            scope,
+            scheme,
+            node: format!("{}:{}", hostname(), std::process::id()),
+        },
+        ttl,
+    );
+    Ok((cache, Arc::new(shared)))
+}
+
 /// Runs dewy until a shutdown signal.
 pub(crate) async fn run(s: Settings) -> Result<()> {
     std::env::set_current_dir(&s.workdir)
@@ -80,20 +166,17 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
             app_private_key: var("GITHUB_APP_PRIVATE_KEY"),
             app_private_key_path: var("GITHUB_APP_PRIVATE_KEY_PATH"),
         },
+        cloud: dewy_registry::CloudOptions {
+            // AWS credentials come from the SDK's standard chain.
+            aws_credentials: None,
+            gcs_emulator: var("STORAGE_EMULATOR_HOST"),
+        },
         ..Default::default()
     };
     let registry = dewy_registry::open(&s.registry, &open).context("cannot open the registry")?;
 
     let shared_cache = !s.cache.is_empty() || var("DEWY_CACHEDIR").is_some();
-    let cache_dir = if let Some(path) = s.cache.strip_prefix("file://") {
-        std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
-    } else if let Some(dir) = var("DEWY_CACHEDIR") {
-        dir.into()
-    } else {
-        s.workdir.join(".dewy/cache")
-    };
-    let opened = dewy_cache::FileCache::open_or_fallback(&cache_dir).context("cannot open the cache")?;
-    let cache = Arc::new(opened.cache);
+    let (cache, registry) = open_cache(&s, registry, &open).context("cannot open the cache")?;
 
     let env = dewy_notify::NotifierEnv {
         slack_token: var("SLACK_TOKEN"),

@@ -84,27 +84,51 @@ impl FileRegistry {
     }
 
     async fn checksum_for(&self, dir: &Path, artifact: &str) -> Option<Checksum> {
-        let own = format!("{artifact}.sha256");
-        if let Ok(text) = tokio::fs::read_to_string(dir.join(&own)).await
-            && let Some(hex) = text.split_whitespace().next().filter(|h| is_sha256(h))
+        find_checksum(artifact, |name| async move {
+            tokio::fs::read_to_string(dir.join(name)).await.ok()
+        })
+        .await
+    }
+}
+
+/// The checksum of `artifact` from the files published beside it, read with
+/// `read`: `<artifact>.sha256`, else a `SHA256SUMS`, `sha256sums.txt` or
+/// `checksums.txt` list that names it.
+pub(crate) async fn find_checksum<F, Fut>(artifact: &str, read: F) -> Option<Checksum>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
+    let own = format!("{artifact}.sha256");
+    if let Some(text) = read(own.clone()).await
+        && let Some(hex) = text.split_whitespace().next().filter(|h| is_sha256(h))
+    {
+        return Some(Checksum {
+            sha256: hex.to_ascii_lowercase(),
+            source: own,
+        });
+    }
+    for list in ["SHA256SUMS", "sha256sums.txt", "checksums.txt"] {
+        if let Some(text) = read(list.to_owned()).await
+            && let Some(sum) = find_in_sums(&text, artifact)
         {
             return Some(Checksum {
-                sha256: hex.to_ascii_lowercase(),
-                source: own,
+                sha256: sum,
+                source: list.to_owned(),
             });
         }
-        for list in ["SHA256SUMS", "sha256sums.txt", "checksums.txt"] {
-            if let Ok(text) = tokio::fs::read_to_string(dir.join(list)).await
-                && let Some(sum) = find_in_sums(&text, artifact)
-            {
-                return Some(Checksum {
-                    sha256: sum,
-                    source: list.to_owned(),
-                });
-            }
-        }
-        None
     }
+    None
+}
+
+/// `shipped_to_<host>_<command>_at_<UTC time>.txt`, Dewy's audit file name.
+pub(crate) fn report_name(report: &Report) -> String {
+    let at = report.at.strftime("%Y%m%dT%H%M%S.%fZ").to_string();
+    format!(
+        "shipped_to_{}_{}_at_{at}.txt",
+        report.hostname.to_lowercase(),
+        report.command
+    )
 }
 
 fn is_sha256(s: &str) -> bool {
@@ -171,12 +195,7 @@ impl Registry for FileRegistry {
     /// Writes an empty `shipped_to_<host>_<command>_at_<time>.txt` into the
     /// release's folder, as the Go original does on S3 and GCS.
     async fn report(&self, report: &Report) -> Result<(), Error> {
-        let at = report.at.strftime("%Y%m%dT%H%M%S.%fZ").to_string();
-        let name = format!(
-            "shipped_to_{}_{}_at_{at}.txt",
-            report.hostname.to_lowercase(),
-            report.command
-        );
+        let name = report_name(report);
         let path = self.root.join(&report.tag).join(name);
         tokio::fs::write(&path, b"")
             .await

@@ -41,18 +41,28 @@ mod download;
 mod file;
 #[cfg(feature = "github")]
 mod github;
+#[cfg(feature = "cloud")]
+mod object;
 mod redact;
+#[cfg(feature = "cloud")]
+mod shared;
 mod version;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use artifact::{Choice, Platform, choose_artifact};
+#[cfg(feature = "cloud")]
+pub use dewy_cache::cloud::CloudOptions;
 pub use download::{DownloadPolicy, DownloadProgress, Downloaded, Downloader, NoProgress};
 pub use file::FileRegistry;
 #[cfg(feature = "github")]
 pub use github::{GithubEnv, GithubRegistry};
+#[cfg(feature = "cloud")]
+pub use object::ObjectRegistry;
 pub use redact::SafeUrl;
+#[cfg(feature = "cloud")]
+pub use shared::{SharedRegistry, SharedScope, SharedStats};
 pub use version::{CalVerFormat, Scheme, Selection, Version, choose_latest, parse_semver};
 
 /// A SHA-256 digest that an artifact must match.
@@ -211,6 +221,15 @@ pub enum Error {
         /// When the next request will be sent.
         retry_at: jiff::Timestamp,
     },
+    /// A bucket operation failed.
+    #[error("registry `{location}`")]
+    Store {
+        /// The bucket.
+        location: String,
+        /// The cause.
+        #[source]
+        source: dewy_cache::Error,
+    },
     /// Credentials are missing, incomplete or unusable.
     #[error("registry credentials: {reason}")]
     Credentials {
@@ -239,7 +258,7 @@ impl Error {
     /// Whether retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Transport { .. } | Self::RateLimited { .. } => true,
+            Self::Transport { .. } | Self::RateLimited { .. } | Self::Store { .. } => true,
             Self::Api { status, .. } => *status == 429 || *status >= 500,
             Self::HttpStatus { status, .. } => *status == 429 || *status == 408 || *status >= 500,
             _ => false,
@@ -333,6 +352,9 @@ pub struct OpenOptions {
     /// GitHub credentials and API URL (`ghr://`).
     #[cfg(feature = "github")]
     pub github: GithubEnv,
+    /// S3 and GCS credentials and endpoints (`s3://`, `gs://`).
+    #[cfg(feature = "cloud")]
+    pub cloud: CloudOptions,
 }
 
 impl Default for OpenOptions {
@@ -343,6 +365,8 @@ impl Default for OpenOptions {
             platform: Platform::host(),
             #[cfg(feature = "github")]
             github: GithubEnv::default(),
+            #[cfg(feature = "cloud")]
+            cloud: CloudOptions::default(),
         }
     }
 }
@@ -355,6 +379,10 @@ const SCHEMES: &[(&str, Constructor)] = &[
     ("file", |url, opts| Ok(Arc::new(FileRegistry::from_url(url, opts)?))),
     #[cfg(feature = "github")]
     ("ghr", |url, opts| Ok(Arc::new(GithubRegistry::from_url(url, opts)?))),
+    #[cfg(feature = "s3")]
+    ("s3", |url, opts| Ok(Arc::new(ObjectRegistry::from_url(url, opts)?))),
+    #[cfg(feature = "gcs")]
+    ("gs", |url, opts| Ok(Arc::new(ObjectRegistry::from_url(url, opts)?))),
 ];
 
 /// Opens the registry named by `url`, choosing the backend by scheme.
@@ -394,11 +422,25 @@ impl CommonOptions {
     const VALID: &'static [&'static str] = &["pre-release", "artifact", "calver"];
 
     pub(crate) fn parse(url: &url::Url) -> Result<Self, Error> {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        Self::parse_pairs(url, pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())), &[])
+    }
+
+    /// Parses `pairs`; `taken` are options the backend already consumed
+    /// (listed as valid in the error for an unknown one).
+    pub(crate) fn parse_pairs<'a>(
+        url: &url::Url,
+        pairs: impl Iterator<Item = (&'a str, &'a str)>,
+        taken: &[&'static str],
+    ) -> Result<Self, Error> {
         let mut out = Self::default();
-        for (k, v) in url.query_pairs() {
-            match k.as_ref() {
+        for (k, v) in pairs {
+            match k {
                 "pre-release" => {
-                    out.pre_release = match v.as_ref() {
+                    out.pre_release = match v {
                         "true" | "1" | "" => true,
                         "false" | "0" => false,
                         other => {
@@ -409,12 +451,12 @@ impl CommonOptions {
                         }
                     }
                 }
-                "artifact" => out.artifact = Some(v.into_owned()).filter(|a| !a.is_empty()),
-                "calver" => out.calver = Some(v.into_owned()).filter(|a| !a.is_empty()),
+                "artifact" => out.artifact = Some(v.to_owned()).filter(|a| !a.is_empty()),
+                "calver" => out.calver = Some(v.to_owned()).filter(|a| !a.is_empty()),
                 other => {
                     return Err(Error::UnknownOption {
                         option: other.to_owned(),
-                        valid: Self::VALID.to_vec(),
+                        valid: Self::VALID.iter().chain(taken).copied().collect(),
                     });
                 }
             }

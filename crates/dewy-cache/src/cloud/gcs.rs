@@ -1,0 +1,345 @@
+//! Google Cloud Storage: google-cloud-storage reads objects (streaming, with
+//! its CRC32C check); listing, deleting and writing go through the JSON API
+//! with dewy's HTTP client and the same credentials.
+//!
+//! The crate's `StorageControl` client (list, delete) speaks gRPC, which
+//! emulators do not serve, and its multipart upload is stored wrongly by
+//! fake-gcs-server (the metadata part ends up in the object); a plain JSON
+//! API multipart upload with `ifGenerationMatch` is what GCS documents and
+//! what both accept.
+
+use std::path::Path;
+
+use google_cloud_storage::client::Storage;
+use tokio::io::AsyncWriteExt;
+
+use super::{Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondition};
+use crate::Error;
+
+const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
+
+/// A GCS bucket. With an emulator endpoint (`STORAGE_EMULATOR_HOST`) access
+/// is anonymous; otherwise Application Default Credentials apply.
+pub struct GcsStore {
+    bucket: String,
+    endpoint: String,
+    anonymous: bool,
+    storage: tokio::sync::OnceCell<Storage>,
+    credentials: tokio::sync::OnceCell<google_cloud_auth::credentials::Credentials>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for GcsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcsStore")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct JsonListing {
+    #[serde(default)]
+    items: Vec<JsonObject>,
+    #[serde(default)]
+    prefixes: Vec<String>,
+    #[serde(rename = "nextPageToken")]
+    next_page_token: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct JsonObject {
+    name: String,
+    #[serde(default)]
+    size: Option<String>,
+    #[serde(default)]
+    updated: Option<String>,
+    #[serde(default, rename = "timeCreated")]
+    time_created: Option<String>,
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+fn enc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+impl GcsStore {
+    /// A store for `bucket`; with `emulator`, at that endpoint, anonymously.
+    pub fn new(bucket: String, emulator: Option<String>) -> Self {
+        let anonymous = emulator.is_some();
+        let endpoint = emulator
+            .map(|e| {
+                let e = e.trim_end_matches('/').to_owned();
+                if e.starts_with("http://") || e.starts_with("https://") {
+                    e
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
+        Self {
+            bucket,
+            endpoint,
+            anonymous,
+            storage: tokio::sync::OnceCell::new(),
+            credentials: tokio::sync::OnceCell::new(),
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .read_timeout(std::time::Duration::from_secs(60))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn remote(&self, op: &'static str, name: &str, message: impl std::fmt::Display) -> Error {
+        Error::Remote {
+            op,
+            location: format!("{}/{name}", self.location()),
+            message: message.to_string(),
+        }
+    }
+
+    fn resource(&self) -> String {
+        format!("projects/_/buckets/{}", self.bucket)
+    }
+
+    async fn credentials(&self) -> Result<&google_cloud_auth::credentials::Credentials, Error> {
+        self.credentials
+            .get_or_try_init(|| async {
+                if self.anonymous {
+                    Ok(google_cloud_auth::credentials::anonymous::Builder::new().build())
+                } else {
+                    google_cloud_auth::credentials::Builder::default()
+                        .build()
+                        .map_err(|e| self.remote("authenticate", "", e))
+                }
+            })
+            .await
+    }
+
+    async fn storage(&self) -> Result<&Storage, Error> {
+        self.storage
+            .get_or_try_init(|| async {
+                Storage::builder()
+                    .with_endpoint(self.endpoint.clone())
+                    .with_credentials(self.credentials().await?.clone())
+                    .build()
+                    .await
+                    .map_err(|e| self.remote("connect", "", e))
+            })
+            .await
+    }
+
+    async fn auth_headers(&self) -> Result<reqwest::header::HeaderMap, Error> {
+        if self.anonymous {
+            return Ok(reqwest::header::HeaderMap::new());
+        }
+        match self
+            .credentials()
+            .await?
+            .headers(http::Extensions::new())
+            .await
+            .map_err(|e| self.remote("authenticate", "", e))?
+        {
+            google_cloud_auth::credentials::CacheableResource::New { data, .. } => Ok(data),
+            google_cloud_auth::credentials::CacheableResource::NotModified => Ok(reqwest::header::HeaderMap::new()),
+        }
+    }
+
+    /// The generation of the object an upload answer describes.
+    async fn generation_of(&self, name: &str, op: &'static str, resp: reqwest::Response) -> Result<String, Error> {
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| self.remote(op, name, e))?;
+        if status == 412 {
+            return Err(Error::Conflict {
+                location: format!("{}/{name}", self.location()),
+            });
+        }
+        if !(200..300).contains(&status) {
+            return Err(self.remote(op, name, format!("HTTP {status}: {text}")));
+        }
+        #[derive(serde::Deserialize)]
+        struct Written {
+            generation: String,
+        }
+        serde_json::from_str::<Written>(&text)
+            .map(|w| w.generation)
+            .map_err(|e| self.remote(op, name, format!("unexpected answer ({e}): {text}")))
+    }
+
+    fn status(e: &google_cloud_storage::Error) -> Option<u16> {
+        e.http_status_code()
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for GcsStore {
+    fn location(&self) -> String {
+        format!("gs://{}", self.bucket)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<(Vec<u8>, String)>, Error> {
+        let storage = self.storage().await?;
+        let mut resp = match storage.read_object(self.resource(), name).send().await {
+            Ok(r) => r,
+            Err(e) if Self::status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(self.remote("read", name, e)),
+        };
+        let version = resp.object().generation.to_string();
+        let mut data = Vec::new();
+        while let Some(chunk) = resp.next().await {
+            data.extend_from_slice(&chunk.map_err(|e| self.remote("read", name, e))?);
+        }
+        Ok(Some((data, version)))
+    }
+
+    async fn download(&self, name: &str, dest: &Path) -> Result<bool, Error> {
+        let storage = self.storage().await?;
+        let mut resp = match storage.read_object(self.resource(), name).send().await {
+            Ok(r) => r,
+            Err(e) if Self::status(&e) == Some(404) => return Ok(false),
+            Err(e) => return Err(self.remote("download", name, e)),
+        };
+        let mut file = tokio::fs::File::create(dest)
+            .await
+            .map_err(|e| Error::io("create", dest, e))?;
+        while let Some(chunk) = resp.next().await {
+            let chunk = chunk.map_err(|e| self.remote("download", name, e))?;
+            file.write_all(&chunk).await.map_err(|e| Error::io("write", dest, e))?;
+        }
+        file.sync_all().await.map_err(|e| Error::io("sync", dest, e))?;
+        Ok(true)
+    }
+
+    async fn put(&self, name: &str, data: Vec<u8>, pre: Precondition) -> Result<String, Error> {
+        // A multipart upload: metadata and data in one request, so the
+        // generation precondition applies to the whole write.
+        let boundary = format!("dewy-{:016x}", rand_u64());
+        let mut body = format!(
+            "--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{}\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n",
+            serde_json::json!({ "name": name })
+        )
+        .into_bytes();
+        body.extend_from_slice(&data);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let mut query = vec![("uploadType", "multipart".to_owned())];
+        match pre {
+            Precondition::Any => {}
+            Precondition::Absent => query.push(("ifGenerationMatch", "0".to_owned())),
+            Precondition::Matches(g) => query.push(("ifGenerationMatch", g)),
+        }
+        let resp = self
+            .http
+            .post(format!("{}/upload/storage/v1/b/{}/o", self.endpoint, enc(&self.bucket)))
+            .headers(self.auth_headers().await?)
+            .header("content-type", format!("multipart/related; boundary={boundary}"))
+            .query(&query)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.remote("write", name, e))?;
+        self.generation_of(name, "write", resp).await
+    }
+
+    async fn upload(&self, name: &str, src: &Path) -> Result<(), Error> {
+        let file = tokio::fs::File::open(src)
+            .await
+            .map_err(|e| Error::io("open", src, e))?;
+        let resp = self
+            .http
+            .post(format!("{}/upload/storage/v1/b/{}/o", self.endpoint, enc(&self.bucket)))
+            .headers(self.auth_headers().await?)
+            .header("content-type", "application/octet-stream")
+            .query(&[("uploadType", "media"), ("name", name)])
+            .body(reqwest::Body::from(file))
+            .send()
+            .await
+            .map_err(|e| self.remote("upload", name, e))?;
+        self.generation_of(name, "upload", resp).await.map(drop)
+    }
+
+    async fn list(&self, prefix: &str, delimited: bool) -> Result<Listing, Error> {
+        let mut out = Listing::default();
+        let mut token: Option<String> = None;
+        let url = format!("{}/storage/v1/b/{}/o", self.endpoint, enc(&self.bucket));
+        loop {
+            let mut query = vec![("prefix", prefix.to_owned()), ("maxResults", "1000".to_owned())];
+            if delimited {
+                query.push(("delimiter", "/".to_owned()));
+            }
+            if let Some(t) = token.take() {
+                query.push(("pageToken", t));
+            }
+            let resp = self
+                .http
+                .get(&url)
+                .headers(self.auth_headers().await?)
+                .query(&query)
+                .send()
+                .await
+                .map_err(|e| self.remote("list", prefix, e))?;
+            let status = resp.status();
+            let body = resp.text().await.map_err(|e| self.remote("list", prefix, e))?;
+            if !status.is_success() {
+                return Err(self.remote("list", prefix, format!("HTTP {status}: {body}")));
+            }
+            let page: JsonListing = serde_json::from_str(&body).map_err(|e| self.remote("list", prefix, e))?;
+            for o in page.items {
+                out.objects.push(ObjectInfo {
+                    size: o.size.and_then(|s| s.parse().ok()).unwrap_or(0),
+                    modified: o.updated.or(o.time_created).and_then(|t| t.parse().ok()),
+                    name: o.name,
+                });
+            }
+            out.prefixes.extend(page.prefixes);
+            match page.next_page_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), Error> {
+        let url = format!("{}/storage/v1/b/{}/o/{}", self.endpoint, enc(&self.bucket), enc(name));
+        let resp = self
+            .http
+            .delete(&url)
+            .headers(self.auth_headers().await?)
+            .send()
+            .await
+            .map_err(|e| self.remote("delete", name, e))?;
+        match resp.status().as_u16() {
+            200..=299 | 404 => Ok(()),
+            s => Err(self.remote("delete", name, format!("HTTP {s}"))),
+        }
+    }
+
+    async fn request(&self, name: &str) -> Result<ObjectRequest, Error> {
+        let headers = self
+            .auth_headers()
+            .await?
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        Ok(ObjectRequest {
+            url: format!(
+                "{}/storage/v1/b/{}/o/{}?alt=media",
+                self.endpoint,
+                enc(&self.bucket),
+                enc(name)
+            ),
+            headers,
+        })
+    }
+}
