@@ -160,6 +160,19 @@ pub trait Cache: Send + Sync + std::fmt::Debug {
     /// progress.
     fn staging_dir(&self) -> &Path;
 
+    /// Called before downloading `key` from upstream. A cache shared by a
+    /// fleet lets one host download while the others wait: it returns the
+    /// local path when another host finished the download meanwhile, and
+    /// `None` when this host should download (then call
+    /// [`Cache::end_download`]). The default never waits.
+    async fn begin_download(&self, _key: &Key) -> Result<Option<PathBuf>, Error> {
+        Ok(None)
+    }
+
+    /// Ends a download turn taken with [`Cache::begin_download`], whether the
+    /// download succeeded or not.
+    async fn end_download(&self, _key: &Key) {}
+
     /// Keeps the artifacts of the newest `keep` releases (by write time) plus
     /// `protect`, removes the others, and returns what was removed.
     async fn evict(&self, keep: usize, protect: &[Key]) -> Result<Vec<Key>, Error> {

@@ -876,3 +876,96 @@ fn assets_from_github_releases_with_a_token_that_never_leaks() {
         "the token reached the hook's environment"
     );
 }
+
+#[test]
+fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let s3 = dewy_testkit::S3Server::start();
+    s3.create_bucket("fleet");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = dewy_cache::cloud::open_store(
+        &url::Url::parse(&format!("s3://us-east-1/fleet/?endpoint={}", s3.endpoint)).unwrap(),
+        &dewy_cache::cloud::CloudOptions {
+            aws_credentials: Some(("test".into(), "test".into(), None)),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .store;
+    let publish = |tag: &str, body: &str| {
+        let data = dewy_testkit::targz(&[("index.html", body.as_bytes(), 0o644)]);
+        rt.block_on(store.put(
+            &format!("releases/{tag}/site_linux_amd64.tar.gz"),
+            data,
+            dewy_cache::cloud::Precondition::Any,
+        ))
+        .unwrap();
+    };
+    publish("v1.0.0", "one");
+    let registry = format!(
+        "s3://us-east-1/fleet/releases?endpoint={}&artifact=site_linux_amd64.tar.gz",
+        s3.endpoint
+    );
+    let cache = format!("s3://us-east-1/fleet/cache?endpoint={}&registry-ttl=2s", s3.endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |name: &str| {
+        let app = dir.path().join(name);
+        std::fs::create_dir_all(&app).unwrap();
+        let child = dewy(&app)
+            .args([
+                "assets",
+                "--registry",
+                &registry,
+                "--cache",
+                &cache,
+                "-i",
+                "1",
+                "--log-format",
+                "json",
+            ])
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(app.join("dewy.log")).unwrap())
+            .spawn()
+            .unwrap();
+        (app, child)
+    };
+    let mut hosts = vec![spawn("host-a"), spawn("host-b")];
+    let on = |app: &Path, body: &str| std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|v| v == body);
+    for (app, _) in &hosts {
+        wait_for("v1.0.0 on every host", Duration::from_secs(60), || on(app, "one"));
+    }
+    publish("v1.1.0", "two");
+    for (app, _) in &hosts {
+        wait_for("v1.1.0 on every host", Duration::from_secs(60), || on(app, "two"));
+    }
+    // A host that joins later deploys too (the Go original's fresh assets
+    // host found the fleet's `current` in the bucket and never deployed).
+    hosts.push(spawn("host-c"));
+    wait_for("v1.1.0 on the new host", Duration::from_secs(60), || {
+        on(&hosts[2].0, "two")
+    });
+    let mut downloads = 0;
+    for (app, child) in &mut hosts {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(child.wait().unwrap().success());
+        let log = std::fs::read_to_string(app.join("dewy.log")).unwrap();
+        downloads += log.matches("\"Artifact downloaded\"").count();
+        assert!(log.contains("Registry result cache enabled"), "{log}");
+    }
+    assert_eq!(
+        downloads, 2,
+        "each release is downloaded from upstream once by the whole fleet"
+    );
+}

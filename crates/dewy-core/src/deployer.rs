@@ -741,7 +741,15 @@ impl Deployer {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     path
                 }
-                None => self.download(&release, &key).await?,
+                None => match self.cache.begin_download(&key).await.map_err(Error::Cache)? {
+                    // Another host of the fleet downloaded it meanwhile.
+                    Some(path) => path,
+                    None => {
+                        let downloaded = self.download(&release, &key).await;
+                        self.cache.end_download(&key).await;
+                        downloaded?
+                    }
+                },
             };
             self.notify.send(format!("Downloaded artifact for `{}`", release.tag));
             self.deploy(&release, &artifact, current.as_deref()).await

@@ -28,29 +28,15 @@ enum Server {
 impl Server {
     async fn start(kind: &str) -> Self {
         init();
-        let http = reqwest::Client::new();
         match kind {
             "s3" => {
                 let s = S3Server::start();
-                let auth = "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
-                let r = http
-                    .put(format!("{}/dewy-bucket", s.endpoint))
-                    .header("authorization", auth)
-                    .send()
-                    .await
-                    .unwrap();
-                assert!(r.status().is_success(), "create bucket: {}", r.status());
+                s.create_bucket("dewy-bucket");
                 Self::S3(s)
             }
             _ => {
                 let g = GcsServer::start();
-                let r = http
-                    .post(format!("{}/storage/v1/b?project=test", g.endpoint))
-                    .json(&serde_json::json!({"name": "dewy-bucket"}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert!(r.status().is_success(), "create bucket: {}", r.status());
+                g.create_bucket("dewy-bucket");
                 Self::Gcs(g)
             }
         }

@@ -170,6 +170,58 @@ impl S3Server {
     }
 }
 
+impl S3Server {
+    /// Creates bucket `name`.
+    pub fn create_bucket(&self, name: &str) {
+        let auth =
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
+        let status = raw_request(
+            &self.endpoint,
+            "PUT",
+            &format!("/{name}"),
+            &[("authorization", auth)],
+            b"",
+        );
+        assert!((200..300).contains(&status), "create S3 bucket {name}: HTTP {status}");
+    }
+}
+
+impl GcsServer {
+    /// Creates bucket `name`.
+    pub fn create_bucket(&self, name: &str) {
+        let body = format!("{{\"name\":\"{name}\"}}");
+        let status = raw_request(
+            &self.endpoint,
+            "POST",
+            "/storage/v1/b?project=test",
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+        );
+        assert!((200..300).contains(&status), "create GCS bucket {name}: HTTP {status}");
+    }
+}
+
+/// One HTTP/1.0 request to `http://host:port`; returns the status.
+fn raw_request(endpoint: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    let addr = endpoint.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {endpoint}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())
+        .and_then(|()| s.write_all(body))
+        .expect("send request");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("read status");
+    line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
 /// A GCS emulator (fake-gcs-server, JSON API over plain HTTP) on 127.0.0.1.
 #[derive(Debug)]
 pub struct GcsServer {

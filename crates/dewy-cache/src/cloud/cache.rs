@@ -25,6 +25,8 @@ pub struct CloudCache {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     local: FileCache,
+    node: String,
+    download_lock_ttl: std::time::Duration,
 }
 
 impl CloudCache {
@@ -35,7 +37,23 @@ impl CloudCache {
             store,
             prefix: prefix.into(),
             local,
+            node: format!("pid-{}", std::process::id()),
+            download_lock_ttl: std::time::Duration::from_secs(10 * 60),
         }
+    }
+
+    /// Names this host in download locks (`host:pid`), and sets how long a
+    /// download lock holds before another host may take over (default 10
+    /// minutes: a host that died mid-download delays the fleet that long at
+    /// most).
+    pub fn with_node(mut self, node: impl Into<String>, download_lock_ttl: std::time::Duration) -> Self {
+        self.node = node.into();
+        self.download_lock_ttl = download_lock_ttl;
+        self
+    }
+
+    fn lock_name(&self, key: &Key) -> String {
+        format!("{}locks/{}", self.prefix, key.as_str())
     }
 
     /// The bucket.
@@ -139,6 +157,62 @@ impl Cache for CloudCache {
 
     fn staging_dir(&self) -> &Path {
         self.local.staging_dir()
+    }
+
+    /// One host of the fleet downloads: the first to create
+    /// `<prefix>locks/<key>` (a create-only write) does; the others wait for
+    /// the artifact to appear in the bucket. A lock older than the lock TTL
+    /// is taken over.
+    async fn begin_download(&self, key: &Key) -> Result<Option<PathBuf>, Error> {
+        let lock = self.lock_name(key);
+        let mut announced = false;
+        loop {
+            let body = serde_json::json!({"node": self.node, "at": jiff::Timestamp::now().to_string()}).to_string();
+            let held = match self.store.get(&lock).await? {
+                None => match self.store.put(&lock, body.into_bytes(), Precondition::Absent).await {
+                    Ok(_) => return Ok(None),
+                    Err(Error::Conflict { .. }) => true,
+                    Err(e) => return Err(e),
+                },
+                Some((data, version)) => {
+                    let at = serde_json::from_slice::<serde_json::Value>(&data)
+                        .ok()
+                        .and_then(|v| v["at"].as_str()?.parse::<jiff::Timestamp>().ok());
+                    let ttl = jiff::SignedDuration::try_from(self.download_lock_ttl).unwrap_or_default();
+                    let expired = at.is_none_or(|t| jiff::Timestamp::now().duration_since(t) >= ttl);
+                    if expired {
+                        tracing::warn!(key = %lock, "Download lock expired; taking it over");
+                        match self
+                            .store
+                            .put(&lock, body.into_bytes(), Precondition::Matches(version))
+                            .await
+                        {
+                            Ok(_) => return Ok(None),
+                            Err(Error::Conflict { .. }) => true,
+                            Err(e) => return Err(e),
+                        }
+                    } else {
+                        true
+                    }
+                }
+            };
+            if held {
+                if let Some(path) = self.local_path(key).await? {
+                    return Ok(Some(path));
+                }
+                if !announced {
+                    tracing::info!(cache_key = %key, "Another host is downloading this artifact; waiting for it");
+                    announced = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    async fn end_download(&self, key: &Key) {
+        if let Err(err) = self.store.delete(&self.lock_name(key)).await {
+            tracing::warn!(key = %self.lock_name(key), error = %err, "Could not remove the download lock");
+        }
     }
 
     /// Keeps the newest `keep` artifacts in the bucket and in the local
