@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{run, workspace_root};
 
-pub(crate) const NAMES: &[&str] = &["archive", "download", "restart", "ghr-polling"];
+pub(crate) const NAMES: &[&str] = &["archive", "download", "restart", "ghr-polling", "fleet"];
 
 pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
     match name {
@@ -18,6 +18,7 @@ pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
         Some("download") => download(args),
         Some("restart") => restart(args),
         Some("ghr-polling") => ghr_polling(args),
+        Some("fleet") => fleet(args),
         Some(other) => bail!("unknown benchmark `{other}`; known: {}", NAMES.join(", ")),
         None => bail!("name a benchmark: {}", NAMES.join(", ")),
     }
@@ -563,5 +564,213 @@ fn ghr_polling(args: &[String]) -> Result<()> {
         "dewy spent {steady_counted} counted requests while idle"
     );
     anyhow::ensure!(latest_pick <= INTERVAL_S, "slowest host took {latest_pick:.1} s");
+    Ok(())
+}
+
+/// An upstream registry that counts when it is asked.
+#[derive(Debug)]
+struct Counting {
+    inner: std::sync::Arc<dyn dewy_registry::Registry>,
+    calls: std::sync::Mutex<Vec<Instant>>,
+}
+
+#[async_trait::async_trait]
+impl dewy_registry::Registry for Counting {
+    async fn latest(&self) -> Result<dewy_registry::Release, dewy_registry::Error> {
+        self.calls.lock().expect("calls").push(Instant::now());
+        self.inner.latest().await
+    }
+    async fn artifact_request(
+        &self,
+        release: &dewy_registry::Release,
+    ) -> Result<dewy_registry::ArtifactRequest, dewy_registry::Error> {
+        self.inner.artifact_request(release).await
+    }
+}
+
+/// 20 dewy-core instances (assets mode, one process) share one S3 cache
+/// (moto) with `registry-ttl=5s` in front of a counting registry; a release
+/// is published; upstream calls per TTL window, upstream downloads per
+/// release, and the time until every instance has the release are printed.
+fn fleet(args: &[String]) -> Result<()> {
+    use std::sync::Arc;
+    let hosts: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--hosts="))
+        .map_or(Ok(20), str::parse)?;
+    let mib: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--mib="))
+        .map_or(Ok(32), str::parse)?;
+    const TTL: Duration = Duration::from_secs(5);
+    const INTERVAL: Duration = Duration::from_secs(1);
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let s3 = dewy_testkit::S3Server::start();
+    s3.create_bucket("fleet");
+    let work = tempfile::tempdir()?;
+    let releases = work.path().join("releases");
+    let publish = |tag: &str, seed: u64| -> Result<()> {
+        let payload = semi_compressible(mib << 20, seed);
+        let data = dewy_testkit::targz(&[("app.bin", &payload, 0o755)]);
+        let tmp = work.path().join(format!(".{tag}"));
+        std::fs::create_dir_all(&tmp)?;
+        std::fs::write(tmp.join("app_linux_amd64.tar.gz"), data)?;
+        std::fs::create_dir_all(&releases)?;
+        std::fs::rename(&tmp, releases.join(tag))?;
+        Ok(())
+    };
+    publish("v1.0.0", 1)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let cloud = dewy_cache::cloud::CloudOptions {
+        aws_credentials: Some(("test".into(), "test".into(), None)),
+        ..Default::default()
+    };
+    let opts = dewy_registry::OpenOptions {
+        platform: dewy_registry::Platform {
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            libc: Some("gnu".into()),
+        },
+        ..Default::default()
+    };
+    let registry_url = format!("file://{}?artifact=app_linux_amd64.tar.gz", releases.display());
+    let upstream = Arc::new(Counting {
+        inner: dewy_registry::open(&registry_url, &opts)?,
+        calls: std::sync::Mutex::new(Vec::new()),
+    });
+    let cache_url = url::Url::parse(&format!("s3://us-east-1/fleet/cache?endpoint={}", s3.endpoint))?;
+    let mut deployers = Vec::new();
+    let _runtime = rt.enter();
+    for i in 0..hosts {
+        let opened = dewy_cache::cloud::open_store(&cache_url, &cloud)?;
+        let root = work.path().join(format!("host{i}"));
+        let local = dewy_cache::FileCache::open(root.join(".dewy/cache"))?;
+        let cache = Arc::new(
+            dewy_cache::cloud::CloudCache::new(opened.store.clone(), opened.prefix.clone(), local)
+                .with_node(format!("host{i}:1"), Duration::from_secs(600)),
+        );
+        let shared = Arc::new(dewy_registry::SharedRegistry::new(
+            upstream.clone(),
+            opened.store,
+            &opened.prefix,
+            dewy_registry::SharedScope {
+                registry_url: registry_url.clone(),
+                scope: "linux|x86_64||".into(),
+                scheme: dewy_registry::Scheme::SemVer,
+                node: format!("host{i}:1"),
+            },
+            TTL,
+        ));
+        let notify = dewy_notify::Notify::new(Arc::new(dewy_notify::NullNotifier), Default::default(), true);
+        let mut config = dewy_core::Config::new(dewy_core::Mode::Assets, root);
+        config.interval = INTERVAL;
+        deployers.push(Arc::new(dewy_core::Deployer::new(config, shared, cache, notify, None)?));
+    }
+    let on = |tag: &'static str| {
+        let deployers = deployers.clone();
+        async move {
+            let mut n = 0;
+            for d in &deployers {
+                if d.status().await.current_version.as_deref() == Some(tag) {
+                    n += 1;
+                }
+            }
+            n
+        }
+    };
+    rt.block_on(async {
+        for (i, d) in deployers.iter().enumerate() {
+            let d = d.clone();
+            tokio::spawn(async move {
+                // Staggered start, as real hosts are.
+                tokio::time::sleep(INTERVAL.mul_f64(i as f64 / hosts as f64)).await;
+                loop {
+                    let _ = d.tick().await;
+                    tokio::time::sleep(INTERVAL).await;
+                }
+            });
+        }
+        let warm = Instant::now();
+        while on("v1.0.0").await < hosts {
+            anyhow::ensure!(
+                warm.elapsed() < Duration::from_secs(120),
+                "the fleet did not deploy v1.0.0"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    })?;
+    let downloads = |ds: &[Arc<dewy_core::Deployer>]| {
+        ds.iter()
+            .map(|d| d.metrics().downloads.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let first_downloads = downloads(&deployers);
+    // One download alone, for the goal.
+    let single = {
+        let started = Instant::now();
+        let dl = dewy_registry::Downloader::new(Default::default())?;
+        let release = rt.block_on(upstream.inner.latest())?;
+        let staging = work.path().join("staging");
+        std::fs::create_dir_all(&staging)?;
+        rt.block_on(dl.fetch(&release, &staging, &dewy_registry::NoProgress))?;
+        started.elapsed()
+    };
+    let published = Instant::now();
+    publish("v1.1.0", 2)?;
+    let all_have = rt.block_on(async {
+        while on("v1.1.0").await < hosts {
+            anyhow::ensure!(
+                published.elapsed() < Duration::from_secs(120),
+                "the fleet did not deploy v1.1.0"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(published.elapsed())
+    })?;
+    // Keep polling for a few more windows to count upstream calls per TTL.
+    std::thread::sleep(TTL * 3);
+    let calls = upstream.calls.lock().expect("calls").clone();
+    let second_downloads = downloads(&deployers) - first_downloads;
+    let windows: Vec<usize> = (0..6)
+        .map(|w| {
+            let from = published + TTL * w;
+            calls.iter().filter(|t| **t >= from && **t < from + TTL).count()
+        })
+        .filter(|_| true)
+        .collect();
+    let windows = &windows[..(published.elapsed().as_secs_f64() / TTL.as_secs_f64()).floor().min(6.0) as usize];
+    rt.shutdown_background();
+    println!(
+        "fleet: {hosts} dewy-core instances, one S3 cache (moto), registry-ttl {}s, interval {}s, {mib} MiB artifact",
+        TTL.as_secs(),
+        INTERVAL.as_secs()
+    );
+    println!("upstream registry calls per TTL window after the release: {windows:?} (goal: exactly 1 each)");
+    println!(
+        "upstream artifact downloads: first release {first_downloads}, new release {second_downloads} (goal: exactly 1)"
+    );
+    println!(
+        "every instance had the new release {:.2} s after it was published (goal: under one TTL + one download = {:.2} s; one download alone took {:.2} s; ticks every {} s)",
+        all_have.as_secs_f64(),
+        (TTL + single).as_secs_f64(),
+        single.as_secs_f64(),
+        INTERVAL.as_secs()
+    );
+    println!(
+        "peer: without the shared cache every instance asks upstream each tick ({} calls per window) and downloads itself ({hosts} downloads per release)",
+        hosts as u64 * TTL.as_secs() / INTERVAL.as_secs()
+    );
+    anyhow::ensure!(
+        windows.iter().all(|n| *n == 1),
+        "upstream calls per window: {windows:?}"
+    );
+    anyhow::ensure!(
+        first_downloads == 1 && second_downloads == 1,
+        "downloads {first_downloads}/{second_downloads}"
+    );
     Ok(())
 }

@@ -170,7 +170,14 @@ impl Cache for CloudCache {
             let body = serde_json::json!({"node": self.node, "at": jiff::Timestamp::now().to_string()}).to_string();
             let held = match self.store.get(&lock).await? {
                 None => match self.store.put(&lock, body.into_bytes(), Precondition::Absent).await {
-                    Ok(_) => return Ok(None),
+                    // The previous holder may have finished just before.
+                    Ok(_) => match self.local_path(key).await? {
+                        Some(path) => {
+                            self.end_download(key).await;
+                            return Ok(Some(path));
+                        }
+                        None => return Ok(None),
+                    },
                     Err(Error::Conflict { .. }) => true,
                     Err(e) => return Err(e),
                 },
