@@ -323,6 +323,18 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
             ("{result=\"error\"}".into(), m.registry_errors.load(Relaxed)),
         ],
     );
+    let secs = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+    family(
+        "dewy_deploy_phase_milliseconds_total",
+        "counter",
+        "Time spent in each deploy phase (download, extract, hooks, start or restart until ready), in milliseconds.",
+        &[
+            ("{phase=\"download\"}".into(), secs(&m.phase_download_millis)),
+            ("{phase=\"extract\"}".into(), secs(&m.phase_extract_millis)),
+            ("{phase=\"hooks\"}".into(), secs(&m.phase_hooks_millis)),
+            ("{phase=\"start\"}".into(), secs(&m.phase_start_millis)),
+        ],
+    );
     let http = d.registry_stats();
     family(
         "dewy_registry_http_requests_total",

@@ -604,6 +604,15 @@ fn admin_api_status_metrics_and_webhook() {
         "{metrics}"
     );
     assert!(before.keys().any(|k| k.starts_with("dewy_info{")), "{metrics}");
+    for phase in ["download", "extract", "hooks", "start"] {
+        let key = format!("dewy_deploy_phase_milliseconds_total{{phase=\"{phase}\"}}");
+        assert!(before.contains_key(&key), "{key} missing:\n{metrics}");
+    }
+    assert!(
+        before.contains_key("dewy_registry_http_requests_total{answer=\"not_modified\"}"),
+        "{metrics}"
+    );
+    assert!(before.contains_key("dewy_registry_rate_limited_total"), "{metrics}");
 
     // Mutating calls over TCP need the token.
     assert_eq!(http(admin, "POST /api/check HTTP/1.0\r\n\r\n").0, 401);

@@ -305,6 +305,18 @@ pub struct Metrics {
     pub hooks_failed: std::sync::atomic::AtomicU64,
     /// Automatic rollbacks.
     pub rollbacks: std::sync::atomic::AtomicU64,
+    /// Time spent in each deploy phase, in milliseconds: downloading.
+    pub phase_download_millis: std::sync::atomic::AtomicU64,
+    /// See `phase_download_millis`: extracting.
+    pub phase_extract_millis: std::sync::atomic::AtomicU64,
+    /// See `phase_download_millis`: running hooks and health commands.
+    pub phase_hooks_millis: std::sync::atomic::AtomicU64,
+    /// See `phase_download_millis`: starting or restarting the app until ready.
+    pub phase_start_millis: std::sync::atomic::AtomicU64,
+}
+
+fn add_millis(counter: &std::sync::atomic::AtomicU64, since: std::time::Instant) {
+    counter.fetch_add(since.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// What the loop is doing, for `dewy status` and the admin API.
@@ -805,6 +817,7 @@ impl Deployer {
                 tag: release.tag.clone(),
                 source,
             })?;
+        let started = std::time::Instant::now();
         let downloaded = self
             .downloader
             .fetch_request(&request, release.checksum.as_ref(), self.cache.staging_dir(), &progress)
@@ -814,6 +827,7 @@ impl Deployer {
                 source,
             });
         self.progress.finished(&release.tag);
+        add_millis(&self.metrics.phase_download_millis, started);
         let downloaded = downloaded?;
         tracing::info!(tag = %release.tag, bytes = downloaded.size, sha256 = %downloaded.sha256, "Artifact downloaded");
         self.metrics
@@ -841,7 +855,10 @@ impl Deployer {
     }
 
     async fn run_hook(&self, stage: &str, command: &str, env: &[(OsString, OsString)]) -> Option<HookOutcome> {
-        let outcome = match hooks::run(command, &self.config.root, env, self.config.hook_timeout).await {
+        let started = std::time::Instant::now();
+        let outcome = hooks::run(command, &self.config.root, env, self.config.hook_timeout).await;
+        add_millis(&self.metrics.phase_hooks_millis, started);
+        let outcome = match outcome {
             Ok(o) => o,
             Err(err) => {
                 tracing::error!(command, error = %err, "{stage} deploy hook failure");
@@ -898,6 +915,7 @@ impl Deployer {
             tag: release.tag.clone(),
             progress: self.progress.clone(),
         };
+        let extract_started = std::time::Instant::now();
         let extracted =
             tokio::task::spawn_blocking(move || extractor.extract_with_progress(&src, &dest, Some(&progress)))
                 .await
@@ -911,6 +929,7 @@ impl Deployer {
                     source,
                 });
         self.progress.finished(&release.tag);
+        add_millis(&self.metrics.phase_extract_millis, extract_started);
         extracted?;
         let previous_dir = self.releases.current_target();
         tracing::info!(from = %release_dir.display(), to = %self.releases.current_link().display(), "Create symlink");
@@ -923,7 +942,10 @@ impl Deployer {
             self.run_hook("After", cmd, &env).await;
         }
         if let (Mode::Assets, Some(cmd)) = (self.config.mode, &self.config.health_command) {
-            match hooks::run(cmd, &self.config.root, &env, self.config.hook_timeout).await {
+            let started = std::time::Instant::now();
+            let outcome = hooks::run(cmd, &self.config.root, &env, self.config.hook_timeout).await;
+            add_millis(&self.metrics.phase_hooks_millis, started);
+            match outcome {
                 Ok(o) if o.success() => tracing::info!(command = %cmd, "Health command passed"),
                 outcome => {
                     let reason = match outcome {
@@ -950,6 +972,7 @@ impl Deployer {
         }
         if let Some(app) = &self.app {
             let restart = app.is_running();
+            let start_started = std::time::Instant::now();
             let result = if restart {
                 tracing::info!(version = %release.tag, "Restart server");
                 self.metrics
@@ -960,6 +983,7 @@ impl Deployer {
                 tracing::info!(version = %release.tag, "Start server");
                 app.start().await
             };
+            add_millis(&self.metrics.phase_start_millis, start_started);
             match result {
                 Ok(generation) => {
                     let verb = if restart { "restarted" } else { "started" };

@@ -100,6 +100,10 @@ struct Inner {
     secondary: u32,
     retry_after: u64,
     app: Option<AppConfig>,
+    /// The next N API requests answer with this status (5xx faults).
+    fail: (u32, u16),
+    /// The next N API requests answer 200 with a body that is not JSON.
+    malformed: u32,
     deployments: Vec<serde_json::Value>,
     statuses: Vec<serde_json::Value>,
     storage: String,
@@ -164,7 +168,13 @@ fn http_date(secs: u64) -> String {
 impl FakeGithub {
     /// Starts the API host and the storage host on free loopback ports.
     pub fn start() -> Self {
-        let api = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake GitHub API");
+        Self::start_on(0)
+    }
+
+    /// Starts the API host on `port` (0: any free one), for tests where the
+    /// client was pointed at the port before the server came up.
+    pub fn start_on(port: u16) -> Self {
+        let api = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind fake GitHub API");
         let storage = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake GitHub storage");
         let (api_addr, storage_addr) = (api.local_addr().unwrap(), storage.local_addr().unwrap());
         api.set_nonblocking(true).unwrap();
@@ -256,6 +266,16 @@ impl FakeGithub {
             i.secondary = n;
             i.retry_after = retry_after_secs;
         });
+    }
+
+    /// The next `n` API requests answer with HTTP `status` (a 5xx fault).
+    pub fn fail_next(&self, n: u32, status: u16) {
+        self.with(|i| i.fail = (n, status));
+    }
+
+    /// The next `n` API requests answer 200 with a body that is not JSON.
+    pub fn malformed_next(&self, n: u32) {
+        self.with(|i| i.malformed = n);
     }
 
     /// Configures a GitHub App whose installation tokens live `lifetime`.
@@ -474,6 +494,25 @@ fn api_inner(
         && method == Method::POST
     {
         return app_token(inner, id, headers);
+    }
+    if inner.fail.0 > 0 {
+        inner.fail.0 -= 1;
+        let status = StatusCode::from_u16(inner.fail.1).unwrap_or(StatusCode::BAD_GATEWAY);
+        return Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/html")
+            .body(Body::from(
+                "<html><body>Unicorn! This page is taking too long to load.</body></html>",
+            ))
+            .unwrap();
+    }
+    if inner.malformed > 0 {
+        inner.malformed -= 1;
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+            .body(Body::from("[{\"id\": 1, \"tag_name\": \"v9.9.9\", \"assets\": [tru"))
+            .unwrap();
     }
     let token = bearer(headers);
     let identity = match &token {
