@@ -310,6 +310,9 @@ fn releases_in_a_row_under_load() {
     );
 }
 
+/// A named fault and how to inject it.
+type Fault<'a> = (&'a str, Box<dyn Fn() + 'a>);
+
 #[test]
 fn registry_faults_keep_the_current_version_serving() {
     // The registry is down when dewy starts (connection refused).
@@ -329,7 +332,7 @@ fn registry_faults_keep_the_current_version_serving() {
         w.serving("v1.0.0")
     });
     let load = Load::start(w.addr());
-    let faults: Vec<(&str, Box<dyn Fn()>)> = vec![
+    let faults: Vec<Fault<'_>> = vec![
         ("502", Box::new(|| gh.fail_next(3, 502))),
         ("503", Box::new(|| gh.fail_next(3, 503))),
         ("malformed JSON", Box::new(|| gh.malformed_next(3))),
