@@ -9,6 +9,7 @@
 
 mod bench;
 mod demo;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,9 +24,10 @@ fn main() -> std::process::ExitCode {
         Some("demo") => demo::demo(),
         Some("completions") => completions(args.get(1).map(String::as_str).unwrap_or("target/dist")),
         Some("bench") => bench::run_bench(args.get(1).map(String::as_str), &args[2.min(args.len())..]),
+        Some("soak") => soak::soak(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo | test | install-test-servers | completions [DIR] | bench NAME>\n\nbenches: {}",
+                "usage: cargo xtask <demo | test | install-test-servers | completions [DIR] | bench NAME | soak [--minutes N]>\n\nbenches: {}",
                 bench::NAMES.join(", ")
             );
             return std::process::ExitCode::from(2);
@@ -147,7 +149,10 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // Rows of docs/reliability.md, written by the e2e scenarios that pass.
+    let _ = std::fs::remove_dir_all(bench::target_dir().join("tmp/e2e"));
     run(cargo().args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]))?;
+    soak::reliability_table()?;
     if !have("cargo-deny") {
         run(cargo().args(["install", "cargo-deny", "--locked"]))?;
     }
