@@ -259,18 +259,32 @@ async fn webhook(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Res
     }
 }
 
-async fn metrics(State(ctx): State<Ctx>) -> Response {
-    let d = &ctx.admin.deployer;
+/// One metric family: name, kind (`counter` or `gauge`), help, and samples
+/// (labels, value).
+#[derive(Debug, Clone)]
+pub(crate) struct Family {
+    pub(crate) name: &'static str,
+    pub(crate) kind: &'static str,
+    pub(crate) help: &'static str,
+    pub(crate) samples: Vec<(Vec<(&'static str, String)>, u64)>,
+}
+
+/// Every metric dewy exports, read now: the scrape endpoint renders them as
+/// Prometheus text and `--otlp-endpoint` pushes the same set.
+pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
     let m = d.metrics();
     let st = d.status().await;
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    let cmd = format!("{{command=\"{}\"}}", st.mode);
+    let mut out = Vec::new();
+    let mut family =
+        |name: &'static str, kind: &'static str, help: &'static str, samples: &[(Vec<(&'static str, String)>, u64)]| {
+            out.push(Family {
+                name,
+                kind,
+                help,
+                samples: samples.to_vec(),
+            });
+        };
+    let cmd = vec![("command", st.mode.to_owned())];
     family(
         "dewy_deployments_total",
         "counter",
@@ -287,15 +301,15 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
         "dewy_deployment_duration_seconds_sum",
         "counter",
         "Total time of successful deploys.",
-        &[(cmd, m.deployment_millis.load(Relaxed) / 1000)],
+        &[(cmd.clone(), m.deployment_millis.load(Relaxed) / 1000)],
     );
     family(
         "dewy_server_restarts_total",
         "counter",
         "Application restarts.",
         &[
-            ("{reason=\"deploy\"}".into(), m.restarts_deploy.load(Relaxed)),
-            ("{reason=\"signal\"}".into(), m.restarts_signal.load(Relaxed)),
+            (vec![("reason", "deploy".into())], m.restarts_deploy.load(Relaxed)),
+            (vec![("reason", "signal".into())], m.restarts_signal.load(Relaxed)),
         ],
     );
     family(
@@ -303,11 +317,11 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
         "counter",
         "Registry checks by outcome.",
         &[
-            ("{outcome=\"skipped\"}".into(), m.ticks_skipped.load(Relaxed)),
-            ("{outcome=\"deployed\"}".into(), m.ticks_deployed.load(Relaxed)),
-            ("{outcome=\"grace_period\"}".into(), m.ticks_grace.load(Relaxed)),
-            ("{outcome=\"known_bad\"}".into(), m.ticks_known_bad.load(Relaxed)),
-            ("{outcome=\"error\"}".into(), m.ticks_error.load(Relaxed)),
+            (vec![("outcome", "skipped".into())], m.ticks_skipped.load(Relaxed)),
+            (vec![("outcome", "deployed".into())], m.ticks_deployed.load(Relaxed)),
+            (vec![("outcome", "grace_period".into())], m.ticks_grace.load(Relaxed)),
+            (vec![("outcome", "known_bad".into())], m.ticks_known_bad.load(Relaxed)),
+            (vec![("outcome", "error".into())], m.ticks_error.load(Relaxed)),
         ],
     );
     family(
@@ -315,12 +329,12 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
         "counter",
         "Registry answers by result.",
         &[
-            ("{result=\"release\"}".into(), m.registry_ok.load(Relaxed)),
+            (vec![("result", "release".into())], m.registry_ok.load(Relaxed)),
             (
-                "{result=\"artifact_not_found\"}".into(),
+                vec![("result", "artifact_not_found".into())],
                 m.registry_not_found.load(Relaxed),
             ),
-            ("{result=\"error\"}".into(), m.registry_errors.load(Relaxed)),
+            (vec![("result", "error".into())], m.registry_errors.load(Relaxed)),
         ],
     );
     let secs = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
@@ -329,10 +343,10 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
         "counter",
         "Time spent in each deploy phase (download, extract, hooks, start or restart until ready), in milliseconds.",
         &[
-            ("{phase=\"download\"}".into(), secs(&m.phase_download_millis)),
-            ("{phase=\"extract\"}".into(), secs(&m.phase_extract_millis)),
-            ("{phase=\"hooks\"}".into(), secs(&m.phase_hooks_millis)),
-            ("{phase=\"start\"}".into(), secs(&m.phase_start_millis)),
+            (vec![("phase", "download".into())], secs(&m.phase_download_millis)),
+            (vec![("phase", "extract".into())], secs(&m.phase_extract_millis)),
+            (vec![("phase", "hooks".into())], secs(&m.phase_hooks_millis)),
+            (vec![("phase", "start".into())], secs(&m.phase_start_millis)),
         ],
     );
     let http = d.registry_stats();
@@ -341,48 +355,48 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
         "counter",
         "Requests the registry backend sent (GitHub: 304s are free against the rate limit).",
         &[
-            ("{answer=\"any\"}".into(), http.requests),
-            ("{answer=\"not_modified\"}".into(), http.not_modified),
+            (vec![("answer", "any".into())], http.requests),
+            (vec![("answer", "not_modified".into())], http.not_modified),
         ],
     );
     family(
         "dewy_registry_rate_limited_total",
         "counter",
         "Times the registry's rate limit stopped requests until its reset.",
-        &[(String::new(), http.rate_limited)],
+        &[(vec![], http.rate_limited)],
     );
     family(
         "dewy_downloads_total",
         "counter",
         "Artifacts downloaded.",
-        &[(String::new(), m.downloads.load(Relaxed))],
+        &[(vec![], m.downloads.load(Relaxed))],
     );
     family(
         "dewy_download_bytes_total",
         "counter",
         "Bytes downloaded.",
-        &[(String::new(), m.download_bytes.load(Relaxed))],
+        &[(vec![], m.download_bytes.load(Relaxed))],
     );
     family(
         "dewy_cache_hits_total",
         "counter",
         "Deploys served from the cache.",
-        &[(String::new(), m.cache_hits.load(Relaxed))],
+        &[(vec![], m.cache_hits.load(Relaxed))],
     );
     family(
         "dewy_hook_runs_total",
         "counter",
         "Deploy hooks by outcome.",
         &[
-            ("{outcome=\"success\"}".into(), m.hooks_ok.load(Relaxed)),
-            ("{outcome=\"failure\"}".into(), m.hooks_failed.load(Relaxed)),
+            (vec![("outcome", "success".into())], m.hooks_ok.load(Relaxed)),
+            (vec![("outcome", "failure".into())], m.hooks_failed.load(Relaxed)),
         ],
     );
     family(
         "dewy_rollbacks_total",
         "counter",
         "Automatic rollbacks.",
-        &[(String::new(), m.rollbacks.load(Relaxed))],
+        &[(vec![], m.rollbacks.load(Relaxed))],
     );
     let stats = d.notify().stats();
     family(
@@ -390,21 +404,44 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
         "counter",
         "Notifications by result.",
         &[
-            ("{result=\"sent\"}".into(), stats.sent.load(Relaxed)),
-            ("{result=\"dropped\"}".into(), stats.dropped.load(Relaxed)),
-            ("{result=\"failed\"}".into(), stats.failed.load(Relaxed)),
-            ("{result=\"suppressed\"}".into(), stats.suppressed.load(Relaxed)),
+            (vec![("result", "sent".into())], stats.sent.load(Relaxed)),
+            (vec![("result", "dropped".into())], stats.dropped.load(Relaxed)),
+            (vec![("result", "failed".into())], stats.failed.load(Relaxed)),
+            (vec![("result", "suppressed".into())], stats.suppressed.load(Relaxed)),
         ],
     );
-    let version = st.current_version.unwrap_or_default().replace('"', "");
+    let version = st.current_version.clone().unwrap_or_default();
     family(
         "dewy_info",
         "gauge",
         "dewy and the version it runs.",
-        &[(
-            format!("{{dewy_version=\"{}\",version=\"{version}\"}}", st.dewy_version),
-            1,
-        )],
+        &[(vec![("dewy_version", st.dewy_version.clone()), ("version", version)], 1)],
     );
+    out
+}
+
+/// Prometheus text exposition of [`families`].
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    let mut out = String::new();
+    for f in families(&ctx.admin.deployer).await {
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
+        for (labels, v) in &f.samples {
+            let labels: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}=\"{}\"",
+                        v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+                    )
+                })
+                .collect();
+            let labels = if labels.is_empty() {
+                String::new()
+            } else {
+                format!("{{{}}}", labels.join(","))
+            };
+            let _ = writeln!(out, "{}{labels} {v}", f.name);
+        }
+    }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }

@@ -228,6 +228,17 @@ pub struct CommonArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_port: Option<String>,
 
+    /// Push the metrics of `/metrics` over OTLP/HTTP to this collector URL
+    /// (`http://collector:4318/v1/metrics`). Off by default.
+    #[arg(long = "otlp-endpoint", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+
+    /// How often metrics are pushed with `--otlp-endpoint`. Default 60s.
+    #[arg(long = "otlp-interval", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_interval: Option<String>,
+
     /// Bearer token that callers on the admin port must send to trigger a
     /// check or a restart.
     #[arg(long = "admin-token", value_name = "TOKEN")]

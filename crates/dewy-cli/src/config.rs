@@ -32,6 +32,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("health_command", "--health-command"),
     ("admin_port", "--admin-port"),
     ("admin_token", "--admin-token"),
+    ("otlp_endpoint", "--otlp-endpoint"),
+    ("otlp_interval", "--otlp-interval"),
     ("webhook_secret", "--webhook-secret"),
     ("health_path", "--health-path"),
     ("ready_notify", "--ready-notify"),
@@ -108,6 +110,8 @@ struct Raw {
     admin_port: Option<Scalar>,
     health_command: Option<Scalar>,
     admin_token: Option<Scalar>,
+    otlp_endpoint: Option<Scalar>,
+    otlp_interval: Option<Scalar>,
     webhook_secret: Option<Scalar>,
     ready_notify: Option<Scalar>,
     health_timeout: Option<Scalar>,
@@ -189,6 +193,10 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// GitHub webhook secret.
     pub webhook_secret: Option<String>,
+    /// OTLP/HTTP metrics collector URL.
+    pub otlp_endpoint: Option<String>,
+    /// How often metrics are pushed over OTLP.
+    pub otlp_interval: Duration,
 }
 
 /// A configuration value that is wrong: names the flag or key, the value,
@@ -497,6 +505,17 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             "assets mode only; in server mode use --health-path",
         ));
     }
+    let otlp_endpoint = text(&raw.otlp_endpoint);
+    if let Some(url) = &otlp_endpoint
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(invalid(
+            "otlp_endpoint",
+            url,
+            "an http(s) URL such as http://collector:4318/v1/metrics",
+        ));
+    }
+    let otlp_interval = duration_or("otlp_interval", &raw.otlp_interval, false, Duration::from_secs(60))?;
     Ok(Settings {
         health_command,
         health_soak,
@@ -504,6 +523,8 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         admin_port,
         admin_token: text(&raw.admin_token),
         webhook_secret: text(&raw.webhook_secret),
+        otlp_endpoint,
+        otlp_interval,
         readiness,
         stop_timeout,
         mode,

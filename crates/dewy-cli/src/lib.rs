@@ -13,6 +13,7 @@ mod admin;
 mod cli;
 mod config;
 mod logging;
+mod otlp;
 mod progress;
 mod run;
 

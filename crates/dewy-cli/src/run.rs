@@ -293,6 +293,10 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         webhook_secret: s.webhook_secret.clone(),
     });
     crate::admin::serve(admin, s.admin_port, admin_rx).await?;
+    let otlp = match &s.otlp_endpoint {
+        Some(url) => Some(crate::otlp::start(url, s.otlp_interval, deployer.clone()).await),
+        None => None,
+    };
 
     let runner = {
         let d = deployer.clone();
@@ -324,6 +328,9 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     deployer.shutdown(name).await;
     let _ = admin_stop.send(true);
     let _ = std::fs::remove_file(crate::admin::socket_path(&s.workdir));
+    if let Some(otlp) = otlp {
+        otlp.stop().await;
+    }
     let _ = runner.await;
     Ok(())
 }

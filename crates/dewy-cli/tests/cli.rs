@@ -978,3 +978,110 @@ fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
         "each release is downloaded from upstream once by the whole fleet"
     );
 }
+
+/// An OTLP/HTTP collector: records each request's path, content type and
+/// body, and answers 200 with an empty protobuf message.
+/// Requests an [`otlp_collector`] received: (path, content type, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+fn otlp_collector() -> (u16, Received) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let (mut length, mut content_type) = (0usize, String::new());
+                    loop {
+                        let mut line = String::new();
+                        reader.read_line(&mut line).unwrap();
+                        let line = line.trim_end();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = line.split_once(':') {
+                            match k.to_ascii_lowercase().as_str() {
+                                "content-length" => length = v.trim().parse().unwrap_or(0),
+                                "content-type" => content_type = v.trim().to_owned(),
+                                _ => {}
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let path = request_line.split_whitespace().nth(1).unwrap_or_default().to_owned();
+                    seen.lock().unwrap().push((path, content_type, body));
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n",
+                    );
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn metrics_are_pushed_over_otlp() {
+    let (port, got) = otlp_collector();
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
+    std::fs::create_dir_all(&app).unwrap();
+    dewy_testkit::publish(
+        &reg,
+        "v1.0.0",
+        "site_linux_amd64.tar.gz",
+        &dewy_testkit::targz(&[("index.html", b"one", 0o644)]),
+    );
+    let mut child = dewy(&app)
+        .args(["assets", "--registry", &format!("file://{}", reg.display()), "-i", "1"])
+        .args([
+            "--otlp-endpoint",
+            &format!("http://127.0.0.1:{port}/v1/metrics"),
+            "--otlp-interval",
+            "1s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let contains = |body: &[u8], text: &str| body.windows(text.len()).any(|w| w == text.as_bytes());
+    wait_for(
+        "an OTLP export with the deploy counted",
+        Duration::from_secs(30),
+        || {
+            got.lock()
+                .unwrap()
+                .iter()
+                .any(|(_, _, body)| contains(body, "dewy_deployments_total") && contains(body, "v1.0.0"))
+        },
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let got = got.lock().unwrap();
+    let (path, content_type, body) = got.last().unwrap();
+    assert_eq!(path, "/v1/metrics");
+    assert_eq!(content_type, "application/x-protobuf");
+    for name in [
+        "dewy_ticks_total",
+        "dewy_registry_http_requests_total",
+        "dewy_deploy_phase_milliseconds_total",
+        "service.name",
+    ] {
+        assert!(contains(body, name), "{name} missing from the export");
+    }
+}

@@ -1,0 +1,118 @@
+//! `--otlp-endpoint`: pushes the metrics of `/metrics` over OTLP/HTTP
+//! (protobuf) with the opentelemetry SDK. The scrape endpoint does not
+//! depend on it.
+//!
+//! The SDK's periodic reader runs on its own thread and the exporter uses a
+//! blocking HTTP client, which must be built and dropped outside the tokio
+//! runtime; so the provider lives on a dedicated thread. Its observable
+//! instruments read a snapshot of [`crate::admin::families`] that a tokio
+//! task refreshes (reading dewy's status is async).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+
+use crate::admin::{Family, families};
+
+/// The running exporter; [`Otlp::stop`] sends the last export.
+#[derive(Debug)]
+pub(crate) struct Otlp {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+    refresh: tokio::task::JoinHandle<()>,
+}
+
+/// Starts pushing every `interval` to `endpoint`
+/// (`http://collector:4318/v1/metrics`).
+pub(crate) async fn start(endpoint: &str, interval: Duration, deployer: Arc<dewy_core::Deployer>) -> Otlp {
+    let first = families(&deployer).await;
+    let snapshot: Arc<Mutex<Vec<Family>>> = Arc::new(Mutex::new(first.clone()));
+    let refresh = {
+        let (snapshot, deployer) = (snapshot.clone(), deployer.clone());
+        let every = (interval / 2).max(Duration::from_millis(200));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let now = families(&deployer).await;
+                *snapshot.lock().expect("metrics snapshot") = now;
+            }
+        })
+    };
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let endpoint = endpoint.to_owned();
+    let thread = std::thread::spawn(move || {
+        let exporter = match opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_endpoint(endpoint.clone())
+            .with_timeout(Duration::from_secs(10))
+            .build()
+        {
+            Ok(e) => e,
+            Err(err) => {
+                tracing::error!(endpoint, error = %err, "Cannot set up the OTLP exporter; metrics are not pushed");
+                let _ = stopped.recv();
+                return;
+            }
+        };
+        let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
+            .with_interval(interval)
+            .build();
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_reader(reader)
+            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name("dewy").build())
+            .build();
+        let meter = provider.meter("dewy");
+        let observe = |name: &'static str, snapshot: Arc<Mutex<Vec<Family>>>| {
+            move |obs: &dyn opentelemetry::metrics::AsyncInstrument<u64>| {
+                let snapshot = snapshot.lock().expect("metrics snapshot");
+                for f in snapshot.iter().filter(|f| f.name == name) {
+                    for (labels, v) in &f.samples {
+                        let attrs: Vec<KeyValue> = labels.iter().map(|(k, v)| KeyValue::new(*k, v.clone())).collect();
+                        obs.observe(*v, &attrs);
+                    }
+                }
+            }
+        };
+        let mut counters = Vec::new();
+        let mut gauges = Vec::new();
+        for f in &first {
+            if f.kind == "counter" {
+                counters.push(
+                    meter
+                        .u64_observable_counter(f.name)
+                        .with_description(f.help)
+                        .with_callback(observe(f.name, snapshot.clone()))
+                        .build(),
+                );
+            } else {
+                gauges.push(
+                    meter
+                        .u64_observable_gauge(f.name)
+                        .with_description(f.help)
+                        .with_callback(observe(f.name, snapshot.clone()))
+                        .build(),
+                );
+            }
+        }
+        tracing::info!(endpoint, interval = %humantime::format_duration(interval), "Pushing metrics over OTLP");
+        let _ = stopped.recv();
+        if let Err(err) = provider.shutdown() {
+            tracing::warn!(error = %err, "OTLP exporter shutdown");
+        }
+        drop((counters, gauges));
+    });
+    Otlp { stop, thread, refresh }
+}
+
+impl Otlp {
+    /// Sends the last export and stops.
+    pub(crate) async fn stop(self) {
+        self.refresh.abort();
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
