@@ -686,16 +686,33 @@ fn black_hole() -> (SocketAddr, std::thread::JoinHandle<()>) {
 #[test]
 fn notifier_faults_do_not_delay_deploys() {
     let (slow, _t) = black_hole();
-    for (name, api) in [
+    let (slow_mail, _m) = black_hole();
+    let closed = dewy_testkit::free_port();
+    for (name, notifier, api) in [
         (
             "Slack down",
-            format!("http://127.0.0.1:{}/api", dewy_testkit::free_port()),
+            "slack://deploys".to_owned(),
+            format!("http://127.0.0.1:{closed}/api"),
         ),
-        ("Slack never answers", format!("http://{slow}/api")),
+        (
+            "Slack never answers",
+            "slack://deploys".to_owned(),
+            format!("http://{slow}/api"),
+        ),
+        (
+            "SMTP down",
+            format!("mail://127.0.0.1:{closed}/ops@example.com?from=dewy@example.com&tls=none"),
+            String::new(),
+        ),
+        (
+            "SMTP never answers",
+            format!("mail://{slow_mail}/ops@example.com?from=dewy@example.com&tls=none"),
+            String::new(),
+        ),
     ] {
         let w = World::new();
         w.publish("v1.0.0", &[]);
-        let mut cmd = w.dewy(&w.file_registry(), &["--notifier", "slack://deploys"]);
+        let mut cmd = w.dewy(&w.file_registry(), &["--notifier", &notifier]);
         cmd.env("SLACK_TOKEN", "xoxb-test").env("SLACK_API_URL", &api);
         let dewy = cmd.spawn().unwrap();
         wait_for("v1.0.0 served", Duration::from_secs(60), || w.serving("v1.0.0"));
