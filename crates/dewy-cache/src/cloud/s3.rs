@@ -98,6 +98,35 @@ impl S3Store {
         }
     }
 
+    /// `GetObject`, or `None` when the object does not exist.
+    async fn open(
+        &self,
+        name: &str,
+        op: &'static str,
+    ) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>, Error> {
+        match self
+            .client()
+            .await
+            .get_object()
+            .bucket(&self.bucket)
+            .key(name)
+            .send()
+            .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if Self::not_found(&e) => Ok(None),
+            Err(e) => Err(self.remote(op, name, e)),
+        }
+    }
+
+    fn body_error(&self, op: &'static str, name: &str, e: impl std::fmt::Display) -> Error {
+        Error::Remote {
+            op,
+            location: format!("{}/{name}", self.location()),
+            message: e.to_string(),
+        }
+    }
+
     fn not_found<E>(err: &aws_sdk_s3::error::SdkError<E>) -> bool {
         err.raw_response().is_some_and(|r| r.status().as_u16() == 404)
     }
@@ -110,50 +139,31 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, name: &str) -> Result<Option<(Vec<u8>, String)>, Error> {
-        let resp = match self
-            .client()
-            .await
-            .get_object()
-            .bucket(&self.bucket)
-            .key(name)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) if Self::not_found(&e) => return Ok(None),
-            Err(e) => return Err(self.remote("read", name, e)),
+        let Some(resp) = self.open(name, "read").await? else {
+            return Ok(None);
         };
         let version = resp.e_tag().unwrap_or_default().to_owned();
-        let data = resp.body.collect().await.map_err(|e| Error::Remote {
-            op: "read",
-            location: format!("{}/{name}", self.location()),
-            message: e.to_string(),
-        })?;
+        let data = resp
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.body_error("read", name, e))?;
         Ok(Some((data.into_bytes().to_vec(), version)))
     }
 
     async fn download(&self, name: &str, dest: &Path) -> Result<bool, Error> {
-        let mut resp = match self
-            .client()
-            .await
-            .get_object()
-            .bucket(&self.bucket)
-            .key(name)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) if Self::not_found(&e) => return Ok(false),
-            Err(e) => return Err(self.remote("download", name, e)),
+        let Some(mut resp) = self.open(name, "download").await? else {
+            return Ok(false);
         };
         let mut file = tokio::fs::File::create(dest)
             .await
             .map_err(|e| Error::io("create", dest, e))?;
-        while let Some(chunk) = resp.body.try_next().await.map_err(|e| Error::Remote {
-            op: "download",
-            location: format!("{}/{name}", self.location()),
-            message: e.to_string(),
-        })? {
+        while let Some(chunk) = resp
+            .body
+            .try_next()
+            .await
+            .map_err(|e| self.body_error("download", name, e))?
+        {
             file.write_all(&chunk).await.map_err(|e| Error::io("write", dest, e))?;
         }
         file.sync_all().await.map_err(|e| Error::io("sync", dest, e))?;
