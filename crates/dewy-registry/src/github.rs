@@ -243,10 +243,14 @@ impl GithubRegistry {
                 Answer::NotModified => cached.expect("304 only for a cached page"),
                 Answer::Fresh(body, next) => {
                     unchanged = false;
-                    let releases: Vec<GhRelease> = serde_json::from_str(&body).map_err(|e| Error::Api {
-                        registry: self.location.clone(),
-                        status: 200,
-                        message: format!("unexpected releases answer: {e}"),
+                    let releases: Vec<GhRelease> = serde_json::from_str(&body).map_err(|e| {
+                        // Never answer a later 304 with a page that was not understood.
+                        self.api.forget(&route);
+                        Error::Api {
+                            registry: self.location.clone(),
+                            status: 200,
+                            message: format!("unexpected releases answer: {e}"),
+                        }
                     })?;
                     let page = Page { releases, next };
                     self.pages
@@ -503,6 +507,11 @@ impl Api {
             not_modified: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
         })
+    }
+
+    /// Drops the validators of `route`, so the next request is unconditional.
+    fn forget(&self, route: &str) {
+        self.validators.lock().expect("validators").remove(route);
     }
 
     /// A link of a GitHub answer as a route under the API base; `None` for
