@@ -24,6 +24,17 @@ pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
     }
 }
 
+/// The value of `--name=VALUE` in `args`, else `default`.
+fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    match args.iter().find_map(|a| a.strip_prefix(name)) {
+        Some(v) => v.parse().with_context(|| format!("{name}{v}")),
+        None => Ok(default),
+    }
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -124,14 +135,8 @@ fn serve_file(path: PathBuf) -> Result<std::net::SocketAddr> {
 }
 
 fn download(args: &[String]) -> Result<()> {
-    let mib: u64 = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--mib="))
-        .map_or(Ok(1024), str::parse)?;
-    let rounds: usize = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--rounds="))
-        .map_or(Ok(3), str::parse)?;
+    let mib: u64 = flag(args, "--mib=", 1024)?;
+    let rounds: usize = flag(args, "--rounds=", 3)?;
     if !crate::have("curl") {
         bail!("`curl` is needed as the peer of this benchmark (apt-get install curl)");
     }
@@ -241,10 +246,7 @@ fn free_port() -> Result<u16> {
 }
 
 fn restart(args: &[String]) -> Result<()> {
-    let restarts: u32 = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--restarts="))
-        .map_or(Ok(20), str::parse)?;
+    let restarts: u32 = flag(args, "--restarts=", 20)?;
     for tool in ["wrk", "start_server"] {
         if !crate::have(tool) {
             bail!("`{tool}` is needed for this benchmark (apt-get install wrk libserver-starter-perl)");
@@ -342,14 +344,8 @@ pub(crate) fn generation_of(port: u16) -> String {
 }
 
 fn archive(args: &[String]) -> Result<()> {
-    let scale: usize = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--scale="))
-        .map_or(Ok(1), str::parse)?;
-    let rounds: usize = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--rounds="))
-        .map_or(Ok(5), str::parse)?;
+    let scale: usize = flag(args, "--scale=", 1)?;
+    let rounds: usize = flag(args, "--rounds=", 5)?;
     for tool in ["tar", "unzip", "zstd"] {
         if !crate::have(tool) {
             bail!("`{tool}` is needed as the peer of this benchmark (apt-get install tar unzip zstd)");
@@ -446,10 +442,7 @@ fn archive(args: &[String]) -> Result<()> {
 /// HTTP fake; the peer is the Go original's polling (an unconditional list
 /// of every page per tick), run in the same process for comparison.
 fn ghr_polling(args: &[String]) -> Result<()> {
-    let hosts: usize = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--hosts="))
-        .map_or(Ok(50), str::parse)?;
+    let hosts: usize = flag(args, "--hosts=", 50)?;
     const INTERVAL_S: f64 = 10.0;
     const HOUR_TICKS: usize = 360;
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -594,14 +587,8 @@ impl dewy_registry::Registry for Counting {
 /// release, and the time until every instance has the release are printed.
 fn fleet(args: &[String]) -> Result<()> {
     use std::sync::Arc;
-    let hosts: usize = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--hosts="))
-        .map_or(Ok(20), str::parse)?;
-    let mib: usize = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--mib="))
-        .map_or(Ok(32), str::parse)?;
+    let hosts: usize = flag(args, "--hosts=", 20)?;
+    let mib: usize = flag(args, "--mib=", 32)?;
     const TTL: Duration = Duration::from_secs(5);
     const INTERVAL: Duration = Duration::from_secs(1);
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

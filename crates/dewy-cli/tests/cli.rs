@@ -215,6 +215,20 @@ fn release(reg: &Path, demo: &[u8], tag: &str, extra: &[(&str, &[u8], u32)]) {
     dewy_testkit::publish(reg, tag, "demo_linux_amd64.tar.gz", &dewy_testkit::targz(&files));
 }
 
+/// SIGTERM to a `dewy` child; it must exit 0.
+fn terminate(child: &mut std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(0),
+        "dewy did not exit cleanly on SIGTERM"
+    );
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -396,12 +410,7 @@ fn sigkill_during_deploys_converges_after_restart() {
             body().starts_with(&format!("version={tag}"))
         });
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dewy_proc.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_eq!(dewy_proc.wait().unwrap().code(), Some(0));
+    terminate(&mut dewy_proc);
     let leftovers: Vec<_> = std::fs::read_dir(app.join("releases"))
         .unwrap()
         .filter_map(|e| e.ok())
@@ -664,12 +673,7 @@ fn admin_api_status_metrics_and_webhook() {
             && after["dewy_ticks_total{outcome=\"deployed\"}"] == 2.0
     });
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    terminate(&mut child);
     assert!(!sock.exists(), "the socket is removed on shutdown");
 }
 
@@ -751,12 +755,7 @@ fn unhealthy_release_during_soak_is_rolled_back() {
     let (code, out, err) = run(dewy(&app).arg("clear-bad"));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("cleared 1 bad release records"), "{out}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    terminate(&mut child);
 }
 
 /// Two apps sharing one cache folder (`DEWY_CACHEDIR`) each keep their own
@@ -809,12 +808,7 @@ fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
         assert_eq!(history.lines().count(), 1, "redeployed:\n{history}");
     }
     for mut c in children {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        assert_eq!(c.wait().unwrap().code(), Some(0));
+        terminate(&mut c);
     }
 }
 
@@ -856,12 +850,7 @@ fn assets_from_github_releases_with_a_token_that_never_leaks() {
         std::fs::read_to_string(&current).is_ok_and(|v| v == "two")
     });
     std::thread::sleep(Duration::from_secs(2));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
+    terminate(&mut child);
     let requests = gh.requests();
     assert!(
         requests
@@ -963,12 +952,7 @@ fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
     });
     let mut downloads = 0;
     for (app, child) in &mut hosts {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        assert!(child.wait().unwrap().success());
+        terminate(child);
         let log = std::fs::read_to_string(app.join("dewy.log")).unwrap();
         downloads += log.matches("\"Artifact downloaded\"").count();
         assert!(log.contains("Registry result cache enabled"), "{log}");
@@ -1066,12 +1050,7 @@ fn metrics_are_pushed_over_otlp() {
                 .any(|(_, _, body)| contains(body, "dewy_deployments_total") && contains(body, "v1.0.0"))
         },
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
+    terminate(&mut child);
     let got = got.lock().unwrap();
     let (path, content_type, body) = got.last().unwrap();
     assert_eq!(path, "/v1/metrics");

@@ -185,6 +185,15 @@ impl World {
         get(self.addr(), "/").is_ok_and(|(s, b)| s == 200 && b.contains(&format!("version={tag} ")))
     }
 
+    /// Waits until dewy logged an error about `tag`.
+    fn wait_for_error(&self, tag: &str, what: &str) {
+        wait_for(what, Duration::from_secs(30), || {
+            self.log()
+                .lines()
+                .any(|l| l.contains(tag) && l.contains("\"level\":\"ERROR\""))
+        });
+    }
+
     fn history(&self) -> String {
         std::fs::read_to_string(self.app().join(".dewy/history.jsonl")).unwrap_or_default()
     }
@@ -434,11 +443,7 @@ fn bad_artifacts_never_reach_releases() {
             )
             .unwrap();
         }
-        wait_for(name, Duration::from_secs(30), || {
-            w.log()
-                .lines()
-                .any(|l| l.contains(tag) && l.contains("\"level\":\"ERROR\""))
-        });
+        w.wait_for_error(tag, name);
         assert_eq!(load.version(), "v1.0.0", "after {name}");
         assert_eq!(w.release_dirs().len(), 1, "after {name}: {:?}", w.release_dirs());
         w.assert_releases_complete();
@@ -506,11 +511,7 @@ fn full_or_read_only_disk_aborts_the_deploy_cleanly() {
     wait_for("v1.0.0 served", Duration::from_secs(60), || w.serving("v1.0.0"));
     let load = Load::start(w.addr());
     w.publish("v2.0.0", &[]);
-    wait_for("the disk-full failure", Duration::from_secs(30), || {
-        w.log()
-            .lines()
-            .any(|l| l.contains("v2.0.0") && l.contains("\"level\":\"ERROR\""))
-    });
+    w.wait_for_error("v2.0.0", "the disk-full failure");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(load.version(), "v1.0.0");
     assert_eq!(w.release_dirs().len(), 1, "{:?}", w.release_dirs());
@@ -527,11 +528,7 @@ fn full_or_read_only_disk_aborts_the_deploy_cleanly() {
         String::from_utf8_lossy(&out.stderr)
     );
     w.publish("v2.0.1", &[]);
-    wait_for("the read-only failure", Duration::from_secs(30), || {
-        w.log()
-            .lines()
-            .any(|l| l.contains("v2.0.1") && l.contains("\"level\":\"ERROR\""))
-    });
+    w.wait_for_error("v2.0.1", "the read-only failure");
     assert_eq!(load.version(), "v1.0.0");
     // Room again: the fleet recovers on its own.
     let out = sh(&format!(

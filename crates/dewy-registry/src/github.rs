@@ -633,37 +633,61 @@ impl Api {
         Ok(headers)
     }
 
-    /// A conditional GET of `route`.
-    async fn get(&self, registry: &str, route: &str, conditional: bool) -> Result<Answer, Error> {
+    /// Sends one request (with dewy's headers plus `extra`), counts it,
+    /// reads the rate-limit headers, and returns the status, headers and
+    /// body. Refused at once while a rate limit holds; a limit answer is
+    /// [`Error::RateLimited`].
+    async fn send(
+        &self,
+        registry: &str,
+        method: http::Method,
+        route: &str,
+        extra: HeaderMap,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, HeaderMap, String), Error> {
         self.check_blocked(registry)?;
         let mut headers = self.headers(registry).await?;
-        if conditional && let Some((etag, modified)) = self.validators.lock().expect("validators").get(route).cloned() {
-            if let Some(e) = etag {
-                headers.insert(http::header::IF_NONE_MATCH, e);
-            }
-            if let Some(m) = modified {
-                headers.insert(http::header::IF_MODIFIED_SINCE, m);
-            }
+        headers.extend(extra);
+        let mut builder = http::Request::builder().method(method).uri(route);
+        for (k, v) in &headers {
+            builder = builder.header(k, v);
         }
         let client = self.client()?;
+        let request = client
+            .build_request(builder, body)
+            .map_err(|e| Self::transport(registry, e))?;
         let resp = client
-            ._get_with_headers(route, Some(headers))
+            .execute(request)
             .await
             .map_err(|e| Self::transport(registry, e))?;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let status = resp.status().as_u16();
         let head = resp.headers().clone();
-        if status == 304 {
-            self.not_modified.fetch_add(1, Ordering::Relaxed);
-            self.observe(registry, status, &head, "");
-            return Ok(Answer::NotModified);
-        }
-        let body = client
+        let text = client
             .body_to_string(resp)
             .await
             .map_err(|e| Self::transport(registry, e))?;
-        if let Some(err) = self.observe(registry, status, &head, &body) {
-            return Err(err);
+        match self.observe(registry, status, &head, &text) {
+            Some(err) => Err(err),
+            None => Ok((status, head, text)),
+        }
+    }
+
+    /// A conditional GET of `route`.
+    async fn get(&self, registry: &str, route: &str, conditional: bool) -> Result<Answer, Error> {
+        let mut extra = HeaderMap::new();
+        if conditional && let Some((etag, modified)) = self.validators.lock().expect("validators").get(route).cloned() {
+            if let Some(e) = etag {
+                extra.insert(http::header::IF_NONE_MATCH, e);
+            }
+            if let Some(m) = modified {
+                extra.insert(http::header::IF_MODIFIED_SINCE, m);
+            }
+        }
+        let (status, head, body) = self.send(registry, http::Method::GET, route, extra, None).await?;
+        if status == 304 {
+            self.not_modified.fetch_add(1, Ordering::Relaxed);
+            return Ok(Answer::NotModified);
         }
         if status != 200 {
             return Err(self.error(registry, status, &body));
@@ -696,29 +720,9 @@ impl Api {
         route: &str,
         body: &serde_json::Value,
     ) -> Result<T, Error> {
-        self.check_blocked(registry)?;
-        let mut builder = http::Request::builder().method(http::Method::POST).uri(route);
-        for (k, v) in &self.headers(registry).await? {
-            builder = builder.header(k, v);
-        }
-        let client = self.client()?;
-        let request = client
-            .build_request(builder, Some(body))
-            .map_err(|e| Self::transport(registry, e))?;
-        let resp = client
-            .execute(request)
-            .await
-            .map_err(|e| Self::transport(registry, e))?;
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let status = resp.status().as_u16();
-        let head = resp.headers().clone();
-        let text = client
-            .body_to_string(resp)
-            .await
-            .map_err(|e| Self::transport(registry, e))?;
-        if let Some(err) = self.observe(registry, status, &head, &text) {
-            return Err(err);
-        }
+        let (status, _, text) = self
+            .send(registry, http::Method::POST, route, HeaderMap::new(), Some(body))
+            .await?;
         if !(200..300).contains(&status) {
             return Err(self.error(registry, status, &text));
         }
