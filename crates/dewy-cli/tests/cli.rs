@@ -849,7 +849,10 @@ fn assets_from_github_releases_with_a_token_that_never_leaks() {
     wait_for("v1.1.0 from GitHub", Duration::from_secs(30), || {
         std::fs::read_to_string(&current).is_ok_and(|v| v == "two")
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // A few more checks with nothing new (however loaded the machine is).
+    let polls = || gh.requests().iter().filter(|r| r.uri.contains("/releases?")).count();
+    let seen = polls();
+    wait_for("two more checks", Duration::from_secs(30), || polls() >= seen + 2);
     terminate(&mut child);
     let requests = gh.requests();
     assert!(
