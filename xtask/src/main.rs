@@ -11,7 +11,7 @@ mod bench;
 mod demo;
 mod soak;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -43,10 +43,12 @@ fn main() -> std::process::ExitCode {
 }
 
 pub(crate) fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    // `cargo run` sets CARGO_MANIFEST_DIR for the process; prefer it to the
+    // compile-time value, which names whichever clone built the binary when
+    // several clones share one target directory (as CI's does).
+    let manifest =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {

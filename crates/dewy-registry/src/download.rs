@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 use crate::{ArtifactRequest, Checksum, Error, Release, SafeUrl};
 
@@ -64,111 +66,194 @@ pub struct Downloader {
     policy: DownloadPolicy,
 }
 
-/// The download in progress. Bytes are gathered into 1 MiB blocks and
-/// handed to a writer thread that hashes and writes them, so receiving the
-/// next bytes overlaps with hashing and writing the previous ones, thread
-/// hand-offs happen once per block (not per network chunk), and memory stays
-/// bounded (the block being filled plus `IN_FLIGHT` blocks).
+/// The download in progress. Received chunks are batched (without copying)
+/// into blocks of about 1 MiB, and each block goes to two threads: one
+/// writes it to the file, one hashes it. Receiving, writing and hashing thus
+/// overlap, thread hand-offs happen once per block (not per network chunk),
+/// and memory stays bounded (the block being filled plus `IN_FLIGHT` blocks).
 struct Partial {
-    block: Vec<u8>,
-    tx: Option<tokio::sync::mpsc::Sender<Block>>,
-    writer: Option<std::thread::JoinHandle<std::io::Result<(String, u64)>>>,
+    block: Vec<Bytes>,
+    block_len: usize,
+    workers: Option<Workers>,
     size: u64,
 }
 
+struct Workers {
+    to_writer: tokio::sync::mpsc::Sender<Block>,
+    to_hasher: tokio::sync::mpsc::Sender<Block>,
+    writer: std::thread::JoinHandle<std::io::Result<u64>>,
+    hasher: std::thread::JoinHandle<String>,
+}
+
+#[derive(Clone)]
 enum Block {
-    Data(Vec<u8>),
+    Data(Arc<[Bytes]>),
     /// The server ignored the range: start the file over.
     Reset,
+    /// Everything was sent: make the file durable. Without this the
+    /// download was abandoned and the writer does not bother syncing.
+    Finish,
 }
 
 const BLOCK: usize = 1 << 20;
 const IN_FLIGHT: usize = 4;
+/// Writeback to disk is started every this many bytes, so that the disk
+/// writes while the network receives and the final fsync only waits for the
+/// tail (instead of for the whole artifact, as `curl -o F && sync F` does).
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+fn write_blocks(mut file: std::fs::File, mut rx: tokio::sync::mpsc::Receiver<Block>) -> std::io::Result<u64> {
+    use std::io::{Seek, Write};
+    let mut size = 0u64;
+    let mut written_back = 0u64;
+    while let Some(block) = rx.blocking_recv() {
+        match block {
+            Block::Data(chunks) => {
+                for chunk in chunks.iter() {
+                    file.write_all(chunk)?;
+                    size += chunk.len() as u64;
+                }
+                if size - written_back >= WRITEBACK_EVERY {
+                    start_writeback(&file, written_back, size - written_back);
+                    written_back = size;
+                }
+            }
+            Block::Reset => {
+                file.set_len(0)?;
+                file.seek(std::io::SeekFrom::Start(0))?;
+                size = 0;
+                written_back = 0;
+            }
+            Block::Finish => {
+                // Durable before it may be renamed into the cache.
+                file.sync_all()?;
+                return Ok(size);
+            }
+        }
+    }
+    Err(std::io::Error::other("download abandoned"))
+}
+
+fn hash_blocks(mut rx: tokio::sync::mpsc::Receiver<Block>) -> String {
+    let mut hasher = Sha256::new();
+    while let Some(block) = rx.blocking_recv() {
+        match block {
+            Block::Data(chunks) => chunks.iter().for_each(|c| hasher.update(c)),
+            Block::Reset => hasher = Sha256::new(),
+            Block::Finish => break,
+        }
+    }
+    hex::encode(hasher.finalize())
+}
 
 impl Partial {
     fn new(file: std::fs::File) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Block>(IN_FLIGHT);
-        let writer = std::thread::spawn(move || -> std::io::Result<(String, u64)> {
-            use std::io::{Seek, Write};
-            let mut file = file;
-            let mut hasher = Sha256::new();
-            let mut size = 0u64;
-            while let Some(block) = rx.blocking_recv() {
-                match block {
-                    Block::Data(b) => {
-                        hasher.update(&b);
-                        file.write_all(&b)?;
-                        size += b.len() as u64;
-                    }
-                    Block::Reset => {
-                        file.set_len(0)?;
-                        file.seek(std::io::SeekFrom::Start(0))?;
-                        hasher = Sha256::new();
-                        size = 0;
-                    }
-                }
-            }
-            // Durable before it may be renamed into the cache.
-            file.sync_all()?;
-            Ok((hex::encode(hasher.finalize()), size))
-        });
+        let (to_writer, writer_rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
+        let (to_hasher, hasher_rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
         Self {
-            block: Vec::with_capacity(BLOCK),
-            tx: Some(tx),
-            writer: Some(writer),
+            block: Vec::new(),
+            block_len: 0,
+            workers: Some(Workers {
+                to_writer,
+                to_hasher,
+                writer: std::thread::spawn(move || write_blocks(file, writer_rx)),
+                hasher: std::thread::spawn(move || hash_blocks(hasher_rx)),
+            }),
             size: 0,
         }
     }
 
     async fn send(&mut self, block: Block) -> std::io::Result<()> {
-        let tx = self
-            .tx
+        let workers = self
+            .workers
             .as_ref()
             .ok_or_else(|| std::io::Error::other("download already finished"))?;
-        // Waits without a thread hop while the writer is IN_FLIGHT blocks behind.
-        tx.send(block).await.map_err(|_| self.writer_failed())
+        // Waits without a thread hop while a worker is IN_FLIGHT blocks behind.
+        if workers.to_hasher.send(block.clone()).await.is_ok() && workers.to_writer.send(block).await.is_ok() {
+            return Ok(());
+        }
+        // Only the writer stops early (disk full, I/O error): say why.
+        let (_, size) = self.join().await?;
+        Err(std::io::Error::other(format!(
+            "the download writer stopped after {size} bytes"
+        )))
     }
 
-    fn writer_failed(&self) -> std::io::Error {
-        std::io::Error::other("the download writer stopped (disk full or unwritable?)")
+    /// Ends the workers and returns the SHA-256 and the size written.
+    async fn join(&mut self) -> std::io::Result<(String, u64)> {
+        let Workers {
+            to_writer,
+            to_hasher,
+            writer,
+            hasher,
+        } = self
+            .workers
+            .take()
+            .ok_or_else(|| std::io::Error::other("download already finished"))?;
+        drop((to_writer, to_hasher));
+        tokio::task::spawn_blocking(move || {
+            let panicked = |_| std::io::Error::other("download worker panicked");
+            let size = writer.join().map_err(panicked)??;
+            let sha256 = hasher.join().map_err(panicked)?;
+            Ok((sha256, size))
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
-    async fn push(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        let chunks: Arc<[Bytes]> = std::mem::take(&mut self.block).into();
+        self.block_len = 0;
+        self.send(Block::Data(chunks)).await
+    }
+
+    async fn push(&mut self, bytes: Bytes) -> std::io::Result<()> {
         self.size += bytes.len() as u64;
-        self.block.extend_from_slice(bytes);
-        if self.block.len() >= BLOCK {
-            let full = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK));
-            self.send(Block::Data(full)).await?;
+        self.block_len += bytes.len();
+        self.block.push(bytes);
+        if self.block_len >= BLOCK {
+            self.flush().await?;
         }
         Ok(())
     }
 
     async fn reset(&mut self) -> std::io::Result<()> {
         self.block.clear();
+        self.block_len = 0;
         self.size = 0;
         self.send(Block::Reset).await
     }
 
     /// Writes what is left, syncs, and returns the SHA-256 and size.
     async fn finish(&mut self) -> std::io::Result<(String, u64)> {
-        if !self.block.is_empty() {
-            let rest = std::mem::take(&mut self.block);
-            self.send(Block::Data(rest)).await?;
-        }
-        self.tx.take();
-        let writer = self
-            .writer
-            .take()
-            .ok_or_else(|| std::io::Error::other("download already finished"))?;
-        tokio::task::spawn_blocking(move || {
-            writer
-                .join()
-                .map_err(|_| std::io::Error::other("download writer panicked"))?
-        })
-        .await
-        .map_err(std::io::Error::other)?
+        self.flush().await?;
+        self.send(Block::Finish).await?;
+        self.join().await
     }
 }
+
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` to
+/// disk, without waiting for it. Failures are ignored here: the fsync at
+/// the end reports any I/O error.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range(2) takes no pointers, only integers; the
+    // descriptor is borrowed from `file`, so it stays open for the call.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
 
 impl Downloader {
     /// A downloader with `policy`. The process must have installed a rustls
@@ -250,7 +335,7 @@ impl Downloader {
         })
     }
 
-    async fn append(&self, url: &str, partial: &mut Partial, chunk: &[u8]) -> Result<(), Error> {
+    async fn append(&self, url: &str, partial: &mut Partial, chunk: Bytes) -> Result<(), Error> {
         if partial.size + chunk.len() as u64 > self.policy.max_bytes {
             return Err(Error::TooLarge {
                 url: SafeUrl(url).to_string(),
@@ -275,16 +360,18 @@ impl Downloader {
             .await
             .map_err(|e| Error::io("open artifact", src, e))?;
         let total = file.metadata().await.ok().map(|m| m.len());
-        let mut buf = vec![0u8; BLOCK];
+        let mut buf = bytes::BytesMut::new();
         loop {
+            // Reuses the allocation once every earlier piece was written.
+            buf.reserve(BLOCK);
             let n = file
-                .read(&mut buf)
+                .read_buf(&mut buf)
                 .await
                 .map_err(|e| Error::io("read artifact", src, e))?;
             if n == 0 {
                 return Ok(());
             }
-            self.append(url, partial, &buf[..n]).await?;
+            self.append(url, partial, buf.split().freeze()).await?;
             progress.on_progress(partial.size, total);
         }
     }
@@ -400,7 +487,7 @@ impl Downloader {
             })
             .map(str::to_owned);
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-            self.append(url, partial, &chunk).await?;
+            self.append(url, partial, chunk).await?;
             progress.on_progress(partial.size, total);
         }
         if let Some(t) = total

@@ -179,6 +179,8 @@ enum Behaviour {
     Ok,
     /// Cuts the body in half on the first request only.
     CutOnce,
+    /// Cuts the body in half on the first request, then ignores `Range`.
+    CutOnceNoRanges,
     /// 503 twice, then OK.
     FlakyTwice,
     /// Sends headers and a little of the body, then stalls.
@@ -232,7 +234,7 @@ async fn serve(body: Vec<u8>, behaviour: Behaviour) -> Server {
                 let out = match (behaviour, range) {
                     (Behaviour::Missing, _) => reply("404 Not Found", String::new(), b""),
                     (Behaviour::FlakyTwice, _) if n <= 2 => reply("503 Service Unavailable", String::new(), b""),
-                    (Behaviour::CutOnce, None) if n == 1 => {
+                    (Behaviour::CutOnce | Behaviour::CutOnceNoRanges, _) if n == 1 => {
                         let full = reply("200 OK", String::new(), &body);
                         let head_len = full.len() - body.len();
                         full[..head_len + body.len() / 2].to_vec()
@@ -244,6 +246,7 @@ async fn serve(body: Vec<u8>, behaviour: Behaviour) -> Server {
                         tokio::time::sleep(Duration::from_secs(3600)).await;
                         return;
                     }
+                    (Behaviour::CutOnceNoRanges, _) => reply("200 OK", String::new(), &body),
                     (_, Some(start)) => reply(
                         "206 Partial Content",
                         format!("Content-Range: bytes {start}-{}/{}\r\n", body.len() - 1, body.len()),
@@ -392,4 +395,100 @@ async fn too_large_artifacts_are_refused() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::TooLarge { limit: 1000, .. }));
+}
+
+/// Patterned bytes that differ at every offset, large enough to cross many
+/// of the downloader's blocks and writeback ranges.
+fn large_body() -> Vec<u8> {
+    (0..5_000_000u32)
+        .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect()
+}
+
+#[tokio::test]
+async fn large_downloads_arrive_intact_from_files_and_http() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let data = large_body();
+    let sum = sha256_hex(&data);
+    let dir = tempfile::tempdir().unwrap();
+    publish(dir.path(), "v1.0.0", &[("app_linux_amd64.tar.gz", &data)]);
+    let staging = tempfile::tempdir().unwrap();
+    let d = Downloader::new(fast_policy()).unwrap();
+    let r = open(&format!("file://{}", dir.path().display()), &linux()).unwrap();
+    let got = d
+        .fetch(&r.latest().await.unwrap(), staging.path(), &NoProgress)
+        .await
+        .unwrap();
+    assert_eq!((got.size, got.sha256.as_str()), (data.len() as u64, sum.as_str()));
+    assert!(std::fs::read(&got.path).unwrap() == data, "file:// copy differs");
+
+    let server = serve(data.clone(), Behaviour::Ok).await;
+    let got = d
+        .fetch(&http_release(&server, Some(&sum)), staging.path(), &NoProgress)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&got.path).unwrap() == data, "HTTP copy differs");
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_range_gets_a_fresh_start() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let data = large_body();
+    let server = serve(data.clone(), Behaviour::CutOnceNoRanges).await;
+    let staging = tempfile::tempdir().unwrap();
+    let d = Downloader::new(fast_policy()).unwrap();
+    let got = d
+        .fetch(
+            &http_release(&server, Some(&sha256_hex(&data))),
+            staging.path(),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    let reqs = server.requests.lock().unwrap().clone();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert!(reqs[1].to_ascii_lowercase().contains("range: bytes="), "{}", reqs[1]);
+    assert_eq!(got.size, data.len() as u64);
+    assert!(
+        std::fs::read(&got.path).unwrap() == data,
+        "the first half was written twice"
+    );
+}
+
+#[tokio::test]
+async fn a_full_disk_is_an_error_that_says_so_and_leaves_nothing() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let staging = tempfile::tempdir().unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "dewy-download-test"])
+        .arg(staging.path())
+        .output()
+        .unwrap();
+    assert!(
+        mount.status.success(),
+        "cannot mount a 2 MiB tmpfs for the disk-full download (needs root): {}",
+        String::from_utf8_lossy(&mount.stderr)
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(staging.path());
+    let server = serve(large_body(), Behaviour::Ok).await;
+    let d = Downloader::new(fast_policy()).unwrap();
+    let err = d
+        .fetch(&http_release(&server, None), staging.path(), &NoProgress)
+        .await
+        .unwrap_err();
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        chain.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(chain.contains("No space left on device"), "{chain}");
+    assert_eq!(server.requests.lock().unwrap().len(), 1, "a full disk is not retried");
+    assert_eq!(std::fs::read_dir(staging.path()).unwrap().count(), 0);
 }

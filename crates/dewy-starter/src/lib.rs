@@ -58,9 +58,10 @@
 //! sockets while the [`Starter`] lives, or read dewy's environment: the child's
 //! environment is exactly what the caller passes in [`StarterConfig::env`].
 //!
-//! This is the only dewy crate allowed `unsafe`: the `pre_exec` hook that
-//! places descriptors and sets the parent-death signal between fork and exec.
-//! Every block says why it is sound.
+//! This is the only dewy crate allowed `unsafe` (apart from one
+//! `sync_file_range(2)` call in dewy-registry's downloader): the `pre_exec`
+//! hook that places descriptors and sets the parent-death signal between fork
+//! and exec. Every block says why it is sound.
 
 #![allow(unsafe_code)]
 #![deny(missing_docs)]
