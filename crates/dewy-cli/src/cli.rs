@@ -43,7 +43,20 @@ pub enum Command {
     Unpin(ReleasesArgs),
     /// Forget the releases recorded as bad (failed to start or failed their
     /// health checks), so they are tried again.
-    ClearBad(ReleasesArgs),
+    ClearBad(ClearBadArgs),
+}
+
+/// `dewy clear-bad`.
+#[derive(Debug, Args)]
+pub struct ClearBadArgs {
+    /// The app folder. Default: the current directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// The cache the daemon uses (`--cache` of `dewy server`/`assets`),
+    /// when no dewy runs in the folder: `s3://…` or `gs://…` clears the
+    /// records the whole fleet shares. Default: the local file cache.
+    #[arg(long = "cache", value_name = "URL")]
+    pub cache: Option<String>,
 }
 
 /// `dewy rollback`.

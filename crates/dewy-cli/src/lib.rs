@@ -36,7 +36,7 @@ pub fn main() -> ExitCode {
         Some(cli::Command::Rollback(args)) => return run::rollback(args.workdir.as_deref(), args.to.as_deref()),
         Some(cli::Command::Pin(args)) => return run::rollback(args.workdir.as_deref(), Some(&args.release)),
         Some(cli::Command::Unpin(args)) => return run::unpin(args.workdir.as_deref()),
-        Some(cli::Command::ClearBad(args)) => return run::clear_bad(args.workdir.as_deref()),
+        Some(cli::Command::ClearBad(args)) => return run::clear_bad(args),
         _ => {}
     }
     let settings = match config::load(&cli) {

@@ -64,30 +64,49 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// The cache named by `--cache` (a local file cache, or a bucket with a
-/// local copy), and the registry wrapped to share its answers through the
-/// bucket when the cache URL asks for it (`registry-ttl=`).
-fn open_cache(
-    s: &Settings,
-    registry: Arc<dyn dewy_registry::Registry>,
-    open: &dewy_registry::OpenOptions,
-) -> Result<(Arc<dyn dewy_cache::Cache>, Arc<dyn dewy_registry::Registry>)> {
-    let local_dir = if let Some(path) = s.cache.strip_prefix("file://") {
+/// Options of the S3 and GCS clients, from the environment.
+fn cloud_options() -> dewy_registry::CloudOptions {
+    dewy_registry::CloudOptions {
+        // AWS credentials come from the SDK's standard chain.
+        aws_credentials: None,
+        gcs_emulator: var("STORAGE_EMULATOR_HOST"),
+    }
+}
+
+/// A cache opened from `--cache`, and the bucket behind it if any.
+struct OpenedCache {
+    cache: Arc<dyn dewy_cache::Cache>,
+    /// The bucket, its prefix and `registry-ttl` when it is a cloud cache.
+    bucket: Option<(dewy_cache::cloud::StoreUrl, Option<Duration>)>,
+}
+
+/// The cache named by `cache_url`: a local file cache (`file:///path`, else
+/// `$DEWY_CACHEDIR`, else `WORKDIR/.dewy/cache`) or a bucket with a local
+/// copy.
+fn open_cache_url(
+    cache_url: &str,
+    workdir: &std::path::Path,
+    cloud: &dewy_registry::CloudOptions,
+) -> Result<OpenedCache> {
+    let local_dir = if let Some(path) = cache_url.strip_prefix("file://") {
         std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
     } else if let Some(dir) = var("DEWY_CACHEDIR") {
         dir.into()
     } else {
-        s.workdir.join(".dewy/cache")
+        workdir.join(".dewy/cache")
     };
     let local = dewy_cache::FileCache::open_or_fallback(&local_dir)?.cache;
-    if s.cache.is_empty() || s.cache.starts_with("file://") {
-        if s.cache.contains("registry-ttl=") {
+    if cache_url.is_empty() || cache_url.starts_with("file://") {
+        if cache_url.contains("registry-ttl=") {
             tracing::warn!("registry-ttl set but cache backend does not support atomic writes; ignoring");
         }
-        return Ok((Arc::new(local), registry));
+        return Ok(OpenedCache {
+            cache: Arc::new(local),
+            bucket: None,
+        });
     }
-    let url = url::Url::parse(&s.cache).with_context(|| format!("invalid cache URL `{}`", s.cache))?;
-    let opened = dewy_cache::cloud::open_store(&url, &open.cloud)?;
+    let url = url::Url::parse(cache_url).with_context(|| format!("invalid cache URL `{cache_url}`"))?;
+    let opened = dewy_cache::cloud::open_store(&url, cloud)?;
     let mut ttl = None;
     for (k, v) in &opened.rest {
         match k.as_str() {
@@ -113,7 +132,22 @@ fn open_cache(
         opened.prefix.clone(),
         local,
     ));
-    let Some(ttl) = ttl.filter(|t| !t.is_zero()) else {
+    Ok(OpenedCache {
+        cache,
+        bucket: Some((opened, ttl)),
+    })
+}
+
+/// The cache named by `--cache`, and the registry wrapped to share its
+/// answers through the bucket when the cache URL asks for it
+/// (`registry-ttl=`).
+fn open_cache(
+    s: &Settings,
+    registry: Arc<dyn dewy_registry::Registry>,
+    open: &dewy_registry::OpenOptions,
+) -> Result<(Arc<dyn dewy_cache::Cache>, Arc<dyn dewy_registry::Registry>)> {
+    let OpenedCache { cache, bucket } = open_cache_url(&s.cache, &s.workdir, &open.cloud)?;
+    let Some((opened, Some(ttl))) = bucket.map(|(o, ttl)| (o, ttl.filter(|t| !t.is_zero()))) else {
         return Ok((cache, registry));
     };
     let registry_url = url::Url::parse(&s.registry)?;
@@ -166,11 +200,7 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
             app_private_key: var("GITHUB_APP_PRIVATE_KEY"),
             app_private_key_path: var("GITHUB_APP_PRIVATE_KEY_PATH"),
         },
-        cloud: dewy_registry::CloudOptions {
-            // AWS credentials come from the SDK's standard chain.
-            aws_credentials: None,
-            gcs_emulator: var("STORAGE_EMULATOR_HOST"),
-        },
+        cloud: cloud_options(),
         ..Default::default()
     };
     let registry = dewy_registry::open(&s.registry, &open).context("cannot open the registry")?;
@@ -478,9 +508,11 @@ fn percent_encode(v: &str) -> String {
         .collect()
 }
 
-/// `dewy clear-bad`: through the running dewy, else on its cache directly.
-pub(crate) fn clear_bad(workdir: Option<&str>) -> std::process::ExitCode {
-    let root = root_from(workdir);
+/// `dewy clear-bad`: through the running dewy, else on its cache directly
+/// (`--cache`, the same URL the daemon uses; a bucket's records are shared
+/// by the fleet).
+pub(crate) fn clear_bad(args: &crate::cli::ClearBadArgs) -> std::process::ExitCode {
+    let root = root_from(args.workdir.as_deref());
     match admin_request(&root, "POST", "/api/clear-bad") {
         Ok((200, body)) => {
             println!("{}", body.trim());
@@ -492,20 +524,48 @@ pub(crate) fn clear_bad(workdir: Option<&str>) -> std::process::ExitCode {
         }
         Err(_) => {}
     }
-    let dir = var("DEWY_CACHEDIR").map_or_else(|| root.join(".dewy/cache"), std::path::PathBuf::from);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        println!("cleared 0 bad release records (no cache in {})", dir.display());
-        return std::process::ExitCode::SUCCESS;
-    };
-    let mut n = 0;
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if dewy_cache::Key::new(name).is_ok_and(|k| k.is_bad_record()) && std::fs::remove_file(e.path()).is_ok() {
-            n += 1;
+    let cache_url = args.cache.clone().unwrap_or_default();
+    if cache_url.is_empty() {
+        let dir = var("DEWY_CACHEDIR").map_or_else(|| root.join(".dewy/cache"), std::path::PathBuf::from);
+        if !dir.is_dir() {
+            println!("cleared 0 bad release records (no cache in {})", dir.display());
+            return std::process::ExitCode::SUCCESS;
         }
     }
-    println!("cleared {n} bad release records in {}", dir.display());
-    std::process::ExitCode::SUCCESS
+    let cleared = async {
+        let cache = open_cache_url(&cache_url, &root, &cloud_options())?.cache;
+        let mut n = 0;
+        for entry in cache.list().await? {
+            if entry.key.is_bad_record() {
+                cache.delete(&entry.key).await?;
+                n += 1;
+            }
+        }
+        anyhow::Ok(n)
+    };
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let place = if cache_url.is_empty() {
+        var("DEWY_CACHEDIR").unwrap_or_else(|| root.join(".dewy/cache").display().to_string())
+    } else {
+        dewy_registry::SafeUrl(&cache_url).to_string()
+    };
+    match runtime.block_on(cleared) {
+        Ok(n) => {
+            println!("cleared {n} bad release records in {place}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: cannot clear the bad release records in {place}: {err:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }
 
 /// `dewy unpin`.

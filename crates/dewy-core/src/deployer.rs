@@ -722,27 +722,40 @@ impl Deployer {
             }
         };
         let key = Key::artifact(&release.tag, &release.artifact_name).map_err(Error::Cache)?;
+        let current = self.cache.read(&self.config.current_key).await.map_err(Error::Cache)?;
+        let same = current.as_deref() == Some(key.as_str().as_bytes());
+        // The steady state (this release deployed, in place, running) is
+        // settled before the bad-release record is looked up: with a bucket
+        // cache that lookup is a request per tick.
+        let mut cached = None;
+        let mut redeploy = false;
+        if same {
+            cached = self.cache.local_path(&key).await.map_err(Error::Cache)?;
+            // `current` must still point at this release: an operator may
+            // have rolled back by hand (`dewy rollback`) since.
+            let in_place = self.releases.current_target().is_some_and(|target| {
+                crate::history::version_of(&self.config.root, &target).is_none_or(|v| v == release.tag)
+            });
+            if cached.is_some() && in_place {
+                if self.app.as_ref().is_none_or(|a| a.is_running()) {
+                    tracing::debug!(cache_key = %key, "Deploy skipped");
+                    self.state.lock().await.current_tag = Some(release.tag.clone());
+                    return Ok(TickOutcome::Skipped);
+                }
+                redeploy = true;
+            }
+        }
         let recorded_bad = self.cache.read(&Key::bad(&key)).await.ok().flatten().is_some();
         if recorded_bad || self.state.lock().await.bad_key.as_deref() == Some(key.as_str()) {
             tracing::debug!(cache_key = %key, "Deploy skipped: this release failed to start before");
             return Ok(TickOutcome::KnownBad { tag: release.tag });
         }
-        let current = self.cache.read(&self.config.current_key).await.map_err(Error::Cache)?;
-        let cached = self.cache.local_path(&key).await.map_err(Error::Cache)?;
-        let same = current.as_deref() == Some(key.as_str().as_bytes());
-        // `current` must still point at this release: an operator may have
-        // rolled back by hand (`dewy rollback`) since.
-        let in_place = self.releases.current_target().is_some_and(|target| {
-            crate::history::version_of(&self.config.root, &target).is_none_or(|v| v == release.tag)
-        });
-        if same && cached.is_some() && in_place {
-            let running = self.app.as_ref().is_none_or(|a| a.is_running());
-            if running {
-                tracing::debug!(cache_key = %key, "Deploy skipped");
-                self.state.lock().await.current_tag = Some(release.tag.clone());
-                return Ok(TickOutcome::Skipped);
-            }
+        if redeploy {
             tracing::info!(cache_key = %key, "Server not running, redeploying from cache");
+        }
+        if !same {
+            // Only now: with a bucket cache this may fetch another host's copy.
+            cached = self.cache.local_path(&key).await.map_err(Error::Cache)?;
         }
         let started = std::time::Instant::now();
         let result = async {

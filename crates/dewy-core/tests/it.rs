@@ -570,3 +570,74 @@ async fn assets_health_command_rolls_back_and_the_record_survives_a_restart() {
     again.tick().await.unwrap();
     assert_eq!(r.current_version().as_deref(), Some("v3"));
 }
+
+/// A [`MemoryCache`] that counts lookups of bad-release records (with a
+/// bucket cache each one is a request).
+#[derive(Debug, Default)]
+struct CountingBadReads {
+    inner: MemoryCache,
+    bad_reads: AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Cache for CountingBadReads {
+    async fn read(&self, key: &Key) -> Result<Option<Vec<u8>>, dewy_cache::Error> {
+        if key.is_bad_record() {
+            self.bad_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.read(key).await
+    }
+    async fn write(&self, key: &Key, data: &[u8]) -> Result<(), dewy_cache::Error> {
+        self.inner.write(key, data).await
+    }
+    async fn put_file(&self, key: &Key, src: &Path) -> Result<(), dewy_cache::Error> {
+        self.inner.put_file(key, src).await
+    }
+    async fn local_path(&self, key: &Key) -> Result<Option<PathBuf>, dewy_cache::Error> {
+        self.inner.local_path(key).await
+    }
+    async fn list(&self) -> Result<Vec<dewy_cache::Entry>, dewy_cache::Error> {
+        self.inner.list().await
+    }
+    async fn delete(&self, key: &Key) -> Result<(), dewy_cache::Error> {
+        self.inner.delete(key).await
+    }
+    fn staging_dir(&self) -> &Path {
+        self.inner.staging_dir()
+    }
+}
+
+#[tokio::test]
+async fn steady_ticks_do_not_look_up_bad_records_but_new_releases_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("app");
+    std::fs::create_dir_all(&root).unwrap();
+    let registry = Scripted::new(&dir.path().join("registry"));
+    let cache = Arc::new(CountingBadReads::default());
+    let app = Arc::new(FakeApp::default());
+    let notify = Notify::new(Arc::new(Capture::default()), Context::default(), false);
+    let d = Deployer::new(
+        Config::new(Mode::Server, root),
+        registry.clone(),
+        cache.clone(),
+        notify,
+        Some(app.clone()),
+    )
+    .unwrap();
+    registry.publish("v1.0.0", &app_v("v1"));
+    d.tick().await.unwrap();
+    let after_deploy = cache.bad_reads.load(Ordering::SeqCst);
+    assert_eq!(after_deploy, 1, "a new release is checked against the records");
+    for _ in 0..5 {
+        assert_eq!(d.tick().await.unwrap(), TickOutcome::Skipped);
+    }
+    assert_eq!(cache.bad_reads.load(Ordering::SeqCst), after_deploy, "steady ticks");
+    registry.publish("v1.1.0", &app_v("v2"));
+    d.tick().await.unwrap();
+    assert_eq!(
+        cache.bad_reads.load(Ordering::SeqCst),
+        after_deploy + 1,
+        "the next release"
+    );
+    assert_eq!(app.restarts.load(Ordering::SeqCst), 1);
+}
