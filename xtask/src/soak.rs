@@ -117,10 +117,18 @@ pub(crate) fn soak(args: &[String]) -> Result<()> {
     };
     let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
     let mut published = 0;
+    // RSS over the run: a leak keeps climbing, allocator high-water marks
+    // level off.
+    let mut samples = vec![(0u64, start_usage.0)];
+    let soak_start = Instant::now();
     while Instant::now() < deadline {
         std::thread::sleep(every);
         published += 1;
         publish(published);
+        let at = soak_start.elapsed().as_secs();
+        if at >= samples.last().map_or(0, |s| s.0) + 30 {
+            samples.push((at, usage(child.id()).0));
+        }
     }
     std::thread::sleep(Duration::from_secs(4));
     let end_usage = usage(child.id());
@@ -141,9 +149,19 @@ pub(crate) fn soak(args: &[String]) -> Result<()> {
         failed.load(Ordering::Relaxed)
     );
     println!("dewy RSS: start {} KiB, end {} KiB", start_usage.0, end_usage.0);
+    let series: Vec<String> = samples.iter().map(|(t, kib)| format!("{t}s {kib}")).collect();
+    println!("dewy RSS every 30 s (KiB): {}", series.join(", "));
     println!("dewy open descriptors: start {}, end {}", start_usage.1, end_usage.1);
     if failed.load(Ordering::Relaxed) > 0 {
         bail!("requests failed during the soak");
+    }
+    let middle = samples[samples.len() / 2].1;
+    if samples.len() >= 4 && end_usage.0 > middle * 3 / 2 {
+        bail!(
+            "RSS still climbing: {} KiB at the middle of the run, {} KiB at the end",
+            middle,
+            end_usage.0
+        );
     }
     if end_usage.1 > start_usage.1 + 2 {
         bail!("open descriptors grew from {} to {}", start_usage.1, end_usage.1);

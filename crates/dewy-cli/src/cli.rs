@@ -54,7 +54,8 @@ pub struct ClearBadArgs {
     pub workdir: Option<String>,
     /// The cache the daemon uses (`--cache` of `dewy server`/`assets`),
     /// when no dewy runs in the folder: `s3://…` or `gs://…` clears the
-    /// records the whole fleet shares. Default: the local file cache.
+    /// records the whole fleet shares. Default: `DEWY_CACHE`, else `cache`
+    /// in the folder's dewy.toml, else the local file cache.
     #[arg(long = "cache", value_name = "URL")]
     pub cache: Option<String>,
 }

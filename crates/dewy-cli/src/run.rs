@@ -80,6 +80,17 @@ struct OpenedCache {
     bucket: Option<(dewy_cache::cloud::StoreUrl, Option<Duration>)>,
 }
 
+/// The local cache folder (for a bucket cache: of the local copies).
+fn local_cache_dir(cache_url: &str, workdir: &std::path::Path) -> std::path::PathBuf {
+    if let Some(path) = cache_url.strip_prefix("file://") {
+        std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
+    } else if let Some(dir) = var("DEWY_CACHEDIR") {
+        dir.into()
+    } else {
+        workdir.join(".dewy/cache")
+    }
+}
+
 /// The cache named by `cache_url`: a local file cache (`file:///path`, else
 /// `$DEWY_CACHEDIR`, else `WORKDIR/.dewy/cache`) or a bucket with a local
 /// copy.
@@ -88,14 +99,7 @@ fn open_cache_url(
     workdir: &std::path::Path,
     cloud: &dewy_registry::CloudOptions,
 ) -> Result<OpenedCache> {
-    let local_dir = if let Some(path) = cache_url.strip_prefix("file://") {
-        std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
-    } else if let Some(dir) = var("DEWY_CACHEDIR") {
-        dir.into()
-    } else {
-        workdir.join(".dewy/cache")
-    };
-    let local = dewy_cache::FileCache::open_or_fallback(&local_dir)?.cache;
+    let local = dewy_cache::FileCache::open_or_fallback(local_cache_dir(cache_url, workdir))?.cache;
     if cache_url.is_empty() || cache_url.starts_with("file://") {
         if cache_url.contains("registry-ttl=") {
             tracing::warn!("registry-ttl set but cache backend does not support atomic writes; ignoring");
@@ -524,14 +528,28 @@ pub(crate) fn clear_bad(args: &crate::cli::ClearBadArgs) -> std::process::ExitCo
         }
         Err(_) => {}
     }
-    let cache_url = args.cache.clone().unwrap_or_default();
-    if cache_url.is_empty() {
-        let dir = var("DEWY_CACHEDIR").map_or_else(|| root.join(".dewy/cache"), std::path::PathBuf::from);
-        if !dir.is_dir() {
-            println!("cleared 0 bad release records (no cache in {})", dir.display());
+    // The daemon's cache: the flag, else as `dewy server` would find it.
+    let cache_url = args
+        .cache
+        .clone()
+        .or_else(|| var("DEWY_CACHE"))
+        .or_else(|| {
+            use figment::providers::Format;
+            figment::Figment::from(figment::providers::Toml::file(root.join("dewy.toml")))
+                .extract_inner::<String>("cache")
+                .ok()
+        })
+        .unwrap_or_default();
+    let local_dir = local_cache_dir(&cache_url, &root);
+    let place = if cache_url.is_empty() || cache_url.starts_with("file://") {
+        if !local_dir.is_dir() {
+            println!("cleared 0 bad release records (no cache in {})", local_dir.display());
             return std::process::ExitCode::SUCCESS;
         }
-    }
+        local_dir.display().to_string()
+    } else {
+        dewy_registry::SafeUrl(&cache_url).to_string()
+    };
     let cleared = async {
         let cache = open_cache_url(&cache_url, &root, &cloud_options())?.cache;
         let mut n = 0;
@@ -550,11 +568,6 @@ pub(crate) fn clear_bad(args: &crate::cli::ClearBadArgs) -> std::process::ExitCo
             eprintln!("error: cannot start the async runtime: {err}");
             return std::process::ExitCode::from(1);
         }
-    };
-    let place = if cache_url.is_empty() {
-        var("DEWY_CACHEDIR").unwrap_or_else(|| root.join(".dewy/cache").display().to_string())
-    } else {
-        dewy_registry::SafeUrl(&cache_url).to_string()
     };
     match runtime.block_on(cleared) {
         Ok(n) => {

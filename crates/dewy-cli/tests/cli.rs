@@ -985,6 +985,20 @@ fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
         None,
         "the bucket's record is gone"
     );
+    // Without the flag, the cache is found the way `dewy assets` finds it.
+    std::fs::write(hosts[1].0.join("dewy.toml"), format!("cache = \"{cache}\"\n")).unwrap();
+    rt.block_on(store.put(bad, b"{}".to_vec(), dewy_cache::cloud::Precondition::Any))
+        .unwrap();
+    let out = dewy(&hosts[1].0)
+        .arg("clear-bad")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("cleared 1 bad release records in s3://"), "{stdout}");
+    assert_eq!(rt.block_on(store.get(bad)).unwrap(), None, "cleared through dewy.toml");
     assert!(
         rt.block_on(store.get("cache/v1.1.0--site_linux_amd64.tar.gz"))
             .unwrap()

@@ -1,11 +1,11 @@
 //! Verified downloads into a staging folder.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 
 use crate::{ArtifactRequest, Checksum, Error, Release, SafeUrl};
 
