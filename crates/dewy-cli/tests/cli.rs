@@ -965,40 +965,36 @@ fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
         "each release is downloaded from upstream once by the whole fleet"
     );
 
-    // With no dewy running, `clear-bad --cache` clears the fleet's records
-    // in the bucket (and only those).
+    // With no dewy running, `clear-bad` clears the fleet's records in the
+    // bucket (and only those): named by `--cache`, or found in dewy.toml
+    // the way `dewy assets` finds it.
     let bad = "cache/bad.v1.1.0--site_linux_amd64.tar.gz";
-    rt.block_on(store.put(bad, b"{}".to_vec(), dewy_cache::cloud::Precondition::Any))
-        .unwrap();
-    let out = dewy(&hosts[0].0)
-        .args(["clear-bad", "--cache", &cache])
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("cleared 1 bad release records in s3://"), "{stdout}");
-    assert_eq!(
-        rt.block_on(store.get(bad)).unwrap(),
-        None,
-        "the bucket's record is gone"
-    );
-    // Without the flag, the cache is found the way `dewy assets` finds it.
     std::fs::write(hosts[1].0.join("dewy.toml"), format!("cache = \"{cache}\"\n")).unwrap();
-    rt.block_on(store.put(bad, b"{}".to_vec(), dewy_cache::cloud::Precondition::Any))
-        .unwrap();
-    let out = dewy(&hosts[1].0)
-        .arg("clear-bad")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("cleared 1 bad release records in s3://"), "{stdout}");
-    assert_eq!(rt.block_on(store.get(bad)).unwrap(), None, "cleared through dewy.toml");
+    for (app, args) in [
+        (&hosts[0].0, vec!["clear-bad", "--cache", &cache]),
+        (&hosts[1].0, vec!["clear-bad"]),
+    ] {
+        rt.block_on(store.put(bad, b"{}".to_vec(), dewy_cache::cloud::Precondition::Any))
+            .unwrap();
+        let out = dewy(app)
+            .args(&args)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            stdout.contains("cleared 1 bad release records in s3://"),
+            "{args:?}: {stdout}"
+        );
+        assert_eq!(
+            rt.block_on(store.get(bad)).unwrap(),
+            None,
+            "{args:?}: the record is gone"
+        );
+    }
     assert!(
         rt.block_on(store.get("cache/v1.1.0--site_linux_amd64.tar.gz"))
             .unwrap()
