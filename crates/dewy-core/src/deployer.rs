@@ -724,9 +724,9 @@ impl Deployer {
         let key = Key::artifact(&release.tag, &release.artifact_name).map_err(Error::Cache)?;
         let current = self.cache.read(&self.config.current_key).await.map_err(Error::Cache)?;
         let same = current.as_deref() == Some(key.as_str().as_bytes());
-        // The steady state (this release deployed, in place, running) is
-        // settled before the bad-release record is looked up: with a bucket
-        // cache that lookup is a request per tick.
+        // The steady state (this release deployed, in place, running) and
+        // a stopped app are settled before the bad-release record is looked
+        // up: with a bucket cache that lookup is a request per tick.
         let mut cached = None;
         let mut redeploy = false;
         if same {
@@ -745,13 +745,16 @@ impl Deployer {
                 redeploy = true;
             }
         }
-        let recorded_bad = self.cache.read(&Key::bad(&key)).await.ok().flatten().is_some();
-        if recorded_bad || self.state.lock().await.bad_key.as_deref() == Some(key.as_str()) {
-            tracing::debug!(cache_key = %key, "Deploy skipped: this release failed to start before");
-            return Ok(TickOutcome::KnownBad { tag: release.tag });
-        }
         if redeploy {
+            // The release in place stopped: bring it back even if another
+            // host recorded it as bad meanwhile, rather than serve nothing.
             tracing::info!(cache_key = %key, "Server not running, redeploying from cache");
+        } else {
+            let recorded_bad = self.cache.read(&Key::bad(&key)).await.ok().flatten().is_some();
+            if recorded_bad || self.state.lock().await.bad_key.as_deref() == Some(key.as_str()) {
+                tracing::debug!(cache_key = %key, "Deploy skipped: this release failed to start before");
+                return Ok(TickOutcome::KnownBad { tag: release.tag });
+            }
         }
         if !same {
             // Only now: with a bucket cache this may fetch another host's copy.

@@ -608,7 +608,7 @@ impl Cache for CountingBadReads {
 }
 
 #[tokio::test]
-async fn steady_ticks_do_not_look_up_bad_records_but_new_releases_do() {
+async fn steady_ticks_do_not_look_up_bad_records_and_a_stopped_app_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("app");
     std::fs::create_dir_all(&root).unwrap();
@@ -632,12 +632,17 @@ async fn steady_ticks_do_not_look_up_bad_records_but_new_releases_do() {
         assert_eq!(d.tick().await.unwrap(), TickOutcome::Skipped);
     }
     assert_eq!(cache.bad_reads.load(Ordering::SeqCst), after_deploy, "steady ticks");
+    // The app stops and meanwhile another host sharing the cache recorded
+    // this release as bad: the release in place is started again rather
+    // than nothing served.
+    let key = Key::artifact("v1.0.0", "app_linux_amd64.tar.gz").unwrap();
+    cache.write(&Key::bad(&key), b"{}").await.unwrap();
+    app.running.store(false, Ordering::SeqCst);
+    assert!(matches!(d.tick().await.unwrap(), TickOutcome::Deployed { .. }));
+    assert_eq!(app.starts.load(Ordering::SeqCst), 2);
+    let reads = cache.bad_reads.load(Ordering::SeqCst);
     registry.publish("v1.1.0", &app_v("v2"));
     d.tick().await.unwrap();
-    assert_eq!(
-        cache.bad_reads.load(Ordering::SeqCst),
-        after_deploy + 1,
-        "the next release"
-    );
+    assert_eq!(cache.bad_reads.load(Ordering::SeqCst), reads + 1, "the next release");
     assert_eq!(app.restarts.load(Ordering::SeqCst), 1);
 }
