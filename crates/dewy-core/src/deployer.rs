@@ -262,6 +262,9 @@ struct State {
     last_outcome: Option<String>,
     last_error: Option<String>,
     next_check: Option<jiff::Timestamp>,
+    /// The last release folder looked up in the deployment history and its
+    /// version (folders never change version, so one read per folder).
+    placed: Option<(std::path::PathBuf, String)>,
 }
 
 /// Counters for metrics, all since dewy started.
@@ -733,9 +736,10 @@ impl Deployer {
             cached = self.cache.local_path(&key).await.map_err(Error::Cache)?;
             // `current` must still point at this release: an operator may
             // have rolled back by hand (`dewy rollback`) since.
-            let in_place = self.releases.current_target().is_some_and(|target| {
-                crate::history::version_of(&self.config.root, &target).is_none_or(|v| v == release.tag)
-            });
+            let in_place = match self.releases.current_target() {
+                Some(target) => self.version_placed(&target).await.is_none_or(|v| v == release.tag),
+                None => false,
+            };
             if cached.is_some() && in_place {
                 if self.app.as_ref().is_none_or(|a| a.is_running()) {
                     tracing::debug!(cache_key = %key, "Deploy skipped");
@@ -1103,6 +1107,19 @@ impl Deployer {
         }
         tracing::info!(cleared = n, "Bad release records cleared");
         Ok(n)
+    }
+
+    /// The version deployed into `release_dir`, from the deployment history
+    /// (read again only when `current` points at another folder).
+    async fn version_placed(&self, release_dir: &std::path::Path) -> Option<String> {
+        if let Some((dir, version)) = &self.state.lock().await.placed
+            && dir == release_dir
+        {
+            return Some(version.clone());
+        }
+        let version = crate::history::version_of(&self.config.root, release_dir)?;
+        self.state.lock().await.placed = Some((release_dir.to_path_buf(), version.clone()));
+        Some(version)
     }
 
     /// Watches the new release's health for the soak period.

@@ -646,3 +646,21 @@ async fn steady_ticks_do_not_look_up_bad_records_and_a_stopped_app_comes_back() 
     assert_eq!(cache.bad_reads.load(Ordering::SeqCst), reads + 1, "the next release");
     assert_eq!(app.restarts.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_hand_made_switch_of_current_is_noticed_on_the_next_tick() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    let v1_dir = std::fs::read_link(r.root.join("current")).unwrap();
+    r.registry.publish("v1.1.0", &app_v("v2"));
+    r.deployer.tick().await.unwrap();
+    assert_eq!(r.deployer.tick().await.unwrap(), TickOutcome::Skipped);
+    // An operator points `current` back at v1 without dewy (and without a
+    // pin): the next tick puts the newest release back in place.
+    dewy_core::Releases::new(&r.root).switch(&v1_dir).unwrap();
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert!(matches!(r.deployer.tick().await.unwrap(), TickOutcome::Deployed { .. }));
+    assert_eq!(r.current_version().as_deref(), Some("v2"));
+    assert_eq!(r.deployer.tick().await.unwrap(), TickOutcome::Skipped);
+}
