@@ -290,24 +290,32 @@ fn body() -> Vec<u8> {
     (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect()
 }
 
-#[tokio::test]
-async fn interrupted_download_resumes_with_range() {
+/// Downloads `data`, verified against its checksum, from a server that
+/// behaves as `behaviour`: the file's bytes and the requests the server saw.
+async fn fetch_verified(data: &[u8], behaviour: Behaviour) -> (Vec<u8>, Vec<String>) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let data = body();
-    let server = serve(data.clone(), Behaviour::CutOnce).await;
+    let server = serve(data.to_vec(), behaviour).await;
     let staging = tempfile::tempdir().unwrap();
     let d = Downloader::new(fast_policy()).unwrap();
     let got = d
         .fetch(
-            &http_release(&server, Some(&sha256_hex(&data))),
+            &http_release(&server, Some(&sha256_hex(data))),
             staging.path(),
             &NoProgress,
         )
         .await
         .unwrap();
     assert_eq!(got.size, data.len() as u64);
-    assert_eq!(std::fs::read(&got.path).unwrap(), data);
-    let reqs = server.requests.lock().unwrap().clone();
+    let bytes = std::fs::read(&got.path).unwrap();
+    let requests = server.requests.lock().unwrap().clone();
+    (bytes, requests)
+}
+
+#[tokio::test]
+async fn interrupted_download_resumes_with_range() {
+    let data = body();
+    let (got, reqs) = fetch_verified(&data, Behaviour::CutOnce).await;
+    assert_eq!(got, data);
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     let second = reqs[1].to_ascii_lowercase();
     assert!(
@@ -432,27 +440,11 @@ async fn large_downloads_arrive_intact_from_files_and_http() {
 
 #[tokio::test]
 async fn a_server_that_ignores_range_gets_a_fresh_start() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let data = large_body();
-    let server = serve(data.clone(), Behaviour::CutOnceNoRanges).await;
-    let staging = tempfile::tempdir().unwrap();
-    let d = Downloader::new(fast_policy()).unwrap();
-    let got = d
-        .fetch(
-            &http_release(&server, Some(&sha256_hex(&data))),
-            staging.path(),
-            &NoProgress,
-        )
-        .await
-        .unwrap();
-    let reqs = server.requests.lock().unwrap().clone();
+    let (got, reqs) = fetch_verified(&data, Behaviour::CutOnceNoRanges).await;
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     assert!(reqs[1].to_ascii_lowercase().contains("range: bytes="), "{}", reqs[1]);
-    assert_eq!(got.size, data.len() as u64);
-    assert!(
-        std::fs::read(&got.path).unwrap() == data,
-        "the first half was written twice"
-    );
+    assert!(got == data, "the first half was written twice");
 }
 
 #[tokio::test]
