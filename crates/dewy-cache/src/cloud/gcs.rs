@@ -11,9 +11,8 @@
 use std::path::Path;
 
 use google_cloud_storage::client::Storage;
-use tokio::io::AsyncWriteExt;
 
-use super::{Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondition};
+use super::{FileSink, Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondition};
 use crate::Error;
 
 const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
@@ -178,8 +177,24 @@ impl GcsStore {
             .map_err(|e| self.remote(op, name, format!("unexpected answer ({e}): {text}")))
     }
 
-    fn status(e: &google_cloud_storage::Error) -> Option<u16> {
-        e.http_status_code()
+    /// Starts reading an object, or `None` when it does not exist.
+    async fn open(
+        &self,
+        name: &str,
+        op: &'static str,
+    ) -> Result<Option<google_cloud_storage::read_object::ReadObjectResponse>, Error> {
+        match self.storage().await?.read_object(self.resource(), name).send().await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.http_status_code() == Some(404) => Ok(None),
+            Err(e) => Err(self.remote(op, name, e)),
+        }
+    }
+
+    /// The JSON API's object collection of the bucket (`upload` for the
+    /// upload endpoint).
+    fn objects_url(&self, upload: bool) -> String {
+        let base = if upload { "/upload" } else { "" };
+        format!("{}{base}/storage/v1/b/{}/o", self.endpoint, enc(&self.bucket))
     }
 }
 
@@ -190,11 +205,8 @@ impl ObjectStore for GcsStore {
     }
 
     async fn get(&self, name: &str) -> Result<Option<(Vec<u8>, String)>, Error> {
-        let storage = self.storage().await?;
-        let mut resp = match storage.read_object(self.resource(), name).send().await {
-            Ok(r) => r,
-            Err(e) if Self::status(&e) == Some(404) => return Ok(None),
-            Err(e) => return Err(self.remote("read", name, e)),
+        let Some(mut resp) = self.open(name, "read").await? else {
+            return Ok(None);
         };
         let version = resp.object().generation.to_string();
         let mut data = Vec::new();
@@ -205,20 +217,15 @@ impl ObjectStore for GcsStore {
     }
 
     async fn download(&self, name: &str, dest: &Path) -> Result<bool, Error> {
-        let storage = self.storage().await?;
-        let mut resp = match storage.read_object(self.resource(), name).send().await {
-            Ok(r) => r,
-            Err(e) if Self::status(&e) == Some(404) => return Ok(false),
-            Err(e) => return Err(self.remote("download", name, e)),
+        let Some(mut resp) = self.open(name, "download").await? else {
+            return Ok(false);
         };
-        let mut file = tokio::fs::File::create(dest)
-            .await
-            .map_err(|e| Error::io("create", dest, e))?;
+        let mut sink = FileSink::create(dest).await?;
         while let Some(chunk) = resp.next().await {
-            let chunk = chunk.map_err(|e| self.remote("download", name, e))?;
-            file.write_all(&chunk).await.map_err(|e| Error::io("write", dest, e))?;
+            sink.write(&chunk.map_err(|e| self.remote("download", name, e))?)
+                .await?;
         }
-        file.sync_all().await.map_err(|e| Error::io("sync", dest, e))?;
+        sink.finish().await?;
         Ok(true)
     }
 
@@ -241,7 +248,7 @@ impl ObjectStore for GcsStore {
         }
         let resp = self
             .http
-            .post(format!("{}/upload/storage/v1/b/{}/o", self.endpoint, enc(&self.bucket)))
+            .post(self.objects_url(true))
             .headers(self.auth_headers().await?)
             .header("content-type", format!("multipart/related; boundary={boundary}"))
             .query(&query)
@@ -258,7 +265,7 @@ impl ObjectStore for GcsStore {
             .map_err(|e| Error::io("open", src, e))?;
         let resp = self
             .http
-            .post(format!("{}/upload/storage/v1/b/{}/o", self.endpoint, enc(&self.bucket)))
+            .post(self.objects_url(true))
             .headers(self.auth_headers().await?)
             .header("content-type", "application/octet-stream")
             .query(&[("uploadType", "media"), ("name", name)])
@@ -272,7 +279,7 @@ impl ObjectStore for GcsStore {
     async fn list(&self, prefix: &str, delimited: bool) -> Result<Listing, Error> {
         let mut out = Listing::default();
         let mut token: Option<String> = None;
-        let url = format!("{}/storage/v1/b/{}/o", self.endpoint, enc(&self.bucket));
+        let url = self.objects_url(false);
         loop {
             let mut query = vec![("prefix", prefix.to_owned()), ("maxResults", "1000".to_owned())];
             if delimited {
@@ -311,7 +318,7 @@ impl ObjectStore for GcsStore {
     }
 
     async fn delete(&self, name: &str) -> Result<(), Error> {
-        let url = format!("{}/storage/v1/b/{}/o/{}", self.endpoint, enc(&self.bucket), enc(name));
+        let url = format!("{}/{}", self.objects_url(false), enc(name));
         let resp = self
             .http
             .delete(&url)
@@ -333,12 +340,7 @@ impl ObjectStore for GcsStore {
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect();
         Ok(ObjectRequest {
-            url: format!(
-                "{}/storage/v1/b/{}/o/{}?alt=media",
-                self.endpoint,
-                enc(&self.bucket),
-                enc(name)
-            ),
+            url: format!("{}/{}?alt=media", self.objects_url(false), enc(name)),
             headers,
         })
     }

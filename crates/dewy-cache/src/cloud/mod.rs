@@ -220,6 +220,34 @@ pub fn open_store(url: &url::Url, options: &CloudOptions) -> Result<StoreUrl, Er
     }
 }
 
+/// The file an object download streams into: created (or truncated), written
+/// chunk by chunk, synced at the end; errors name the file.
+pub(crate) struct FileSink<'a> {
+    file: tokio::fs::File,
+    dest: &'a Path,
+}
+
+impl<'a> FileSink<'a> {
+    pub(crate) async fn create(dest: &'a Path) -> Result<Self, Error> {
+        let file = tokio::fs::File::create(dest)
+            .await
+            .map_err(|e| Error::io("create", dest, e))?;
+        Ok(Self { file, dest })
+    }
+
+    pub(crate) async fn write(&mut self, chunk: &[u8]) -> Result<(), Error> {
+        use tokio::io::AsyncWriteExt;
+        self.file
+            .write_all(chunk)
+            .await
+            .map_err(|e| Error::io("write", self.dest, e))
+    }
+
+    pub(crate) async fn finish(self) -> Result<(), Error> {
+        self.file.sync_all().await.map_err(|e| Error::io("sync", self.dest, e))
+    }
+}
+
 /// The name of an object below `prefix`, without it.
 pub(crate) fn strip<'a>(prefix: &str, name: &'a str) -> &'a str {
     name.strip_prefix(prefix).unwrap_or(name)

@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
-use tokio::io::AsyncWriteExt;
 
-use super::{Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondition};
+use super::{FileSink, Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondition};
 use crate::Error;
 
 /// A bucket on S3 or an S3-compatible server.
@@ -155,18 +154,16 @@ impl ObjectStore for S3Store {
         let Some(mut resp) = self.open(name, "download").await? else {
             return Ok(false);
         };
-        let mut file = tokio::fs::File::create(dest)
-            .await
-            .map_err(|e| Error::io("create", dest, e))?;
+        let mut sink = FileSink::create(dest).await?;
         while let Some(chunk) = resp
             .body
             .try_next()
             .await
             .map_err(|e| self.body_error("download", name, e))?
         {
-            file.write_all(&chunk).await.map_err(|e| Error::io("write", dest, e))?;
+            sink.write(&chunk).await?;
         }
-        file.sync_all().await.map_err(|e| Error::io("sync", dest, e))?;
+        sink.finish().await?;
         Ok(true)
     }
 
