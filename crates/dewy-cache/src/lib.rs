@@ -176,17 +176,25 @@ pub trait Cache: Send + Sync + std::fmt::Debug {
     /// Keeps the artifacts of the newest `keep` releases (by write time) plus
     /// `protect`, removes the others, and returns what was removed.
     async fn evict(&self, keep: usize, protect: &[Key]) -> Result<Vec<Key>, Error> {
-        let mut artifacts: Vec<Entry> = self.list().await?.into_iter().filter(|e| e.key.is_artifact()).collect();
-        artifacts.sort_by(|a, b| b.modified.cmp(&a.modified).then_with(|| a.key.cmp(&b.key)));
         let mut removed = Vec::new();
-        for entry in artifacts.into_iter().skip(keep) {
-            if protect.contains(&entry.key) {
-                continue;
-            }
-            self.delete(&entry.key).await?;
-            tracing::info!(cache_key = %entry.key, "Evicted cached artifact");
-            removed.push(entry.key);
+        for key in to_evict(self.list().await?, keep, protect) {
+            self.delete(&key).await?;
+            tracing::info!(cache_key = %key, "Evicted cached artifact");
+            removed.push(key);
         }
         Ok(removed)
     }
+}
+
+/// The artifacts among `entries` beyond the newest `keep` (by write time,
+/// ties by key), except those in `protect`.
+pub(crate) fn to_evict(entries: Vec<Entry>, keep: usize, protect: &[Key]) -> Vec<Key> {
+    let mut artifacts: Vec<Entry> = entries.into_iter().filter(|e| e.key.is_artifact()).collect();
+    artifacts.sort_by(|a, b| b.modified.cmp(&a.modified).then_with(|| a.key.cmp(&b.key)));
+    artifacts
+        .into_iter()
+        .skip(keep)
+        .map(|e| e.key)
+        .filter(|k| !protect.contains(k))
+        .collect()
 }

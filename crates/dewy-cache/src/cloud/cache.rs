@@ -73,6 +73,26 @@ impl CloudCache {
     fn name(&self, key: &Key) -> String {
         format!("{}{}", self.prefix, key.as_str())
     }
+
+    /// The shared values in the bucket (artifacts and bad records).
+    async fn bucket_entries(&self) -> Result<Vec<Entry>, Error> {
+        let listing = self.store.list(&self.prefix, true).await?;
+        Ok(listing
+            .objects
+            .into_iter()
+            .filter_map(|o| {
+                let key = Key::new(super::strip(&self.prefix, &o.name)).ok()?;
+                Self::shared(&key).then(|| Entry {
+                    key,
+                    size: o.size,
+                    modified: o
+                        .modified
+                        .map(std::time::SystemTime::from)
+                        .unwrap_or(std::time::UNIX_EPOCH),
+                })
+            })
+            .collect())
+    }
 }
 
 #[async_trait::async_trait]
@@ -86,18 +106,18 @@ impl Cache for CloudCache {
 
     async fn write(&self, key: &Key, data: &[u8]) -> Result<(), Error> {
         if Self::shared(key) {
-            self.store
-                .put(&self.name(key), data.to_vec(), Precondition::Any)
-                .await?;
-            tracing::info!(location = %self.store.location(), key = %self.name(key), "Write object");
+            let name = self.name(key);
+            self.store.put(&name, data.to_vec(), Precondition::Any).await?;
+            tracing::info!(location = %self.store.location(), key = %name, "Write object");
         }
         self.local.write(key, data).await
     }
 
     async fn put_file(&self, key: &Key, src: &Path) -> Result<(), Error> {
         if Self::shared(key) {
-            self.store.upload(&self.name(key), src).await?;
-            tracing::info!(location = %self.store.location(), key = %self.name(key), "Write object");
+            let name = self.name(key);
+            self.store.upload(&name, src).await?;
+            tracing::info!(location = %self.store.location(), key = %name, "Write object");
         }
         self.local.put_file(key, src).await
     }
@@ -124,22 +144,7 @@ impl Cache for CloudCache {
     }
 
     async fn list(&self) -> Result<Vec<Entry>, Error> {
-        let listing = self.store.list(&self.prefix, true).await?;
-        let mut out: Vec<Entry> = listing
-            .objects
-            .into_iter()
-            .filter_map(|o| {
-                let key = Key::new(super::strip(&self.prefix, &o.name)).ok()?;
-                Self::shared(&key).then(|| Entry {
-                    key,
-                    size: o.size,
-                    modified: o
-                        .modified
-                        .map(std::time::SystemTime::from)
-                        .unwrap_or(std::time::UNIX_EPOCH),
-                })
-            })
-            .collect();
+        let mut out = self.bucket_entries().await?;
         for e in self.local.list().await? {
             if !out.iter().any(|o| o.key == e.key) {
                 out.push(e);
@@ -226,18 +231,7 @@ impl Cache for CloudCache {
     /// copy (the Go original never removed anything from either).
     async fn evict(&self, keep: usize, protect: &[Key]) -> Result<Vec<Key>, Error> {
         let mut removed = self.local.evict(keep, protect).await?;
-        let listing = self.store.list(&self.prefix, true).await?;
-        let mut artifacts: Vec<_> = listing
-            .objects
-            .into_iter()
-            .filter_map(|o| Some((Key::new(super::strip(&self.prefix, &o.name)).ok()?, o.modified)))
-            .filter(|(k, _)| k.is_artifact())
-            .collect();
-        artifacts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        for (key, _) in artifacts.into_iter().skip(keep) {
-            if protect.contains(&key) {
-                continue;
-            }
+        for key in crate::to_evict(self.bucket_entries().await?, keep, protect) {
             self.store.delete(&self.name(&key)).await?;
             tracing::info!(location = %self.store.location(), cache_key = %key, "Evicted shared cached artifact");
             if !removed.contains(&key) {
