@@ -516,31 +516,25 @@ fn full_or_read_only_disk_aborts_the_deploy_cleanly() {
     assert_eq!(load.version(), "v1.0.0");
     assert_eq!(w.release_dirs().len(), 1, "{:?}", w.release_dirs());
     w.assert_releases_complete();
+    let remount = |mode: &str| {
+        let out = sh(&format!(
+            "mount -o remount,{mode},size={}k '{}'",
+            size_kib * 4,
+            releases.display()
+        ));
+        assert!(
+            out.status.success(),
+            "remount {mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     // Read-only: the next release cannot be extracted either.
-    let out = sh(&format!(
-        "mount -o remount,ro,size={}k '{}'",
-        size_kib * 4,
-        releases.display()
-    ));
-    assert!(
-        out.status.success(),
-        "remount read-only: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    remount("ro");
     w.publish("v2.0.1", &[]);
     w.wait_for_error("v2.0.1", "the read-only failure");
     assert_eq!(load.version(), "v1.0.0");
     // Room again: the fleet recovers on its own.
-    let out = sh(&format!(
-        "mount -o remount,rw,size={}k '{}'",
-        size_kib * 4,
-        releases.display()
-    ));
-    assert!(
-        out.status.success(),
-        "remount read-write: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    remount("rw");
     wait_for("v2.0.1 served once there is room", Duration::from_secs(60), || {
         load.version() == "v2.0.1"
     });
