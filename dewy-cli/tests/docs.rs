@@ -5,7 +5,7 @@ use clap::CommandFactory;
 
 #[test]
 fn configuration_reference_covers_every_flag_and_key() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md")).unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md")).unwrap();
     for (key, flag) in dewy_cli::KEYS {
         if *key != "command" {
             assert!(
