@@ -130,12 +130,24 @@ pub trait Progress: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct Extractor {
     limits: Limits,
+    durable: bool,
 }
 
 impl Extractor {
     /// An extractor with the given limits.
     pub fn new(limits: Limits) -> Self {
-        Self { limits }
+        Self { limits, durable: false }
+    }
+
+    /// With `true`, the extracted tree is on disk when extraction returns:
+    /// writeback of each file starts as soon as it is written, and one
+    /// `syncfs(2)` of the destination's filesystem plus an fsync of its
+    /// parent folder (the rename) end the extraction. Without it, the tree
+    /// may still be in the page cache only, and a power cut may leave empty
+    /// files behind (ext4's delayed allocation).
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
     }
 
     /// Extracts `archive` into `dest`, which must not exist.
@@ -170,6 +182,7 @@ impl Extractor {
             .map_err(|source| Error::io("read metadata of", archive, source))?
             .len();
         let mut sink = sink::Sink::new(staging.path(), &self.limits, compressed_size, progress);
+        sink.writeback = self.durable;
         let result = self.unpack(archive, format, &mut sink).map_err(|e| match e {
             Error::Corrupt {
                 archive: a,
@@ -190,6 +203,9 @@ impl Extractor {
                     let _ = std::fs::remove_dir_all(&staging);
                     Error::io("rename staging directory to", dest, source)
                 })?;
+                if self.durable {
+                    sync_tree(dest, &parent)?;
+                }
                 tracing::debug!(dest = %dest.display(), entries = entries.len(), "Extracted archive");
                 Ok(Manifest {
                     format: Some(format),
@@ -220,6 +236,15 @@ impl Extractor {
             }
         }
     }
+}
+
+/// Makes the tree at `dest` and its name in `parent` durable.
+fn sync_tree(dest: &Path, parent: &Path) -> Result<(), Error> {
+    let dir = File::open(dest).map_err(|source| Error::io("open", dest, source))?;
+    rustix::fs::syncfs(&dir).map_err(|e| Error::io("sync the filesystem of", dest, e.into()))?;
+    File::open(parent)
+        .and_then(|p| p.sync_all())
+        .map_err(|source| Error::io("sync", parent, source))
 }
 
 impl Default for Extractor {

@@ -25,6 +25,9 @@ pub(crate) struct Sink<'a> {
     dir_modes: Vec<(PathBuf, u32)>,
     total: u64,
     buf: Vec<u8>,
+    /// Start writeback of each file as soon as it is written (durable
+    /// extraction: the final sync then only waits for the tail).
+    pub(crate) writeback: bool,
 }
 
 impl<'a> Sink<'a> {
@@ -47,6 +50,7 @@ impl<'a> Sink<'a> {
             dir_modes: Vec::new(),
             total: 0,
             buf: vec![0; 256 * 1024],
+            writeback: false,
         }
     }
 
@@ -152,6 +156,12 @@ impl<'a> Sink<'a> {
             }
             out.write_all(&self.buf[..n])
                 .map_err(|source| Error::io("write", &abs, source))?;
+        }
+        if self.writeback {
+            // POSIX_FADV_DONTNEED starts writeback of the dirty pages without
+            // waiting for it (pages still dirty or under writeback stay
+            // cached). Only a hint: the final sync is what guarantees.
+            let _ = rustix::fs::fadvise(&out, 0, None, rustix::fs::Advice::DontNeed);
         }
         let mode = mode & MODE_MASK;
         fs::set_permissions(&abs, fs::Permissions::from_mode(mode))

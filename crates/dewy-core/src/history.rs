@@ -61,6 +61,29 @@ pub fn read(root: &Path) -> Vec<Entry> {
         .collect()
 }
 
+/// Every release folder dewy deployed into, with the version it holds
+/// (the last one deployed there).
+pub(crate) fn recorded_folders(root: &Path) -> std::collections::HashMap<PathBuf, String> {
+    read(root)
+        .into_iter()
+        .filter(|e| e.outcome == "deployed")
+        .filter_map(|e| Some((PathBuf::from(e.release_dir?), e.version)))
+        .collect()
+}
+
+/// The newest folder on disk that holds `version`, if dewy deployed it
+/// there and it still exists.
+pub(crate) fn folder_of(root: &Path, version: &str) -> Option<PathBuf> {
+    let folders = recorded_folders(root);
+    let mut dirs: Vec<PathBuf> = folders
+        .into_iter()
+        .filter(|(dir, v)| v == version && dir.is_dir())
+        .map(|(dir, _)| dir)
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
 /// The version last deployed into `release_dir`, if the history knows it.
 pub(crate) fn version_of(root: &Path, release_dir: &Path) -> Option<String> {
     let dir = release_dir.display().to_string();

@@ -112,18 +112,47 @@ impl Releases {
         Ok(out)
     }
 
-    /// Removes all but the newest `keep` releases, never the one `current`
-    /// points to nor `previous`. Returns what was removed.
-    pub fn prune(&self, keep: usize, previous: Option<&Path>) -> std::io::Result<Vec<PathBuf>> {
+    /// Removes old releases that dewy created: of the folders in `recorded`
+    /// (folder → version, from the deployment history), keeps the newest
+    /// `keep` distinct versions, and never removes the folder `current`
+    /// points to nor the newest recorded folder before it (the rollback
+    /// target). Folders dewy did not record are left alone. Returns what
+    /// was removed.
+    pub fn prune(
+        &self,
+        keep: usize,
+        recorded: &std::collections::HashMap<PathBuf, String>,
+    ) -> std::io::Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
-        for r in self.list()?.into_iter().skip(keep.max(1)) {
-            if r.current || Some(r.path.as_path()) == previous {
+        let mut versions = std::collections::HashSet::new();
+        let mut previous_seen = false;
+        for r in self.list()? {
+            let Some(version) = recorded.get(&r.path) else { continue };
+            let new_version = versions.insert(version.clone());
+            let protected = if r.current {
+                true
+            } else if !previous_seen {
+                previous_seen = true;
+                true
+            } else {
+                false
+            };
+            if protected || (new_version && versions.len() <= keep.max(1)) {
                 continue;
             }
             std::fs::remove_dir_all(&r.path)?;
             removed.push(r.path);
         }
         Ok(removed)
+    }
+
+    /// Removes the `current` link (a first deploy undone: nothing is in
+    /// place). A missing link is fine.
+    pub fn unlink_current(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(self.current_link()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => std::fs::File::open(&self.root).and_then(|d| d.sync_all()),
+        }
     }
 
     /// Removes what an interrupted deploy left behind: staging folders in
@@ -206,12 +235,36 @@ mod tests {
         assert_eq!(r.current_target().unwrap(), made[2]);
         let list: Vec<_> = r.list().unwrap().into_iter().map(|i| (i.name, i.current)).collect();
         assert_eq!(list[0], ("20240115T103045Z-2".to_owned(), true));
-        // Keep 1, but never current nor previous.
+        // Keep 1, but never current nor the newest one before it.
         r.switch(&made[0]).unwrap();
-        let removed = r.prune(1, Some(&made[1])).unwrap();
-        assert!(removed.is_empty(), "{removed:?}");
-        let removed = r.prune(1, None).unwrap();
+        let recorded: std::collections::HashMap<_, _> = made
+            .iter()
+            .zip(["v1", "v2", "v3"])
+            .map(|(p, v)| (p.clone(), v.to_owned()))
+            .collect();
+        let removed = r.prune(1, &recorded).unwrap();
         assert_eq!(removed, vec![made[1].clone()]);
         assert!(made[0].exists() && made[2].exists());
+        // A folder dewy did not record is never removed.
+        let foreign = r.dir().join("20200101T000000Z");
+        std::fs::create_dir_all(&foreign).unwrap();
+        assert!(r.prune(1, &recorded).unwrap().is_empty());
+        assert!(foreign.exists());
+        // Two folders of one version count once: the older copy goes.
+        let copy = r.new_release_path("2024-01-15T10:30:50Z".parse().unwrap());
+        std::fs::create_dir_all(&copy).unwrap();
+        let mut recorded = recorded;
+        recorded.insert(copy.clone(), "v1".into());
+        recorded.remove(&made[1]);
+        let old = r.dir().join("20230101T000000Z");
+        std::fs::create_dir_all(&old).unwrap();
+        recorded.insert(old.clone(), "v1".into());
+        r.switch(&copy).unwrap();
+        let removed = r.prune(7, &recorded).unwrap();
+        assert_eq!(
+            removed,
+            vec![made[0].clone(), old],
+            "older copies of v1 go; v1 (current) and v3 (previous) stay"
+        );
     }
 }

@@ -58,18 +58,29 @@
 
 #![deny(missing_docs)]
 
+mod config;
+mod deploy;
 mod deployer;
+mod error;
+mod health;
 mod history;
 mod hooks;
 mod layout;
+mod metrics;
+mod operator;
+mod progress;
+mod status;
 
-pub use deployer::{
-    Clock, Config, DeployProgress, Deployer, Error, LogProgress, Metrics, Mode, Soak, Status, SystemClock, TickOutcome,
-};
+pub use config::{Clock, Config, Mode, Soak, SystemClock};
+pub use deployer::{Deployer, TickOutcome};
 pub use dewy_cache::Cache;
 pub use dewy_notify::Notify;
 pub use dewy_registry::Registry;
 pub use dewy_starter::Supervisor;
+pub use error::Error;
 pub use history::{Entry as HistoryEntry, read as read_history};
 pub use hooks::HookOutcome;
 pub use layout::{ReleaseInfo, Releases, pinned, set_pin};
+pub use metrics::Metrics;
+pub use progress::{DeployProgress, LogProgress};
+pub use status::Status;

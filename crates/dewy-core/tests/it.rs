@@ -238,15 +238,17 @@ async fn first_deploy_then_skip_then_new_version() {
 }
 
 #[tokio::test]
-async fn stopped_server_is_redeployed_from_cache_and_assets_mode_skips() {
+async fn stopped_server_is_started_from_the_release_in_place_and_assets_mode_skips() {
     let r = rig(Mode::Server);
     r.registry.publish("v1.0.0", &app_v("v1"));
     r.deployer.tick().await.unwrap();
     r.app.running.store(false, Ordering::SeqCst);
-    // The artifact is gone from the registry: a redeploy must come from cache.
+    // The artifact is gone from the registry: nothing is downloaded or
+    // extracted again, the release in place is started as it is.
     std::fs::remove_dir_all(r.registry.dir.join("v1.0.0")).unwrap();
-    assert!(matches!(r.deployer.tick().await.unwrap(), TickOutcome::Deployed { .. }));
+    assert_eq!(r.deployer.tick().await.unwrap(), TickOutcome::Skipped);
     assert_eq!(r.app.starts.load(Ordering::SeqCst), 2);
+    assert_eq!(r.release_count(), 1, "no second folder for the same version");
 
     let a = rig(Mode::Assets);
     a.registry.publish("v1.0.0", &app_v("v1"));
@@ -638,7 +640,7 @@ async fn steady_ticks_do_not_look_up_bad_records_and_a_stopped_app_comes_back() 
     let key = Key::artifact("v1.0.0", "app_linux_amd64.tar.gz").unwrap();
     cache.write(&Key::bad(&key), b"{}").await.unwrap();
     app.running.store(false, Ordering::SeqCst);
-    assert!(matches!(d.tick().await.unwrap(), TickOutcome::Deployed { .. }));
+    assert_eq!(d.tick().await.unwrap(), TickOutcome::Skipped);
     assert_eq!(app.starts.load(Ordering::SeqCst), 2);
     let reads = cache.bad_reads.load(Ordering::SeqCst);
     registry.publish("v1.1.0", &app_v("v2"));
@@ -662,5 +664,307 @@ async fn a_hand_made_switch_of_current_is_noticed_on_the_next_tick() {
     assert_eq!(r.current_version().as_deref(), Some("v1"));
     assert!(matches!(r.deployer.tick().await.unwrap(), TickOutcome::Deployed { .. }));
     assert_eq!(r.current_version().as_deref(), Some("v2"));
+    assert_eq!(
+        r.release_count(),
+        2,
+        "v2's folder is switched to again, not extracted anew"
+    );
     assert_eq!(r.deployer.tick().await.unwrap(), TickOutcome::Skipped);
+}
+
+// ---------------------------------------------------------------------------
+// The deploy transaction: every failure path goes through one abort.
+
+fn rollback_log(root: &Path) -> String {
+    std::fs::read_to_string(root.join("hooks.log")).unwrap_or_default()
+}
+
+fn with_rollback_hook(c: &mut Config) {
+    c.after_hook = Some("echo \"$DEWY_VERSION ${DEWY_ROLLBACK:-0}\" >> hooks.log".into());
+}
+
+async fn is_recorded_bad(r: &Rig, tag: &str) -> bool {
+    let bad = Key::bad(&Key::artifact(tag, "app_linux_amd64.tar.gz").unwrap());
+    r.cache.read(&bad).await.unwrap().is_some()
+}
+
+#[tokio::test]
+async fn failed_health_command_on_a_first_deploy_leaves_nothing_in_place() {
+    let r = rig_with(Mode::Assets, |c| {
+        c.health_command = Some("false".into());
+        with_rollback_hook(c);
+    });
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(matches!(err, Error::Unhealthy { .. }), "{err}");
+    assert!(
+        std::fs::symlink_metadata(r.root.join("current")).is_err(),
+        "current must not point at the failed release"
+    );
+    assert_eq!(r.release_count(), 0, "the failed folder is removed");
+    assert!(is_recorded_bad(&r, "v1.0.0").await);
+    assert_eq!(
+        rollback_log(&r.root),
+        "v1.0.0 0\n 1\n",
+        "after hook, then its rollback run"
+    );
+}
+
+#[tokio::test]
+async fn failed_start_on_a_first_deploy_leaves_nothing_in_place() {
+    let r = rig_with(Mode::Server, with_rollback_hook);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.app.fail_next.store(true, Ordering::SeqCst);
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(matches!(err, Error::App { action: "start", .. }), "{err}");
+    assert!(std::fs::symlink_metadata(r.root.join("current")).is_err());
+    assert_eq!(r.release_count(), 0);
+    assert!(is_recorded_bad(&r, "v1.0.0").await);
+    assert!(rollback_log(&r.root).ends_with(" 1\n"), "{}", rollback_log(&r.root));
+}
+
+#[tokio::test]
+async fn failed_restart_runs_the_rollback_hook_and_records_the_release_bad() {
+    let r = rig_with(Mode::Server, with_rollback_hook);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    r.registry.publish("v2.0.0", &app_v("v2"));
+    r.app.fail_next.store(true, Ordering::SeqCst);
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(matches!(err, Error::App { action: "restart", .. }), "{err}");
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert_eq!(r.release_count(), 1);
+    assert!(is_recorded_bad(&r, "v2.0.0").await);
+    assert_eq!(rollback_log(&r.root), "v1.0.0 0\nv2.0.0 0\nv1.0.0 1\n");
+    assert_eq!(
+        r.deployer.tick().await.unwrap(),
+        TickOutcome::KnownBad { tag: "v2.0.0".into() },
+        "not retried on every tick"
+    );
+}
+
+/// A one-connection-at-a-time HTTP server answering `status` to anything.
+async fn answering(status: u16) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(format!("HTTP/1.0 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                .await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn failed_soak_restarts_the_previous_release() {
+    let addr = answering(500).await;
+    let r = rig_with(Mode::Server, |c| {
+        with_rollback_hook(c);
+        c.soak = Some(dewy_core::Soak {
+            addr,
+            path: "/health".into(),
+            duration: Duration::from_secs(1),
+            interval: Duration::from_millis(50),
+        });
+    });
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    r.registry.publish("v2.0.0", &app_v("v2"));
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(matches!(err, Error::Unhealthy { .. }), "{err}");
+    assert!(err.to_string().contains("answered 500"), "{err}");
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert_eq!(r.app.restarts.load(Ordering::SeqCst), 2, "to v2, then back to v1");
+    assert_eq!(r.release_count(), 1);
+    assert!(is_recorded_bad(&r, "v2.0.0").await);
+    assert!(rollback_log(&r.root).ends_with("v1.0.0 1\n"));
+}
+
+#[tokio::test]
+async fn unsafe_archive_is_refused_and_recorded_bad_but_a_truncated_one_is_retried() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    let mut raw = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.as_old_mut().name[..14].copy_from_slice(b"../../evil.txt");
+    h.set_cksum();
+    raw.append(&h, &b"evil"[..]).unwrap();
+    r.registry.publish("v2.0.0", &raw.into_inner().unwrap());
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(matches!(err, Error::Extract { .. }), "{err}");
+    assert!(dewy_core::Error::blames_release(&err));
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert!(is_recorded_bad(&r, "v2.0.0").await);
+    assert!(!r.root.parent().unwrap().join("evil.txt").exists());
+    // A truncated archive (still being written) is not the release's fault.
+    let full = app_v("v3");
+    r.registry.publish("v3.0.0", &full[..full.len() / 2]);
+    let err = r.deployer.tick().await.unwrap_err();
+    assert!(!err.blames_release(), "{err}");
+    assert!(!is_recorded_bad(&r, "v3.0.0").await);
+    r.registry.publish("v3.0.0", &full);
+    assert!(matches!(r.deployer.tick().await.unwrap(), TickOutcome::Deployed { .. }));
+}
+
+/// A tmpfs of `size` mounted on `dir` for one test (needs root, as the
+/// e2e disk scenario); unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "this test mounts a tmpfs and needs root (mount -t tmpfs failed)");
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_during_extraction_changes_nothing_and_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("app");
+    let _fs = Tmpfs::mount(&root, "4m");
+    let registry = Scripted::new(&dir.path().join("registry"));
+    let cache = Arc::new(MemoryCache::new());
+    let app = Arc::new(FakeApp::default());
+    let notify = Notify::new(Arc::new(Capture::default()), Context::default(), false);
+    let d = Deployer::new(
+        Config::new(Mode::Server, root.clone()),
+        registry.clone(),
+        cache.clone(),
+        notify,
+        Some(app.clone()),
+    )
+    .unwrap();
+    registry.publish("v1.0.0", &app_v("v1"));
+    d.tick().await.unwrap();
+    // 8 MiB of incompressible bytes do not fit in the 4 MiB disk.
+    let big: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    registry.publish("v2.0.0", &targz(&[("VERSION", b"v2", 0o644), ("blob", &big, 0o644)]));
+    let err = d.tick().await.unwrap_err();
+    assert!(err.to_string().contains("extract"), "{err}");
+    assert!(!err.blames_release(), "a full disk is the host's fault: {err}");
+    assert_eq!(std::fs::read_to_string(root.join("current/VERSION")).unwrap(), "v1");
+    let left: Vec<_> = std::fs::read_dir(root.join("releases")).unwrap().collect();
+    assert_eq!(left.len(), 1, "no partial folder left behind");
+    let bad = Key::bad(&Key::artifact("v2.0.0", "app_linux_amd64.tar.gz").unwrap());
+    assert!(cache.read(&bad).await.unwrap().is_none());
+    assert_eq!(app.restarts.load(Ordering::SeqCst), 0);
+}
+
+// ---------------------------------------------------------------------------
+// A restarted dewy starts what `current` holds first.
+
+fn restarted(r: &Rig, edit: impl FnOnce(&mut Config)) -> (Deployer, Arc<FakeApp>) {
+    let app = Arc::new(FakeApp::default());
+    let notify = Notify::new(r.sent.clone(), Context::default(), false);
+    let mut config = Config::new(Mode::Server, r.root.clone());
+    edit(&mut config);
+    let d = Deployer::new(config, r.registry.clone(), r.cache.clone(), notify, Some(app.clone())).unwrap();
+    (d, app)
+}
+
+#[tokio::test]
+async fn a_restarted_dewy_starts_the_release_in_place_without_a_new_folder() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    let (d, app) = restarted(&r, |_| {});
+    assert_eq!(d.tick().await.unwrap(), TickOutcome::Skipped);
+    assert_eq!(app.starts.load(Ordering::SeqCst), 1);
+    assert_eq!(r.release_count(), 1);
+    assert_eq!(d.status().await.current_version.as_deref(), Some("v1.0.0"));
+}
+
+#[tokio::test]
+async fn a_pinned_folder_is_started_when_dewy_starts() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    r.registry.publish("v1.1.0", &app_v("v2"));
+    r.deployer.tick().await.unwrap();
+    // `dewy rollback` while dewy is stopped: pin and switch by hand.
+    let v1 = r.deployer.releases().list().unwrap()[1].path.clone();
+    dewy_core::set_pin(&r.root, Some("v1.0.0")).unwrap();
+    r.deployer.releases().switch(&v1).unwrap();
+    let (d, app) = restarted(&r, |_| {});
+    assert_eq!(
+        d.tick().await.unwrap(),
+        TickOutcome::Pinned {
+            version: "v1.0.0".into()
+        }
+    );
+    assert_eq!(app.starts.load(Ordering::SeqCst), 1, "the pinned release runs");
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+}
+
+#[tokio::test]
+async fn a_newer_bad_release_does_not_keep_the_release_in_place_down() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.2.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    r.registry.publish("v1.3.0", &app_v("v2"));
+    r.app.fail_next.store(true, Ordering::SeqCst);
+    r.deployer.tick().await.unwrap_err();
+    let (d, app) = restarted(&r, |_| {});
+    assert_eq!(d.tick().await.unwrap(), TickOutcome::KnownBad { tag: "v1.3.0".into() });
+    assert_eq!(app.starts.load(Ordering::SeqCst), 1);
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert_eq!(d.status().await.current_version.as_deref(), Some("v1.2.0"));
+}
+
+#[tokio::test]
+async fn a_failing_before_hook_does_not_stop_the_start_of_the_release_in_place() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    let (d, app) = restarted(&r, |c| {
+        c.before_hook = Some("exit 1".into());
+        c.abort_on_before_hook_failure = true;
+    });
+    assert_eq!(d.tick().await.unwrap(), TickOutcome::Skipped);
+    assert_eq!(
+        app.starts.load(Ordering::SeqCst),
+        1,
+        "no hook runs on a start from disk"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_in_place_that_fails_to_start_is_retried_with_backoff() {
+    let r = rig(Mode::Server);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    let (d, app) = restarted(&r, |_| {});
+    app.fail_next.store(true, Ordering::SeqCst);
+    let err = d.tick().await.unwrap_err();
+    assert!(matches!(err, Error::App { action: "start", .. }), "{err}");
+    // Within the backoff: no new attempt, the tick says what is wrong.
+    let err = d.tick().await.unwrap_err();
+    assert!(matches!(err, Error::NotRunning { .. }), "{err}");
+    assert_eq!(app.starts.load(Ordering::SeqCst), 0);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(d.tick().await.unwrap(), TickOutcome::Skipped);
+    assert_eq!(app.starts.load(Ordering::SeqCst), 1);
+    assert_eq!(r.release_count(), 1);
 }

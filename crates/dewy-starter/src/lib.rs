@@ -70,7 +70,7 @@ mod listeners;
 mod process;
 
 pub use listeners::{ListenSpec, Listeners, parse_ports};
-pub use process::{Event, ExitInfo, GenerationInfo, Readiness, Starter, StarterConfig};
+pub use process::{Event, ExitInfo, GenerationInfo, Readiness, Starter, StarterConfig, http_status};
 
 use std::path::PathBuf;
 
@@ -156,6 +156,11 @@ pub trait Supervisor: Send + Sync + std::fmt::Debug {
     async fn stop(&self) -> Result<(), Error>;
     /// Whether it is running now.
     fn is_running(&self) -> bool;
+    /// Whether the supervisor is itself restarting a crashed application
+    /// (with backoff), so that dewy-core must not start it too.
+    fn is_restarting(&self) -> bool {
+        false
+    }
     /// Events (starts, exits, crash loops), for logs and notifications.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
     /// The generation serving now, when known.
@@ -177,6 +182,9 @@ impl Supervisor for Starter {
     }
     fn is_running(&self) -> bool {
         Starter::is_running(self)
+    }
+    fn is_restarting(&self) -> bool {
+        Starter::is_restarting(self)
     }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
         Starter::subscribe(self)

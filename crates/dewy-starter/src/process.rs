@@ -181,6 +181,13 @@ struct Inner {
     exits: mpsc::UnboundedSender<u64>,
     running: AtomicBool,
     shutting_down: AtomicBool,
+    /// Set by `stop`: cuts a readiness wait in flight short.
+    stopping: watch::Sender<bool>,
+    /// A crashed generation is being restarted with backoff.
+    restarting: AtomicBool,
+    /// The serving generation, readable without waiting for `state` (which
+    /// a readiness wait holds).
+    serving: StdMutex<Option<GenerationInfo>>,
 }
 
 /// Runs generations of one application on a fixed set of listeners.
@@ -210,6 +217,9 @@ impl Starter {
             exits,
             running: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            stopping: watch::channel(false).0,
+            restarting: AtomicBool::new(false),
+            serving: StdMutex::new(None),
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), exits_rx));
         Self { inner }
@@ -230,9 +240,20 @@ impl Starter {
         &self.inner.listeners
     }
 
-    /// The generation serving now, if any.
+    /// Whether a crashed generation is being restarted (with backoff) by
+    /// the starter itself.
+    pub fn is_restarting(&self) -> bool {
+        self.inner.restarting.load(Ordering::SeqCst)
+    }
+
+    /// The generation serving now, if any. Answers at once, also while a
+    /// new generation is being started.
     pub async fn current(&self) -> Option<GenerationInfo> {
-        self.inner.state.lock().await.current.as_ref().map(Gen::info)
+        *self
+            .inner
+            .serving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Starts the first generation (or returns the running one) and waits
@@ -258,7 +279,7 @@ impl Starter {
         }
         let new = self.inner.spawn_ready(&mut state).await?;
         let info = new.info();
-        if let Some(old) = state.current.replace(new) {
+        if let Some(old) = self.inner.set_current(&mut state, Some(new)) {
             state.retiring.push(old.clone());
             let inner = self.inner.clone();
             tokio::spawn(async move { inner.stop_gen(&old).await });
@@ -271,6 +292,8 @@ impl Starter {
     /// stop timeout) and waits for them. No crash restart happens afterwards.
     pub async fn stop(&self) -> Result<(), Error> {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
+        // A readiness wait in flight holds the state: end it first.
+        let _ = self.inner.stopping.send(true);
         // The supervisor removes each generation from the state as it exits
         // and reports it as an expected exit.
         let gens: Vec<Gen> = {
@@ -278,8 +301,14 @@ impl Starter {
             self.inner.running.store(false, Ordering::SeqCst);
             state.current.iter().chain(state.retiring.iter()).cloned().collect()
         };
-        let stops = gens.iter().map(|g| self.inner.stop_gen(g));
-        futures_join_all(stops).await;
+        // All at once: a shutdown takes one stop timeout, not one per
+        // generation.
+        let mut set = tokio::task::JoinSet::new();
+        for g in gens {
+            let inner = self.inner.clone();
+            set.spawn(async move { inner.stop_gen(&g).await });
+        }
+        while set.join_next().await.is_some() {}
         Ok(())
     }
 
@@ -293,12 +322,6 @@ impl Starter {
             .filter(|g| g.exited().is_none())
             .map(|g| g.pid)
             .collect()
-    }
-}
-
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
-    for f in futs.collect::<Vec<_>>() {
-        f.await;
     }
 }
 
@@ -321,13 +344,19 @@ impl Inner {
         let _ = self.events.send(event);
     }
 
+    /// Replaces the serving generation (and its snapshot); returns the old.
+    fn set_current(&self, state: &mut State, gen_: Option<Gen>) -> Option<Gen> {
+        *self.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = gen_.as_ref().map(Gen::info);
+        std::mem::replace(&mut state.current, gen_)
+    }
+
     async fn start_locked(&self, state: &mut State) -> Result<GenerationInfo, Error> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
         let new = self.spawn_ready(state).await?;
         let info = new.info();
-        state.current = Some(new);
+        self.set_current(state, Some(new));
         self.running.store(true, Ordering::SeqCst);
         Ok(info)
     }
@@ -547,7 +576,9 @@ impl Inner {
         let timeout = probe.timeout();
         let last = Arc::new(StdMutex::new(String::from("no answer")));
         let ready = probe.wait(last.clone());
+        let mut stopping = self.stopping.subscribe();
         tokio::select! {
+            () = async { drop(stopping.wait_for(|s| *s).await) } => Err(Error::ShuttingDown),
             e = exited => {
                 // Give the stderr reader a moment to collect the last lines.
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -643,7 +674,7 @@ impl Probe {
                 }
             }
             Self::Http { addr, path, .. } => loop {
-                let reason = match http_probe(addr, &path).await {
+                let reason = match http_status(addr, &path, Duration::from_secs(2)).await {
                     Ok(status) if (200..300).contains(&status) => return Ok(()),
                     Ok(status) => format!("GET {path} answered {status}"),
                     Err(e) => format!("GET {path} failed: {e}"),
@@ -658,14 +689,17 @@ impl Probe {
     }
 }
 
-async fn http_probe(addr: std::net::SocketAddr, path: &str) -> std::io::Result<u16> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+/// The status code of `GET path` on `addr` (HTTP/1.0, `Connection: close`),
+/// with `timeout` for the connect and again for the answer. The one HTTP
+/// probe of dewy: the readiness check here and dewy-core's health checks.
+pub async fn http_status(addr: std::net::SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    let mut s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
         .await?;
     let mut buf = vec![0u8; 256];
-    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+    let n = tokio::time::timeout(timeout, s.read(&mut buf))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))??;
     let line = String::from_utf8_lossy(&buf[..n]);
@@ -687,7 +721,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, mut exits: mpsc::UnboundedRece
         let mut state = inner.state.lock().await;
         let is_current = state.current.as_ref().is_some_and(|g| g.number == number);
         let gen_ = if is_current {
-            state.current.take()
+            inner.set_current(&mut state, None)
         } else {
             let pos = state.retiring.iter().position(|g| g.number == number);
             pos.map(|p| state.retiring.remove(p))
@@ -723,6 +757,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, mut exits: mpsc::UnboundedRece
         }
         drop(state);
         let mut delay = backoff(&inner.config, crashes);
+        inner.restarting.store(true, Ordering::SeqCst);
         loop {
             inner.emit(Event::Restarting { delay });
             tracing::warn!(delay_ms = delay.as_millis() as u64, "Restarting crashed application");
@@ -733,7 +768,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, mut exits: mpsc::UnboundedRece
             }
             match inner.spawn_ready(&mut state).await {
                 Ok(g) => {
-                    state.current = Some(g);
+                    inner.set_current(&mut state, Some(g));
                     inner.running.store(true, Ordering::SeqCst);
                     break;
                 }
@@ -743,6 +778,7 @@ async fn supervise(inner: std::sync::Weak<Inner>, mut exits: mpsc::UnboundedRece
                 }
             }
         }
+        inner.restarting.store(false, Ordering::SeqCst);
     }
 }
 

@@ -1,0 +1,129 @@
+//! Why a tick failed.
+
+use std::path::PathBuf;
+
+/// Why a tick failed. Each phase has its variant; the source holds the
+/// backend's error, and [`chain`] renders the whole chain for people.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The registry could not answer.
+    #[error("failed to get the current release from the registry")]
+    Registry(#[source] dewy_registry::Error),
+    /// The cache failed.
+    #[error("cache operation failed")]
+    Cache(#[source] dewy_cache::Error),
+    /// An artifact that was just cached cannot be found in the cache.
+    #[error("`{key}` vanished from the cache right after it was stored")]
+    CacheVanished {
+        /// The cache key.
+        key: String,
+    },
+    /// The artifact could not be downloaded or verified.
+    #[error("failed to download the artifact of `{tag}`")]
+    Download {
+        /// The release.
+        tag: String,
+        /// The cause.
+        #[source]
+        source: dewy_registry::Error,
+    },
+    /// The artifact could not be extracted.
+    #[error("failed to extract the artifact of `{tag}`")]
+    Extract {
+        /// The release.
+        tag: String,
+        /// The cause.
+        #[source]
+        source: dewy_archive::Error,
+    },
+    /// The before hook failed and the config says to abort.
+    #[error("before deploy hook `{command}` failed: {reason}")]
+    BeforeHook {
+        /// The hook's command.
+        command: String,
+        /// Its exit code or timeout, and its last stderr.
+        reason: String,
+    },
+    /// A filesystem step of the deploy failed.
+    #[error("failed to {op} `{}`", path.display())]
+    Io {
+        /// The step.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The new release failed a health check (the assets health command, or
+    /// the soak after a restart) and the deploy was undone.
+    #[error("`{tag}` failed its health check ({reason}); rolled back to `{previous}`")]
+    Unhealthy {
+        /// The release rolled back.
+        tag: String,
+        /// The failed check.
+        reason: String,
+        /// The release in place again (`nothing` on a first deploy).
+        previous: String,
+    },
+    /// The application could not be started or restarted; the deploy was
+    /// undone and the previous generation keeps serving.
+    #[error("failed to {action} the application for `{tag}`")]
+    App {
+        /// `start` or `restart`.
+        action: &'static str,
+        /// The release.
+        tag: String,
+        /// The cause.
+        #[source]
+        source: dewy_starter::Error,
+    },
+    /// The release in place is not running and could not be started yet; it
+    /// is started again with backoff.
+    #[error("the application for `{tag}` is not running; starting it again with backoff")]
+    NotRunning {
+        /// The release in place.
+        tag: String,
+    },
+    /// dewy is shutting down; the deploy in flight was undone.
+    #[error("the deploy of `{tag}` was cancelled because dewy is shutting down")]
+    Cancelled {
+        /// The release.
+        tag: String,
+    },
+}
+
+impl Error {
+    /// Whether the release itself is at fault (it failed to start, to become
+    /// healthy, or holds an archive entry that is refused as unsafe or too
+    /// large), so
+    /// that it is recorded as bad. Failures of the host (disk, network,
+    /// hooks, shutdown) are retried instead.
+    pub fn blames_release(&self) -> bool {
+        match self {
+            Self::Unhealthy { .. } => true,
+            Self::App { source, .. } => !matches!(
+                source,
+                dewy_starter::Error::ShuttingDown | dewy_starter::Error::Os { .. } | dewy_starter::Error::Bind { .. }
+            ),
+            Self::Extract { source, .. } => matches!(
+                source,
+                dewy_archive::Error::UnsafeEntry { .. } | dewy_archive::Error::LimitExceeded { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// `err` and its sources on one line, joined by `: `.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

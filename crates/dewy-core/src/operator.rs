@@ -1,0 +1,96 @@
+//! What operators ask of a running dewy: restart, pin (rollback), unpin,
+//! clear bad records. Each runs between ticks, never inside a deploy.
+
+use std::path::Path;
+
+use crate::deployer::Deployer;
+use crate::error::Error;
+
+impl Deployer {
+    /// Restarts the application on request (SIGUSR1, the admin API).
+    pub async fn restart_app(&self) -> Result<(), Error> {
+        let Some(app) = &self.app else {
+            tracing::info!("Restart requested, but assets mode runs no application");
+            return Ok(());
+        };
+        let tag = self.state().current_tag.clone().unwrap_or_default();
+        app.restart().await.map_err(|source| Error::App {
+            action: "restart",
+            tag,
+            source,
+        })?;
+        self.metrics
+            .restarts_signal
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.notify.send("Restarted receiving by `SIGUSR1` signal");
+        Ok(())
+    }
+
+    /// The release being deployed now, if any: an operator command issued
+    /// now waits until that deploy has finished (or was undone).
+    pub fn deploying(&self) -> Option<String> {
+        self.state().deploying.clone()
+    }
+
+    /// An operator's rollback or pin: between ticks (after a deploy in
+    /// flight has finished), pins the folder at `version`, points `current`
+    /// at `release_dir` (a release on disk) and restarts the application.
+    pub async fn pin_release(&self, release_dir: &Path, version: &str) -> Result<(), Error> {
+        if let Some(tag) = self.deploying() {
+            tracing::info!(deploying = %tag, pin = version, "Waiting for the deploy in flight to finish before pinning");
+        }
+        let _tick = self.tick_lock.lock().await;
+        let io = |op, source| Error::Io {
+            op,
+            path: release_dir.to_path_buf(),
+            source,
+        };
+        crate::layout::set_pin(&self.config.root, Some(version)).map_err(|e| io("pin the app folder at", e))?;
+        self.releases
+            .switch(release_dir)
+            .map_err(|e| io("switch the current symlink to", e))?;
+        {
+            let mut state = self.state();
+            state.current_tag = Some(version.to_owned());
+            state.placed = None;
+        }
+        if let Some(app) = &self.app {
+            app.restart().await.map_err(|source| Error::App {
+                action: "restart",
+                tag: version.to_owned(),
+                source,
+            })?;
+        }
+        tracing::info!(version, release = %release_dir.display(), "Pinned by an operator");
+        self.notify.send_important(format!(
+            "Rolled back to `{version}` by an operator; deploys are paused until unpinned"
+        ));
+        Ok(())
+    }
+
+    /// Releases an operator's pin and checks the registry at once.
+    pub fn unpin(&self) -> Result<(), Error> {
+        crate::layout::set_pin(&self.config.root, None).map_err(|source| Error::Io {
+            op: "unpin",
+            path: self.config.root.clone(),
+            source,
+        })?;
+        self.request_check();
+        Ok(())
+    }
+
+    /// Forgets every bad-release record, so those releases are tried again.
+    /// Returns how many were cleared.
+    pub async fn clear_bad(&self) -> Result<usize, Error> {
+        self.state().bad_key = None;
+        let mut n = 0;
+        for entry in self.cache.list().await.map_err(Error::Cache)? {
+            if entry.key.is_bad_record() {
+                self.cache.delete(&entry.key).await.map_err(Error::Cache)?;
+                n += 1;
+            }
+        }
+        tracing::info!(cleared = n, "Bad release records cleared");
+        Ok(n)
+    }
+}

@@ -1,0 +1,60 @@
+//! What the loop is doing, for `dewy status` and the admin API.
+
+/// What the loop is doing, for `dewy status` and the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// `server` or `assets`.
+    pub mode: &'static str,
+    /// dewy's version.
+    pub dewy_version: String,
+    /// The version running (or placed).
+    pub current_version: Option<String>,
+    /// Where `current` points.
+    pub current_release: Option<String>,
+    /// Whether the application runs (server mode).
+    pub is_running: bool,
+    /// The generation serving now and its pid (server mode).
+    pub generation: Option<u64>,
+    /// See `generation`.
+    pub pid: Option<u32>,
+    /// The release before the current one on disk (what `dewy rollback`
+    /// would go back to).
+    pub previous_release: Option<String>,
+    /// When the last check ended.
+    pub last_check: Option<String>,
+    /// How it ended: skipped, deployed, grace-period, known-bad, error.
+    pub last_outcome: Option<String>,
+    /// The last error, if the last check failed.
+    pub last_error: Option<String>,
+    /// When the next check is due.
+    pub next_check: Option<String>,
+    /// A release that failed to start and is not retried.
+    pub bad_release: Option<String>,
+    /// The version an operator pinned, if any.
+    pub pinned: Option<String>,
+    /// The release being deployed right now, if a deploy is in flight.
+    pub deploying: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// The tag running (or placed) now.
+    pub(crate) current_tag: Option<String>,
+    /// A release whose application failed to start or become ready; it is
+    /// not tried again until a newer release appears (or dewy restarts).
+    pub(crate) bad_key: Option<String>,
+    /// When the last tick ended, and how.
+    pub(crate) last_check: Option<jiff::Timestamp>,
+    pub(crate) last_outcome: Option<String>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) next_check: Option<jiff::Timestamp>,
+    /// The last release folder looked up in the deployment history and its
+    /// version (folders never change version, so one read per folder).
+    pub(crate) placed: Option<(std::path::PathBuf, String)>,
+    /// A start of the release in place failed: not tried again before this.
+    pub(crate) resume_after: Option<tokio::time::Instant>,
+    /// The delay before the next attempt after a failed start.
+    pub(crate) resume_backoff: std::time::Duration,
+    /// The release being deployed now, for status and operator commands.
+    pub(crate) deploying: Option<String>,
+}
