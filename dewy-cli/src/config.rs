@@ -326,7 +326,10 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
     });
     if let Some(file) = &file {
         if !file.exists() {
-            return Err(invalid("config", file.display().to_string(), "an existing TOML file"));
+            return Err(ConfigError::Source(format!(
+                "the config file `{}` given with --config does not exist",
+                file.display()
+            )));
         }
         figment = figment.merge(Toml::file(file));
     }
@@ -357,6 +360,59 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
         ConfigError::Source(msg)
     })?;
     validate(mode, raw)
+}
+
+/// A `file://` URL with a relative path (`file://./releases`,
+/// `file://releases`) made absolute against the directory dewy was started
+/// in, as a user reads it; other URLs unchanged.
+fn absolute_file_url(key: &str, url: &str) -> Result<String, ConfigError> {
+    let Some(rest) = url.strip_prefix("file://") else {
+        return Ok(url.to_owned());
+    };
+    if rest.starts_with('/') {
+        return Ok(url.to_owned());
+    }
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    let abs = std::path::absolute(path).map_err(|e| invalid(key, url, e.to_string()))?;
+    let abs = abs.to_string_lossy();
+    Ok(match query {
+        Some(q) => format!("file://{abs}?{q}"),
+        None => format!("file://{abs}"),
+    })
+}
+
+/// The path of an absolute `file://` URL.
+fn file_url_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("file://")?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    path.starts_with('/').then(|| PathBuf::from(path))
+}
+
+/// Refuses a `file://` location inside the folders dewy manages in the app
+/// folder (`releases/`, `current`, and `extra`): pruning or a switch would
+/// delete or hide what lives there.
+fn refuse_managed(key: &str, url: &str, workdir: &Path, extra: &[&str]) -> Result<(), ConfigError> {
+    let Some(path) = file_url_path(url) else { return Ok(()) };
+    // Resolve symlinks where the path exists (`current` is one).
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let target = real(&path);
+    for managed in ["releases", "current"].iter().chain(extra) {
+        let m = workdir.join(managed);
+        if path.starts_with(&m) || target.starts_with(real(&m)) {
+            return Err(invalid(
+                key,
+                url,
+                format!(
+                    "a folder outside `{}`, which dewy manages (it prunes releases/ and switches current): move the {key} elsewhere",
+                    m.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
@@ -431,6 +487,14 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
     if let Some(calver) = text(&raw.calver) {
         dewy_registry::CalVerFormat::new(&calver).map_err(|e| invalid("calver", &calver, e))?;
     }
+    let registry = absolute_file_url("registry", &registry)?;
+    let cache = if cache.starts_with("file://") {
+        absolute_file_url("cache", &cache)?
+    } else {
+        cache
+    };
+    refuse_managed("registry", &registry, &workdir, &[".dewy"])?;
+    refuse_managed("cache", &cache, &workdir, &[])?;
     let command = raw.command.as_ref().map(OneOrMany::items).unwrap_or_default();
     if mode == Mode::Server {
         let Some(program) = command.first() else {

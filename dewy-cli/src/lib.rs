@@ -62,6 +62,11 @@ pub fn main() -> ExitCode {
             for cause in err.chain().skip(1) {
                 eprintln!("  Caused by: {cause}");
             }
+            // Configuration errors exit 2 (as a bad flag does); other
+            // failures 1.
+            if err.chain().any(|c| c.is::<run::Usage>()) {
+                return ExitCode::from(2);
+            }
             ExitCode::from(1)
         }
     }

@@ -188,10 +188,57 @@ fn open_cache(
     Ok((cache, Arc::new(shared)))
 }
 
+/// A configuration error found while opening what the flags name (a
+/// registry or cache URL, a notifier): dewy exits 2, like for a bad flag,
+/// so that systemd's `RestartPreventExitStatus=2` stops retrying.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub(crate) struct Usage(Box<dyn std::error::Error + Send + Sync>);
+
+fn usage(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Usage {
+    Usage(err.into())
+}
+
+/// Takes the app folder for this process: an exclusive lock on
+/// `.dewy/lock` (holding the pid), kept until dewy exits. A second dewy on
+/// the same folder would unlink the first one's admin socket and switch
+/// `current` under it.
+fn lock_app_folder(root: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let dir = root.join(".dewy");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open `{}`", path.display()))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            anyhow::bail!(
+                "another dewy (pid {}) already runs in `{}`; stop it first",
+                pid.trim(),
+                root.display()
+            );
+        }
+        Err((_, errno)) => return Err(errno).with_context(|| format!("cannot lock `{}`", path.display())),
+    };
+    lock.set_len(0)?;
+    lock.rewind()?;
+    writeln!(lock, "{}", std::process::id())?;
+    Ok(lock)
+}
+
 /// Runs dewy until a shutdown signal.
 pub(crate) async fn run(s: Settings) -> Result<()> {
     std::env::set_current_dir(&s.workdir)
         .with_context(|| format!("cannot enter the working directory `{}`", s.workdir.display()))?;
+    let _lock = lock_app_folder(&s.workdir)?;
     let open = dewy_registry::OpenOptions {
         slot: s.slot.clone(),
         calver: s.calver.clone(),
@@ -207,10 +254,14 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         cloud: cloud_options(),
         ..Default::default()
     };
-    let registry = dewy_registry::open(&s.registry, &open).context("cannot open the registry")?;
+    let registry = dewy_registry::open(&s.registry, &open)
+        .map_err(usage)
+        .context("cannot open the registry")?;
 
     let shared_cache = !s.cache.is_empty() || var("DEWY_CACHEDIR").is_some();
-    let (cache, registry) = open_cache(&s, registry, &open).context("cannot open the cache")?;
+    let (cache, registry) = open_cache(&s, registry, &open)
+        .map_err(|e| usage(e.into_boxed_dyn_error()))
+        .context("cannot open the cache")?;
 
     let env = dewy_notify::NotifierEnv {
         slack_token: var("SLACK_TOKEN"),
@@ -221,7 +272,15 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         mail_from: var("MAIL_FROM"),
         mail_ca_file: var("MAIL_CA_FILE"),
     };
-    let configured = dewy_notify::from_url(&s.notifier, &env).context("cannot set up the notifier")?;
+    let configured = match dewy_notify::from_url(&s.notifier, &env) {
+        Err(err @ dewy_notify::Error::NoCredentials { .. }) => {
+            // An optional secrets file that is absent must not keep the app
+            // down: deploy without notifications, and say so once.
+            tracing::warn!(error = %err, "Notifications are off");
+            dewy_notify::from_url("", &env).context("cannot set up the notifier")?
+        }
+        other => other.map_err(usage).context("cannot set up the notifier")?,
+    };
     let host = hostname();
     let context = dewy_notify::Context {
         hostname: host.clone(),
@@ -657,6 +716,7 @@ pub(crate) fn status(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode 
         "next_check",
         "bad_release",
         "pinned",
+        "deploying",
     ] {
         let value = match &v[key] {
             serde_json::Value::Null => "-".to_owned(),

@@ -296,6 +296,13 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     let (code, _, _) = run(dewy(&app).arg("unpin"));
     assert_eq!(code, 0);
     wait_for("v3", Duration::from_secs(30), || body().starts_with("version=v3.0.0"));
+    // The new generation serves before its readiness interval is over; a
+    // SIGTERM before the deploy has committed undoes it (see docs/server.md).
+    wait_for("v3 committed", Duration::from_secs(30), || {
+        let (_, out, _) = run(dewy(&app).args(["status", "--json"]));
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        status["current_version"] == "v3.0.0" && status["deploying"].is_null()
+    });
     let pid: i32 = body().split("pid=").nth(1).unwrap().trim().parse().unwrap();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(

@@ -254,12 +254,12 @@ impl<'d> Deployment<'d> {
             env.push(("DEWY_ROLLBACK".into(), "1".into()));
             d.run_hook("After", cmd, &env).await;
         }
-        if self.created && d.releases.current_target().as_deref() != Some(self.dir.as_path()) {
-            if let Err(e) = std::fs::remove_dir_all(&self.dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(path = %self.dir.display(), error = %e, "Could not remove the failed release folder");
-            }
+        if self.created
+            && d.releases.current_target().as_deref() != Some(self.dir.as_path())
+            && let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.dir.display(), error = %e, "Could not remove the failed release folder");
         }
         if cause.blames_release() {
             d.mark_bad(self.release, &reason).await;

@@ -488,8 +488,7 @@ impl Deployer {
     }
 
     /// Writes the attempt to the history and the metrics; drops a cached
-    /// artifact that could not be extracted for a reason that a new
-    /// download may fix.
+    /// artifact that could not be extracted.
     async fn record_attempt(
         &self,
         release: &Release,
@@ -517,12 +516,11 @@ impl Deployer {
         if let Err(err) = crate::history::append(&self.config.root, &entry) {
             tracing::warn!(error = %err, "Could not write the deployment history");
         }
-        if let Err(err @ Error::Extract { .. }) = result
-            && !err.blames_release()
-        {
+        if let Err(Error::Extract { .. }) = result {
             // The cached artifact may be a truncated copy (a `file://`
             // registry whose artifact was still being written): drop it so
             // the next tick downloads it again instead of failing forever.
+            // An unsafe one (recorded bad) is of no use either.
             if let Err(err) = self.cache.delete(key).await {
                 tracing::warn!(cache_key = %key, error = %chain(&err), "Could not drop the unusable cached artifact");
             }

@@ -139,6 +139,16 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The notifier URL is valid but its credentials are not set (an
+    /// optional secrets file is absent, say). dewy-cli runs without
+    /// notifications then, with one warning.
+    #[error("notifier `{url}` has no credentials: {reason}")]
+    NoCredentials {
+        /// The URL without secrets.
+        url: String,
+        /// Which variables to set.
+        reason: String,
+    },
     /// The service asked to slow down.
     #[error("{service} rate limited the notification; retry after {retry_after:?}")]
     RateLimited {

@@ -241,7 +241,10 @@ async fn deliver(shared: &Shared, notifier: &dyn Notifier, n: &Notification, con
         };
         match result {
             Ok(()) => {
-                shared.stats.sent.fetch_add(1, Ordering::SeqCst);
+                // The null notifier delivers nothing: nothing was sent.
+                if notifier.name() != "null" {
+                    shared.stats.sent.fetch_add(1, Ordering::SeqCst);
+                }
                 return;
             }
             Err(err) if err.is_transient() && attempt < RETRIES => {

@@ -90,7 +90,7 @@ impl SlackNotifier {
         } else if let Some(url) = env.slack_webhook_url.clone().filter(|u| !u.is_empty()) {
             Target::Webhook { url }
         } else {
-            return Err(Error::Config {
+            return Err(Error::NoCredentials {
                 url: redact(url),
                 reason: "set SLACK_TOKEN (bot token) or SLACK_WEBHOOK_URL (incoming webhook)".into(),
             });

@@ -77,6 +77,19 @@ fn is_auxiliary(lower: &str) -> bool {
     SUFFIXES.iter().any(|s| lower.ends_with(s)) || lower.contains("checksums") || lower == "sha256sums"
 }
 
+/// Names of files still being uploaded (publishers upload to a temporary
+/// name and rename): never artifacts, even when their tokens match.
+fn is_in_flight(lower: &str) -> bool {
+    const SUFFIXES: &[&str] = &[".tmp", ".part", ".partial", ".download", ".crdownload", "~"];
+    lower.starts_with('.') || SUFFIXES.iter().any(|s| lower.ends_with(s))
+}
+
+/// Every OS and architecture token dewy knows, for any platform.
+const ALL_PLATFORM_TOKENS: &[&str] = &[
+    "linux", "darwin", "macos", "apple", "osx", "windows", "win", "win64", "freebsd", "x86_64", "amd64", "x64",
+    "aarch64", "arm64", "armv7", "armv7l", "armhf", "arm", "i386", "i686", "386", "x86", "riscv64",
+];
+
 /// Lower-cased tokens of a file name, with `x86_64`/`x86-64` kept whole.
 fn tokens(lower: &str) -> Vec<String> {
     let joined = lower.replace("x86_64", "x86~64").replace("x86-64", "x86~64");
@@ -100,20 +113,31 @@ pub enum Choice {
 
 /// Picks the artifact for `platform` among `names`: OS and architecture
 /// matched by token (with aliases), never by substring; checksum, signature
-/// and package files skipped; the host's libc preferred when both musl and
-/// gnu builds exist; several equal candidates are [`Choice::Ambiguous`].
+/// and package files skipped, and so are files still being uploaded
+/// (`.tmp`, `.part`, `.partial`, `.download`, `.crdownload`, `~`, a leading
+/// dot); the host's libc preferred when both musl and gnu builds exist;
+/// several equal candidates are [`Choice::Ambiguous`]. A release whose only
+/// artifact names no OS and no architecture (`site.tar.gz`) is taken as
+/// platform-neutral.
 pub fn choose_artifact<'a>(names: impl IntoIterator<Item = &'a str>, platform: &Platform) -> Choice {
     let (os, arch) = (platform.os_tokens(), platform.arch_tokens());
-    let mut matches: Vec<(&str, Vec<String>)> = names
+    let candidates: Vec<(&str, Vec<String>)> = names
         .into_iter()
         .filter_map(|name| {
             let lower = name.to_ascii_lowercase();
-            if is_auxiliary(&lower) {
-                return None;
-            }
-            let toks = tokens(&lower);
+            (!is_auxiliary(&lower) && !is_in_flight(&lower)).then(|| (name, tokens(&lower)))
+        })
+        .collect();
+    if let [(name, toks)] = candidates.as_slice()
+        && !toks.iter().any(|t| ALL_PLATFORM_TOKENS.contains(&t.as_str()))
+    {
+        return Choice::One((*name).to_owned());
+    }
+    let mut matches: Vec<(&str, Vec<String>)> = candidates
+        .into_iter()
+        .filter(|(_, toks)| {
             let has = |set: &[&str]| toks.iter().any(|t| set.contains(&t.as_str()));
-            (has(os) && has(arch)).then_some((name, toks))
+            has(os) && has(arch)
         })
         .collect();
     if matches.len() > 1
@@ -158,21 +182,56 @@ pub(crate) fn pick_artifact<'a>(
         wanted: wanted.map(str::to_owned),
         published_at,
     };
+    let names: Vec<&str> = names.into_iter().collect();
     match wanted {
         Some(name) => names
-            .into_iter()
-            .find(|n| *n == name)
-            .map(str::to_owned)
-            .ok_or_else(not_found),
-        None => match choose_artifact(names, platform) {
+            .iter()
+            .find(|n| **n == name)
+            .map(|n| (*n).to_owned())
+            .ok_or_else(|| {
+                log_missing_once(tag, &format!("`{name}` (artifact=)"), &names);
+                not_found()
+            }),
+        None => match choose_artifact(names.iter().copied(), platform) {
             Choice::One(name) => Ok(name),
-            Choice::None => Err(not_found()),
+            Choice::None => {
+                let looked_for = format!(
+                    "an artifact for {} ({}) and {} ({})",
+                    platform.os,
+                    platform.os_tokens().join("|"),
+                    platform.arch,
+                    platform.arch_tokens().join("|")
+                );
+                log_missing_once(tag, &looked_for, &names);
+                Err(not_found())
+            }
             Choice::Ambiguous(candidates) => Err(crate::Error::AmbiguousArtifact {
                 tag: tag.to_owned(),
                 candidates,
             }),
         },
     }
+}
+
+/// One INFO line per release and candidate list saying why nothing was
+/// chosen: a tick every few seconds must not repeat it.
+fn log_missing_once(tag: &str, looked_for: &str, names: &[&str]) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let key = format!("{tag}\0{}", names.join("\0"));
+    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.contains(&key) {
+        return;
+    }
+    if seen.len() >= 64 {
+        seen.remove(0);
+    }
+    seen.push(key);
+    tracing::info!(
+        tag,
+        looked_for,
+        candidates = %if names.is_empty() { "none".to_owned() } else { names.join(", ") },
+        "No artifact of this release fits this host"
+    );
 }
 
 #[cfg(test)]
@@ -248,6 +307,35 @@ mod tests {
                 Choice::One("app_linux_amd64".into()),
             ),
             (&["linuxtool_amd64.tar.gz"], p("linux", "x86_64", None), Choice::None),
+            (
+                &["linuxtool_amd64.tar.gz", "other_amd64.tar.gz"],
+                p("linux", "x86_64", None),
+                Choice::None,
+            ),
+            // Uploads in flight are never chosen, whatever their tokens.
+            (
+                &[
+                    "app_linux_amd64.tar.gz.tmp",
+                    ".app_linux_amd64.tar.gz",
+                    "app_linux_amd64.tar.gz.part",
+                ],
+                p("linux", "x86_64", None),
+                Choice::None,
+            ),
+            (
+                &["app_linux_amd64.tar.gz", "app_linux_amd64.tar.gz.tmp"],
+                p("linux", "x86_64", None),
+                Choice::One("app_linux_amd64.tar.gz".into()),
+            ),
+            // One artifact without OS/arch tokens: platform-neutral.
+            (
+                &["site.tar.gz", "SHA256SUMS"],
+                p("linux", "x86_64", None),
+                Choice::One("site.tar.gz".into()),
+            ),
+            (&["site.tar.gz.tmp"], p("linux", "x86_64", None), Choice::None),
+            // One artifact for another platform is not platform-neutral.
+            (&["app_darwin_arm64.tar.gz"], p("linux", "x86_64", None), Choice::None),
         ];
         for (names, platform, want) in cases {
             assert_eq!(

@@ -11,7 +11,8 @@ use crate::Error;
 /// One listener to bind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenSpec {
-    /// A bare port: all interfaces (IPv6 dual-stack when available).
+    /// A bare port: IPv4 on all interfaces (`0.0.0.0`), as `start_server`
+    /// binds it; write `[::]:8000` for IPv6 dual-stack.
     Port(u16),
     /// An explicit address (`127.0.0.1:8000`, `[::1]:8000`).
     Addr(SocketAddr),
@@ -103,15 +104,33 @@ pub struct Listeners {
 
 const BACKLOG: i32 = 4096;
 
-fn bind_tcp(addr: SocketAddr, dual_stack: bool) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(!dual_stack)?;
+/// How long a bind waits for a port that is still in use: the app of a
+/// dewy killed with SIGKILL gets SIGTERM from the kernel and may need a
+/// moment to exit and free it.
+const BIND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Binds `addr`; `[::]` is dual-stack (IPv4 too), other IPv6 addresses are
+/// IPv6 only. A port in use is retried for [`BIND_PATIENCE`].
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<Socket> {
+    let deadline = std::time::Instant::now() + BIND_PATIENCE;
+    loop {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(!addr.ip().is_unspecified())?;
+        }
+        match socket.bind(&addr.into()) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                tracing::warn!(%addr, "Port in use, waiting for it to be freed");
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            Err(e) => return Err(e),
+            Ok(()) => {
+                socket.listen(BACKLOG)?;
+                return Ok(socket);
+            }
+        }
     }
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    Ok(socket)
 }
 
 impl Listeners {
@@ -125,10 +144,10 @@ impl Listeners {
                 source,
             };
             let socket = match spec {
-                ListenSpec::Port(p) => bind_tcp(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), *p), true)
-                    .or_else(|_| bind_tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *p), false))
-                    .map_err(err)?,
-                ListenSpec::Addr(a) => bind_tcp(*a, false).map_err(err)?,
+                // A bare port is IPv4 0.0.0.0, as `start_server --port=8000`
+                // binds it: Server::Starter apps unpack it as sockaddr_in.
+                ListenSpec::Port(p) => bind_tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *p)).map_err(err)?,
+                ListenSpec::Addr(a) => bind_tcp(*a).map_err(err)?,
                 ListenSpec::Unix(path) => {
                     if std::fs::symlink_metadata(path).is_ok_and(|m| {
                         use std::os::unix::fs::FileTypeExt;

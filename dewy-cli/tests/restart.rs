@@ -1,0 +1,343 @@
+//! Operator sequences around a restart of dewy, with the real binary and a
+//! third-party-style app (Python's `http.server` serving only the first
+//! socket it inherits from `SERVER_STARTER_PORT`): whatever happened while
+//! dewy was down, the release `current` holds is served again, no folder is
+//! added for a version already on disk, and dewy deletes only what it
+//! created.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+
+/// Serves `version=<VERSION>` on the first inherited socket only; exits 3
+/// at once when its release holds a `CRASH` file.
+const FIRST_SOCKET_APP: &str = r#"#!/usr/bin/env python3
+import http.server, os, socket, sys
+here = os.path.dirname(os.path.abspath(__file__))
+version = open(os.path.join(here, "VERSION")).read().strip()
+if os.path.exists(os.path.join(here, "CRASH")):
+    sys.exit(3)
+first = os.environ["SERVER_STARTER_PORT"].split(";")[0]
+sock = socket.socket(fileno=int(first.rsplit("=", 1)[1]))
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("version=%s\n" % version).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("", 0), Handler, bind_and_activate=False)
+server.socket = sock
+server.serve_forever()
+"#;
+
+struct World {
+    _dir: tempfile::TempDir,
+    app: PathBuf,
+    registry: PathBuf,
+    port: u16,
+}
+
+impl World {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, registry) = (dir.path().join("app"), dir.path().join("registry"));
+        std::fs::create_dir_all(&app).unwrap();
+        std::fs::create_dir_all(&registry).unwrap();
+        Self {
+            _dir: dir,
+            app,
+            registry,
+            port: dewy_testkit::free_port(),
+        }
+    }
+
+    fn publish(&self, tag: &str, crash: bool) {
+        let mut files: Vec<(&str, &[u8], u32)> = vec![
+            ("app", FIRST_SOCKET_APP.as_bytes(), 0o755),
+            ("VERSION", tag.as_bytes(), 0o644),
+        ];
+        if crash {
+            files.push(("CRASH", b"", 0o644));
+        }
+        dewy_testkit::publish(
+            &self.registry,
+            tag,
+            "app_linux_amd64.tar.gz",
+            &dewy_testkit::targz(&files),
+        );
+    }
+
+    fn dewy(&self) -> Command {
+        let mut cmd = Command::cargo_bin("dewy").unwrap();
+        cmd.current_dir(&self.app);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DEWY_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd
+    }
+
+    fn server(&self, extra: &[&str]) -> Child {
+        self.dewy()
+            .args(["server", "--registry"])
+            .arg(format!("file://{}", self.registry.display()))
+            .args(["-p", &format!("127.0.0.1:{}", self.port), "-i", "1"])
+            .args(extra)
+            .args(["--", "current/app"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn served(&self) -> String {
+        let addr = ([127, 0, 0, 1], self.port).into();
+        dewy_testkit::http_get(addr, "/")
+            .map(|(_, b)| b.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn wait_served(&self, version: &str, within: Duration) {
+        let want = format!("version={version}");
+        wait_for(&want, within, || self.served() == want);
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.dewy().args(["status", "--json"]).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    fn release_dirs(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.app.join("releases"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn terminate(child: &mut Child) {
+    signal(child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(0), "dewy exits 0 on SIGTERM");
+}
+
+fn kill9(child: &mut Child) {
+    signal(child, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+/// Within one survival interval (1 s by default) plus a margin.
+const SERVES_WITHIN: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_folder_pinned_while_dewy_was_stopped_is_served_when_it_starts() {
+    let w = World::new();
+    w.publish("v1.0.0", false);
+    let mut dewy = w.server(&[]);
+    w.wait_served("v1.0.0", Duration::from_secs(30));
+    w.publish("v1.1.0", false);
+    w.wait_served("v1.1.0", Duration::from_secs(30));
+    terminate(&mut dewy);
+    let out = w.dewy().arg("rollback").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before = w.release_dirs();
+    let mut dewy = w.server(&[]);
+    w.wait_served("v1.0.0", SERVES_WITHIN);
+    let status = w.status();
+    assert_eq!(status["pinned"], "v1.0.0", "{status}");
+    assert_eq!(status["is_running"], true, "{status}");
+    assert_eq!(w.release_dirs(), before, "a restart adds no release folder");
+    terminate(&mut dewy);
+}
+
+#[test]
+fn a_newer_release_recorded_bad_does_not_keep_the_app_down_after_a_kill() {
+    let w = World::new();
+    w.publish("v1.2.0", false);
+    let mut dewy = w.server(&[]);
+    w.wait_served("v1.2.0", Duration::from_secs(30));
+    w.publish("v1.3.0", true);
+    wait_for("v1.3.0 recorded bad", Duration::from_secs(30), || {
+        w.status()["bad_release"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("v1.3.0"))
+    });
+    assert_eq!(w.served(), "version=v1.2.0");
+    let before = w.release_dirs();
+    assert_eq!(before.len(), 1, "the failed release's folder is removed: {before:?}");
+    kill9(&mut dewy);
+    let mut dewy = w.server(&[]);
+    w.wait_served("v1.2.0", SERVES_WITHIN);
+    wait_for("a check after the restart", Duration::from_secs(10), || {
+        w.status()["last_outcome"] == "known-bad"
+    });
+    let status = w.status();
+    assert_eq!(status["current_version"], "v1.2.0", "{status}");
+    assert_eq!(status["is_running"], true, "{status}");
+    assert_eq!(w.release_dirs(), before);
+    terminate(&mut dewy);
+}
+
+#[test]
+fn abort_on_hook_failure_does_not_stop_the_start_from_disk() {
+    let w = World::new();
+    w.publish("v1.0.0", false);
+    let mut dewy = w.server(&[]);
+    w.wait_served("v1.0.0", Duration::from_secs(30));
+    terminate(&mut dewy);
+    let mut dewy = w.server(&["--before-deploy-hook", "exit 1", "--abort-on-hook-failure"]);
+    w.wait_served("v1.0.0", SERVES_WITHIN);
+    assert_eq!(w.release_dirs().len(), 1);
+    terminate(&mut dewy);
+}
+
+#[test]
+fn kills_at_random_moments_never_leave_the_app_down() {
+    let w = World::new();
+    w.publish("v1.0.0", false);
+    let mut dewy = w.server(&[]);
+    w.wait_served("v1.0.0", Duration::from_secs(30));
+    // Kill dewy at staggered moments of deploys, rollbacks and pins; after
+    // each start the release in place serves within one survival interval.
+    for round in 1..=6u32 {
+        let tag = format!("v1.{round}.0");
+        match round % 3 {
+            0 => {
+                let out = w.dewy().arg("rollback").output().unwrap();
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            }
+            1 => w.publish(&tag, false),
+            _ => {
+                let _ = w.dewy().arg("unpin").output().unwrap();
+                w.publish(&tag, false);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(150 * u64::from(round)));
+        kill9(&mut dewy);
+        dewy = w.server(&[]);
+        let current = std::fs::read_to_string(w.app.join("current/VERSION")).unwrap();
+        w.wait_served(current.trim(), SERVES_WITHIN);
+    }
+    let dirs = w.release_dirs();
+    let history = std::fs::read_to_string(w.app.join(".dewy/history.jsonl")).unwrap_or_default();
+    let mut versions: Vec<String> = dirs
+        .iter()
+        .map(|d| std::fs::read_to_string(w.app.join("releases").join(d).join("VERSION")).unwrap())
+        .collect();
+    let n = versions.len();
+    versions.sort();
+    versions.dedup();
+    assert_eq!(versions.len(), n, "one folder per version: {dirs:?}\n{history}");
+    terminate(&mut dewy);
+}
+
+#[test]
+fn a_registry_inside_the_app_folder_is_refused_and_left_intact() {
+    let w = World::new();
+    for v in ["v1.0.0", "v1.1.0", "v1.2.0"] {
+        dewy_testkit::publish(
+            &w.app.join("releases"),
+            v,
+            "site.tar.gz",
+            &dewy_testkit::targz(&[("index.html", v.as_bytes(), 0o644)]),
+        );
+    }
+    let out = w
+        .dewy()
+        .args([
+            "assets",
+            "--registry",
+            "file://./releases?artifact=site.tar.gz",
+            "--keep-releases",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("releases") && err.contains(&*w.app.to_string_lossy()),
+        "{err}"
+    );
+    assert_eq!(w.release_dirs(), ["v1.0.0", "v1.1.0", "v1.2.0"]);
+}
+
+#[test]
+fn relative_file_registry_is_read_from_where_dewy_was_started() {
+    let w = World::new();
+    let site = w.app.parent().unwrap().join("site");
+    dewy_testkit::publish(
+        &site.join("rel"),
+        "v1.0.0",
+        "site.tar.gz",
+        &dewy_testkit::targz(&[("index.html", b"v1", 0o644)]),
+    );
+    // Started in the parent folder with -w app: `./site/rel` is the
+    // parent's, not the app folder's.
+    let mut child = w
+        .dewy()
+        .current_dir(w.app.parent().unwrap())
+        .args(["assets", "--registry", "file://./site/rel", "-w", "app", "-i", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the platform-neutral site deployed", Duration::from_secs(20), || {
+        std::fs::read_to_string(w.app.join("current/index.html")).is_ok_and(|s| s == "v1")
+    });
+    terminate(&mut child);
+}
+
+#[test]
+fn a_second_dewy_on_the_same_folder_exits_naming_the_first() {
+    let w = World::new();
+    w.publish("v1.0.0", false);
+    let mut first = w.server(&[]);
+    w.wait_served("v1.0.0", Duration::from_secs(30));
+    let out = w
+        .dewy()
+        .args(["server", "--registry"])
+        .arg(format!("file://{}", w.registry.display()))
+        .args(["-p", &dewy_testkit::free_port().to_string(), "--", "current/app"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("pid {}", first.id())), "{err}");
+    assert_eq!(w.served(), "version=v1.0.0", "the first dewy is untouched");
+    terminate(&mut first);
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let w = World::new();
+    let out = w
+        .dewy()
+        .args(["assets", "--registry", "file:///nowhere", "--config", "missing.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`missing.toml`") && err.contains("--config"), "{err}");
+}
