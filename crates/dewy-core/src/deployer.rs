@@ -20,6 +20,9 @@ use crate::metrics::{Metrics, add_millis};
 use crate::progress::{DeployProgress, ForRelease, LogProgress};
 use crate::status::{State, Status};
 
+/// How long a shutdown lets a deploy in flight finish before cancelling it.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// The longest wait between two attempts to start the release in place.
 const RESUME_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
@@ -196,14 +199,14 @@ impl Deployer {
         }
     }
 
-    /// Stops the loop: a deploy in flight is cancelled at its next step (and
-    /// undone), a readiness wait is cut short, the application is stopped
-    /// gracefully and notifications are flushed. Nothing new starts after
-    /// this is called.
+    /// Stops the loop: a deploy in flight gets [`SHUTDOWN_GRACE`] to finish
+    /// (a new generation that is already serving usually only needs its
+    /// readiness interval); after that it is cancelled (a readiness wait is
+    /// cut short) and undone. Then the application is stopped gracefully and
+    /// notifications are flushed. No new deploy step starts after this is
+    /// called.
     pub async fn shutdown(&self, signal_name: &str) {
         let _ = self.shutdown.send(true);
-        // Stopping the app first also ends a readiness wait in flight, so
-        // the tick below never waits out a long `--health-timeout`.
         let stop_app = || async {
             if let Some(app) = &self.app
                 && let Err(err) = app.stop().await
@@ -211,8 +214,18 @@ impl Deployer {
                 tracing::error!(error = %chain(&err), "Stopping the application failed");
             }
         };
-        stop_app().await;
-        let _tick = self.tick_lock.lock().await;
+        let _tick = match tokio::time::timeout(SHUTDOWN_GRACE, self.tick_lock.lock()).await {
+            Ok(tick) => tick,
+            Err(_) => {
+                if let Some(tag) = self.state().deploying.clone() {
+                    tracing::warn!(version = %tag, "Cancelling the deploy in flight");
+                }
+                // Stopping the app also ends a readiness wait in flight, so
+                // the tick never waits out a long `--health-timeout`.
+                stop_app().await;
+                self.tick_lock.lock().await
+            }
+        };
         stop_app().await;
         self.notify.send(format!("Stop receiving by `{signal_name}` signal"));
         self.notify.shutdown(Duration::from_secs(5)).await;

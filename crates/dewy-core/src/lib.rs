@@ -72,7 +72,7 @@ mod progress;
 mod status;
 
 pub use config::{Clock, Config, Mode, Soak, SystemClock};
-pub use deployer::{Deployer, TickOutcome};
+pub use deployer::{Deployer, SHUTDOWN_GRACE, TickOutcome};
 pub use dewy_cache::Cache;
 pub use dewy_notify::Notify;
 pub use dewy_registry::Registry;

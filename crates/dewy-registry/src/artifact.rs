@@ -84,6 +84,15 @@ fn is_in_flight(lower: &str) -> bool {
     lower.starts_with('.') || SUFFIXES.iter().any(|s| lower.ends_with(s))
 }
 
+/// Whether `lower` names an archive (what a platform-neutral release ships;
+/// a lone `README.md` is not one).
+fn is_archive(lower: &str) -> bool {
+    const SUFFIXES: &[&str] = &[
+        ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip",
+    ];
+    SUFFIXES.iter().any(|s| lower.ends_with(s))
+}
+
 /// Every OS and architecture token dewy knows, for any platform.
 const ALL_PLATFORM_TOKENS: &[&str] = &[
     "linux", "darwin", "macos", "apple", "osx", "windows", "win", "win64", "freebsd", "x86_64", "amd64", "x64",
@@ -129,6 +138,7 @@ pub fn choose_artifact<'a>(names: impl IntoIterator<Item = &'a str>, platform: &
         })
         .collect();
     if let [(name, toks)] = candidates.as_slice()
+        && is_archive(&name.to_ascii_lowercase())
         && !toks.iter().any(|t| ALL_PLATFORM_TOKENS.contains(&t.as_str()))
     {
         return Choice::One((*name).to_owned());
@@ -334,6 +344,7 @@ mod tests {
                 Choice::One("site.tar.gz".into()),
             ),
             (&["site.tar.gz.tmp"], p("linux", "x86_64", None), Choice::None),
+            (&["README.md"], p("linux", "x86_64", None), Choice::None),
             // One artifact for another platform is not platform-neutral.
             (&["app_darwin_arm64.tar.gz"], p("linux", "x86_64", None), Choice::None),
         ];
