@@ -428,6 +428,7 @@ pub(crate) fn generation_of(port: u16) -> String {
 fn archive(args: &[String]) -> Result<()> {
     let scale: usize = flag(args, "--scale=", 1)?;
     let rounds: usize = flag(args, "--rounds=", 5)?;
+    let durable = args.iter().any(|a| a == "--durable");
     for tool in ["tar", "unzip", "zstd"] {
         if !crate::have(tool) {
             bail!("`{tool}` is needed as the peer of this benchmark (apt-get install tar unzip zstd)");
@@ -448,17 +449,22 @@ fn archive(args: &[String]) -> Result<()> {
     let extract = target.join("release/examples/extract");
 
     // Extract into memory (/dev/shm) when there is one: this measures the
-    // extractors, not the disk's writeback of earlier rounds.
+    // extractors, not the disk's writeback of earlier rounds. `--durable`
+    // measures on disk (the target folder's filesystem), where the files
+    // must reach the platters before the command returns.
     let base = args
         .iter()
         .find_map(|a| a.strip_prefix("--dir=").map(PathBuf::from))
         .unwrap_or_else(|| {
-            if Path::new("/dev/shm").is_dir() {
+            if durable {
+                target.join("tmp")
+            } else if Path::new("/dev/shm").is_dir() {
                 PathBuf::from("/dev/shm")
             } else {
                 std::env::temp_dir()
             }
         });
+    std::fs::create_dir_all(&base)?;
     let work = tempfile::tempdir_in(&base)?;
     println!("working in {}", base.display());
     let tree = work.path().join("tree");
@@ -479,7 +485,18 @@ fn archive(args: &[String]) -> Result<()> {
         .arg("-c")
         .arg(format!("cd {} && zip -q -r {} .", tree.display(), zip.display())))?;
 
-    println!("format   archive MiB  dewy median  peer median  speed ratio (peer/dewy)  dewy peak RSS");
+    if durable {
+        println!(
+            "durable: dewy's --durable extraction against `<peer> && sync`; both on disk, page cache flushed before each run"
+        );
+        println!(
+            "format   archive MiB  dewy durable  peer + sync  speed ratio (peer/dewy)  dewy not durable  dewy peak RSS"
+        );
+    } else {
+        println!("format   archive MiB  dewy median  peer median  speed ratio (peer/dewy)  dewy peak RSS");
+    }
+    // Nothing of an earlier run may still be in writeback when a run starts.
+    let settle = || run(Command::new("sync"));
     let mut n = 0;
     for (label, file, peer) in [
         ("tar.gz", &tgz, "tar -xzf {a} -C {d}"),
@@ -487,33 +504,60 @@ fn archive(args: &[String]) -> Result<()> {
         ("zip", &zip, "unzip -q {a} -d {d}"),
     ] {
         let mut ours = Vec::new();
+        let mut loose = Vec::new();
         let mut theirs = Vec::new();
         let mut rss = 0;
         for _ in 0..rounds {
             n += 1;
-            let d = work.path().join(format!("ours{n}"));
-            let (t, err) = time_cmd(Command::new(&extract).arg(file).arg(&d).env("DEWY_REPORT_RSS", "1"))?;
-            rss = rss.max(peak_rss_kib(&err).unwrap_or(0));
-            ours.push(t);
-            std::fs::remove_dir_all(&d)?;
+            let passes: &[bool] = if durable { &[true, false] } else { &[false] };
+            for &d_mode in passes {
+                let d = work.path().join(format!("ours{n}{d_mode}"));
+                settle()?;
+                let mut cmd = Command::new(&extract);
+                if d_mode {
+                    cmd.arg("--durable");
+                }
+                let (t, err) = time_cmd(cmd.arg(file).arg(&d).env("DEWY_REPORT_RSS", "1"))?;
+                rss = rss.max(peak_rss_kib(&err).unwrap_or(0));
+                if d_mode || !durable {
+                    ours.push(t);
+                } else {
+                    loose.push(t);
+                }
+                std::fs::remove_dir_all(&d)?;
+            }
             let d = work.path().join(format!("peer{n}"));
             std::fs::create_dir_all(&d)?;
-            let sh = peer
+            let mut sh = peer
                 .replace("{a}", &file.display().to_string())
                 .replace("{d}", &d.display().to_string());
+            if durable {
+                sh.push_str(" && sync");
+            }
+            settle()?;
             let (t, _) = time_cmd(Command::new("sh").arg("-c").arg(&sh))?;
             theirs.push(t);
             std::fs::remove_dir_all(&d)?;
         }
         let (o, p) = (median(ours), median(theirs));
-        println!(
-            "{label:8} {:11.1}  {:>9.3} s  {:>9.3} s  {:>22.2}x  {:>10.1} MiB",
-            std::fs::metadata(file)?.len() as f64 / 1048576.0,
-            o.as_secs_f64(),
-            p.as_secs_f64(),
-            p.as_secs_f64() / o.as_secs_f64(),
-            rss as f64 / 1024.0
-        );
+        let mib = std::fs::metadata(file)?.len() as f64 / 1048576.0;
+        let ratio = p.as_secs_f64() / o.as_secs_f64();
+        if durable {
+            println!(
+                "{label:8} {mib:11.1}  {:>10.3} s  {:>9.3} s  {ratio:>22.2}x  {:>14.3} s  {:>10.1} MiB",
+                o.as_secs_f64(),
+                p.as_secs_f64(),
+                median(loose).as_secs_f64(),
+                rss as f64 / 1024.0
+            );
+        } else {
+            println!(
+                "{label:8} {mib:11.1}  {:>9.3} s  {:>9.3} s  {ratio:>22.2}x  {:>10.1} MiB",
+                o.as_secs_f64(),
+                p.as_secs_f64(),
+                rss as f64 / 1024.0
+            );
+        }
     }
     Ok(())
 }

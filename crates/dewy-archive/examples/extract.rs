@@ -1,8 +1,10 @@
 //! Extracts an archive safely and prints a summary of its manifest.
 //!
 //! ```sh
-//! cargo run --release -p dewy-archive --example extract -- ARCHIVE DEST
+//! cargo run --release -p dewy-archive --example extract -- [--durable] ARCHIVE DEST
 //! ```
+//!
+//! With `--durable`, the tree is on disk when the command returns.
 //!
 //! Exits 1 with the error chain on unsafe or corrupt input; `DEST` is then
 //! left absent.
@@ -14,12 +16,17 @@ use std::process::ExitCode;
 use dewy_archive::{EntryKind, Extractor, Limits};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let durable = args.first().is_some_and(|a| a == "--durable");
+    if durable {
+        args.remove(0);
+    }
     let [archive, dest] = args.as_slice() else {
-        eprintln!("usage: extract ARCHIVE DEST");
+        eprintln!("usage: extract [--durable] ARCHIVE DEST");
         return ExitCode::from(2);
     };
-    match Extractor::new(Limits::default()).extract(archive.as_ref(), dest.as_ref()) {
+    let extractor = Extractor::new(Limits::default()).durable(durable);
+    match extractor.extract(archive.as_ref(), dest.as_ref()) {
         Ok(manifest) => {
             println!(
                 "extracted {} ({}): {} files, {} directories, {} symlinks, {} hard links, {} bytes",

@@ -67,6 +67,7 @@
 #![deny(missing_docs)]
 
 mod listeners;
+mod orphans;
 mod process;
 
 pub use listeners::{ListenSpec, Listeners, parse_ports};
@@ -113,6 +114,19 @@ pub enum Error {
         exit: ExitInfo,
         /// Its last stderr lines.
         stderr: Vec<String>,
+    },
+    /// The new generation's leader exited while processes it started kept
+    /// the listening sockets (it daemonized); they were stopped.
+    #[error(
+        "generation {generation} daemonized: its leader exited ({exit}) while processes {pids:?} kept the sockets; they were stopped. Run the app in the foreground"
+    )]
+    Daemonized {
+        /// Its number.
+        generation: u64,
+        /// How the leader ended.
+        exit: ExitInfo,
+        /// The processes left holding the sockets.
+        pids: Vec<u32>,
     },
     /// The new generation did not become ready in time.
     #[error("generation {generation} was not ready within {timeout:?}: {reason}{}", tail(stderr))]

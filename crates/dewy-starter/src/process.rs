@@ -188,6 +188,8 @@ struct Inner {
     /// The serving generation, readable without waiting for `state` (which
     /// a readiness wait holds).
     serving: StdMutex<Option<GenerationInfo>>,
+    /// Inode numbers of the listeners, to find processes left holding them.
+    socket_inodes: std::collections::HashSet<u64>,
 }
 
 /// Runs generations of one application on a fixed set of listeners.
@@ -204,6 +206,8 @@ impl Starter {
     /// A starter for `config` on `listeners`. Must be called inside a tokio
     /// runtime (it spawns the crash supervisor).
     pub fn new(config: StarterConfig, listeners: Listeners) -> Self {
+        crate::orphans::become_subreaper();
+        let socket_inodes = crate::orphans::socket_inodes(listeners.iter().map(|(_, fd)| fd));
         let (events, _) = broadcast::channel(256);
         let (exits, exits_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -220,6 +224,7 @@ impl Starter {
             stopping: watch::channel(false).0,
             restarting: AtomicBool::new(false),
             serving: StdMutex::new(None),
+            socket_inodes,
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), exits_rx));
         Self { inner }
@@ -309,6 +314,9 @@ impl Starter {
             set.spawn(async move { inner.stop_gen(&g).await });
         }
         while set.join_next().await.is_some() {}
+        // No process dewy started outlives it: descendants that left the
+        // process group but still hold the sockets go too.
+        self.inner.stop_leftovers(&[]).await;
         Ok(())
     }
 
@@ -344,6 +352,27 @@ impl Inner {
         let _ = self.events.send(event);
     }
 
+    /// Stops processes that hold the listeners but descend from no live
+    /// generation (`live`, plus the current and retiring ones); returns
+    /// their pids.
+    async fn stop_leftovers(&self, live: &[u32]) -> Vec<u32> {
+        let pids = {
+            let inodes = self.socket_inodes.clone();
+            let live = live.to_vec();
+            tokio::task::spawn_blocking(move || crate::orphans::leftovers(&inodes, &live))
+                .await
+                .unwrap_or_default()
+        };
+        if !pids.is_empty() {
+            tracing::error!(
+                ?pids,
+                "Processes left by an ended generation still hold the listening sockets; stopping them (the app daemonized: run it in the foreground)"
+            );
+            crate::orphans::stop(&pids, self.config.stop_signal, self.config.stop_timeout).await;
+        }
+        pids
+    }
+
     /// Replaces the serving generation (and its snapshot); returns the old.
     fn set_current(&self, state: &mut State, gen_: Option<Gen>) -> Option<Gen> {
         *self.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = gen_.as_ref().map(Gen::info);
@@ -367,7 +396,7 @@ impl Inner {
         let number = state.next;
         state.next += 1;
         let (gen_, probe) = self.spawn(number)?;
-        match self.wait_ready(&gen_, probe).await {
+        match self.wait_ready(state, &gen_, probe).await {
             Ok(()) => {
                 self.emit(Event::Ready {
                     generation: number,
@@ -561,7 +590,7 @@ impl Inner {
         ))
     }
 
-    async fn wait_ready(&self, gen_: &Gen, probe: Probe) -> Result<(), Error> {
+    async fn wait_ready(&self, state: &State, gen_: &Gen, probe: Probe) -> Result<(), Error> {
         let mut exit = gen_.exit.clone();
         let exited = async move {
             loop {
@@ -582,6 +611,13 @@ impl Inner {
             e = exited => {
                 // Give the stderr reader a moment to collect the last lines.
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                // A leader that exits while its descendants keep the sockets
+                // daemonized: those must not serve a rejected release.
+                let live = live_pids(state);
+                let left = self.stop_leftovers(&live).await;
+                if !left.is_empty() {
+                    return Err(Error::Daemonized { generation: gen_.number, exit: e, pids: left });
+                }
                 Err(Error::ExitedEarly { generation: gen_.number, exit: e, stderr: gen_.stderr_tail() })
             }
             r = tokio::time::timeout(timeout, ready) => match r {
@@ -729,6 +765,9 @@ async fn supervise(inner: std::sync::Weak<Inner>, mut exits: mpsc::UnboundedRece
         let Some(gen_) = gen_ else { continue };
         let exit = gen_.exited().unwrap_or(ExitInfo::Unknown);
         let crashed = is_current && !inner.shutting_down.load(Ordering::SeqCst);
+        // Its workers or a detached child may outlive it with the sockets.
+        let live = live_pids(&state);
+        inner.stop_leftovers(&live).await;
         inner.emit(Event::Exited {
             generation: number,
             pid: gen_.pid,
@@ -780,6 +819,17 @@ async fn supervise(inner: std::sync::Weak<Inner>, mut exits: mpsc::UnboundedRece
         }
         inner.restarting.store(false, Ordering::SeqCst);
     }
+}
+
+/// Pids of the generations that still run.
+fn live_pids(state: &State) -> Vec<u32> {
+    state
+        .current
+        .iter()
+        .chain(state.retiring.iter())
+        .filter(|g| g.exited().is_none())
+        .map(|g| g.pid)
+        .collect()
 }
 
 fn backoff(config: &StarterConfig, crashes: usize) -> Duration {

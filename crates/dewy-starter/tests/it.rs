@@ -422,3 +422,70 @@ async fn a_dewy_killed_with_sigkill_leaves_no_orphan() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A Python server on the first inherited socket, started in the
+/// background by a shell that then exits 0: the classic daemonizing app.
+const DAEMONIZING: &str = r#"
+python3 -c '
+import http.server, os, socket
+sock = socket.socket(fileno=3)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("", 0), H, bind_and_activate=False); s.socket = sock; s.serve_forever()
+' &
+echo $! > "$PIDFILE"
+exit 0
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemonizing_app_is_refused_and_its_detached_child_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("child.pid");
+    let (listeners, addr) = loopback();
+    let mut cfg = config(
+        Path::new("/bin/sh"),
+        &[("PIDFILE", pidfile.to_str().unwrap())],
+        Readiness::Alive(Duration::from_secs(1)),
+    );
+    cfg.args = vec!["-c".into(), DAEMONIZING.into()];
+    cfg.stop_timeout = Duration::from_secs(2);
+    let starter = Starter::new(cfg, listeners);
+    let err = starter.start().await.unwrap_err();
+    let child: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    match &err {
+        Error::Daemonized { pids, .. } => assert!(pids.contains(&child), "{err}"),
+        other => panic!("expected Daemonized, got {other}"),
+    }
+    assert!(err.to_string().contains("foreground"), "{err}");
+    // The detached child is gone (and reaped): nobody answers on the port
+    // while the starter keeps holding it.
+    assert!(
+        !Path::new(&format!("/proc/{child}")).exists(),
+        "pid {child} still exists"
+    );
+    let answered = tokio::time::timeout(Duration::from_secs(1), get(addr, "/")).await;
+    assert!(!matches!(answered, Ok(Ok((200, _)))), "a stopped daemon answered");
+    assert!(!starter.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_takes_one_stop_timeout_for_all_generations() {
+    // Two generations that ignore SIGTERM: a restart leaves the first
+    // retiring, then stop() must kill both within one stop timeout.
+    let script = "trap '' TERM; exec python3 -c 'import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'";
+    let (listeners, _) = loopback();
+    let mut cfg = config(Path::new("/bin/sh"), &[], Readiness::Alive(Duration::from_millis(300)));
+    cfg.args = vec!["-c".into(), script.into()];
+    cfg.stop_timeout = Duration::from_secs(2);
+    let starter = Starter::new(cfg, listeners);
+    starter.start().await.unwrap();
+    starter.restart().await.unwrap();
+    assert_eq!(starter.pids().await.len(), 2);
+    let started = std::time::Instant::now();
+    starter.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "stop took {took:?} for two generations");
+    assert!(starter.pids().await.is_empty());
+}

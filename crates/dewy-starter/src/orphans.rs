@@ -1,0 +1,129 @@
+//! Processes the app left behind: descendants that outlived their
+//! generation and still hold dewy's listening sockets (an app that
+//! daemonizes, workers of a crashed master, a child that called `setsid`).
+//!
+//! dewy is a child subreaper (`PR_SET_CHILD_SUBREAPER`), so such
+//! descendants are re-parented to dewy rather than to init. They are found
+//! by the sockets they hold: a process other than dewy that holds one of
+//! the listeners and has no live generation among its ancestors is left
+//! over, and is stopped (signal, then SIGKILL after the stop timeout).
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Makes this process the subreaper of its descendants. Fails only on
+/// kernels without it (before 3.4); dewy then works as before.
+pub(crate) fn become_subreaper() {
+    if let Err(err) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %err, "Could not become a child subreaper; detached app processes may outlive dewy");
+    }
+}
+
+/// The inode numbers of `fds` (sockets), to recognise them in
+/// `/proc/PID/fd`.
+pub(crate) fn socket_inodes<'a>(fds: impl Iterator<Item = BorrowedFd<'a>>) -> HashSet<u64> {
+    fds.filter_map(|fd| nix::sys::stat::fstat(fd).ok())
+        .map(|st| st.st_ino)
+        .collect()
+}
+
+/// Every process's parent, from `/proc/PID/stat`.
+fn parents() -> HashMap<u32, u32> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok());
+        if let Some(ppid) = ppid {
+            out.insert(pid, ppid);
+        }
+    }
+    out
+}
+
+/// Whether `pid` holds a socket with one of `inodes`.
+fn holds(pid: u32, inodes: &HashSet<u64>) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).ok().is_some_and(|target| {
+            target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok())
+                .is_some_and(|ino| inodes.contains(&ino))
+        })
+    })
+}
+
+/// Processes other than dewy that hold one of `inodes` and descend from
+/// none of `live` (the generations still running).
+pub(crate) fn leftovers(inodes: &HashSet<u64>, live: &[u32]) -> Vec<u32> {
+    let me = std::process::id();
+    let parents = parents();
+    let descends_from_live = |mut pid: u32| {
+        for _ in 0..64 {
+            if live.contains(&pid) {
+                return true;
+            }
+            match parents.get(&pid) {
+                Some(&p) if p > 1 && p != me => pid = p,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let mut out: Vec<u32> = parents
+        .keys()
+        .copied()
+        .filter(|&pid| pid != me && !descends_from_live(pid) && holds(pid, inodes))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Stops `pids`: `signal`, then SIGKILL after `timeout`, reaping those that
+/// are dewy's (adopted) children.
+pub(crate) async fn stop(pids: &[u32], signal: Signal, timeout: Duration) {
+    let alive = |pid: u32| {
+        // Reap it if it is an adopted child that already exited.
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    for &pid in pids {
+        let _ = kill(Pid::from_raw(pid as i32), signal);
+    }
+    let deadline = Instant::now() + timeout;
+    while pids.iter().any(|&p| alive(p)) {
+        if Instant::now() >= deadline {
+            for &pid in pids.iter().filter(|&&p| alive(p)) {
+                tracing::warn!(pid, "Left-over app process did not stop in time, killing it");
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for &pid in pids {
+                alive(pid);
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
