@@ -517,15 +517,24 @@ fn full_or_read_only_disk_aborts_the_deploy_cleanly() {
     assert_eq!(w.release_dirs().len(), 1, "{:?}", w.release_dirs());
     w.assert_releases_complete();
     let remount = |mode: &str| {
-        let out = sh(&format!(
-            "mount -o remount,{mode},size={}k '{}'",
-            size_kib * 4,
-            releases.display()
-        ));
-        assert!(
-            out.status.success(),
+        // dewy retries the failed release every second: a read-only remount
+        // is refused ("busy") while that retry has a file open for writing.
+        let mut out = None;
+        for _ in 0..50 {
+            let o = sh(&format!(
+                "mount -o remount,{mode},size={}k '{}'",
+                size_kib * 4,
+                releases.display()
+            ));
+            if o.status.success() {
+                return;
+            }
+            out = Some(o);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
             "remount {mode}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.expect("tried").stderr)
         );
     };
     // Read-only: the next release cannot be extracted either.
