@@ -8,88 +8,13 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::CommandCargoExt;
-
-/// A client requesting `/` in a loop, one connection per request.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    errors: Arc<Mutex<Vec<String>>>,
-    last: Arc<Mutex<String>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+use dewy_testkit::Load;
 
 fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     dewy_testkit::http_get(addr, path).map_err(|e| e.to_string())
-}
-
-impl Load {
-    fn start(addr: SocketAddr) -> Self {
-        let (stop, ok, failed) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let last = Arc::new(Mutex::new(String::new()));
-        let thread = {
-            let (stop, ok, failed, errors, last) =
-                (stop.clone(), ok.clone(), failed.clone(), errors.clone(), last.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match get(addr, "/") {
-                        Ok((200, body)) => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                            *last.lock().unwrap() = body;
-                        }
-                        Ok((status, body)) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            errors.lock().unwrap().push(format!("HTTP {status}: {body}"));
-                        }
-                        Err(e) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            errors.lock().unwrap().push(e);
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        };
-        Self {
-            stop,
-            ok,
-            failed,
-            errors,
-            last,
-            thread: Some(thread),
-        }
-    }
-
-    /// The version in the last successful answer.
-    fn version(&self) -> String {
-        let last = self.last.lock().unwrap().clone();
-        last.split_whitespace()
-            .find_map(|w| w.strip_prefix("version="))
-            .unwrap_or_default()
-            .to_owned()
-    }
-
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            self.errors.lock().unwrap().clone(),
-        )
-    }
 }
 
 /// One scenario's world: an app folder, a file registry, a port.
@@ -587,7 +512,7 @@ fn process_faults_are_contained() {
     wait_for("a new generation after the crash", Duration::from_secs(30), || {
         get(w.addr(), "/").is_ok_and(|(s, b)| s == 200 && pid_in(&b) != Some(pid))
     });
-    let crash_failures = load.failed.load(Ordering::Relaxed);
+    let crash_failures = load.failed();
 
     // A release whose app ignores SIGTERM: the next restart kills it after
     // --stop-timeout. The before hook hangs each time and is killed after

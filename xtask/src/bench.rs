@@ -496,7 +496,10 @@ fn archive(args: &[String]) -> Result<()> {
         println!("format   archive MiB  dewy median  peer median  speed ratio (peer/dewy)  dewy peak RSS");
     }
     // Nothing of an earlier run may still be in writeback when a run starts.
-    let settle = || run(Command::new("sync"));
+    let settle = || -> Result<()> {
+        Command::new("sync").status()?;
+        Ok(())
+    };
     let mut n = 0;
     for (label, file, peer) in [
         ("tar.gz", &tgz, "tar -xzf {a} -C {d}"),

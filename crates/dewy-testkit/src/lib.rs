@@ -21,6 +21,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Environment variable naming the virtualenv that holds the Python servers.
@@ -714,4 +716,87 @@ pub fn publish(registry: &Path, tag: &str, name: &str, artifact: &[u8]) {
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, artifact).expect("write artifact");
     std::fs::rename(&tmp, dir.join(name)).expect("publish artifact");
+}
+
+/// A client requesting `/` in a loop, one connection per request, for
+/// zero-downtime assertions.
+#[derive(Debug)]
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    last: Arc<Mutex<String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts requesting `GET /` on `addr`.
+    pub fn start(addr: SocketAddr) -> Self {
+        let (stop, ok, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let last = Arc::new(Mutex::new(String::new()));
+        let thread = {
+            let (stop, ok, failed, errors, last) =
+                (stop.clone(), ok.clone(), failed.clone(), errors.clone(), last.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match http_get(addr, "/").map_err(|e| e.to_string()) {
+                        Ok((200, body)) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            *last.lock().unwrap() = body;
+                        }
+                        Ok((status, body)) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            errors.lock().unwrap().push(format!("HTTP {status}: {body}"));
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            errors.lock().unwrap().push(e);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        Self {
+            stop,
+            ok,
+            failed,
+            errors,
+            last,
+            thread: Some(thread),
+        }
+    }
+
+    /// The version in the last successful answer.
+    pub fn version(&self) -> String {
+        let last = self.last.lock().unwrap().clone();
+        last.split_whitespace()
+            .find_map(|w| w.strip_prefix("version="))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Requests that failed so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Stops the client: requests that succeeded, that failed, and why.
+    pub fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.errors.lock().unwrap().clone(),
+        )
+    }
 }
