@@ -398,6 +398,12 @@ pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
         "Automatic rollbacks.",
         &[(vec![], m.rollbacks.load(Relaxed))],
     );
+    family(
+        "dewy_accept_queue_stalls_total",
+        "counter",
+        "Times connections waited in the accept queue while no generation accepted them.",
+        &[(vec![], m.accept_queue_stalls.load(Relaxed))],
+    );
     let stats = d.notify().stats();
     family(
         "dewy_notifications_total",

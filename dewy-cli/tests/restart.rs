@@ -19,6 +19,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 version = open(os.path.join(here, "VERSION")).read().strip()
 if os.path.exists(os.path.join(here, "CRASH")):
     sys.exit(3)
+if os.path.exists(os.path.join(here, "SLOW")):
+    import time
+    time.sleep(float(open(os.path.join(here, "SLOW")).read()))
 first = os.environ["SERVER_STARTER_PORT"].split(";")[0]
 sock = socket.socket(fileno=int(first.rsplit("=", 1)[1]))
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -57,13 +60,15 @@ impl World {
     }
 
     fn publish(&self, tag: &str, crash: bool) {
+        self.publish_with(tag, if crash { &[("CRASH", b"")] } else { &[] });
+    }
+
+    fn publish_with(&self, tag: &str, extra: &[(&str, &[u8])]) {
         let mut files: Vec<(&str, &[u8], u32)> = vec![
             ("app", FIRST_SOCKET_APP.as_bytes(), 0o755),
             ("VERSION", tag.as_bytes(), 0o644),
         ];
-        if crash {
-            files.push(("CRASH", b"", 0o644));
-        }
+        files.extend(extra.iter().map(|(n, b)| (*n, *b, 0o644)));
         dewy_testkit::publish(
             &self.registry,
             tag,
@@ -91,9 +96,23 @@ impl World {
             .args(extra)
             .args(["--", "current/app"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log_path())
+                    .unwrap(),
+            )
             .spawn()
             .unwrap()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.app.parent().unwrap().join("dewy.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     fn served(&self) -> String {
@@ -371,4 +390,32 @@ fn sigterm_during_a_long_readiness_wait_ends_dewy_and_status_answers_meanwhile()
     );
     // Nothing dewy started is left holding the port.
     std::net::TcpListener::bind(("127.0.0.1", w.port)).expect("the port is free again");
+}
+
+#[test]
+fn connections_waiting_for_a_slow_app_are_reported() {
+    let w = World::new();
+    // Listens only after 8 s, long after the default readiness (alive
+    // after 1 s) declared it ready.
+    w.publish_with("v1.0.0", &[("SLOW", b"8")]);
+    let mut dewy = w.server(&[]);
+    wait_for("the start", Duration::from_secs(30), || {
+        w.log().contains("Server started")
+    });
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], w.port).into();
+    let waiting: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    wait_for("the accept-queue warning", Duration::from_secs(6), || {
+        w.log().contains("Connections wait in the accept queue")
+    });
+    let log = w.log();
+    let line = log.lines().find(|l| l.contains("accept queue")).unwrap();
+    assert!(
+        line.contains("WARN") && line.contains("--ready-notify") && line.contains("generation=1"),
+        "{line}"
+    );
+    // Once the app listens, it serves (this one-at-a-time app would wait
+    // for a request on the idle connections: close them).
+    drop(waiting);
+    w.wait_served("v1.0.0", Duration::from_secs(15));
+    terminate(&mut dewy);
 }

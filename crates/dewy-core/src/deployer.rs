@@ -242,7 +242,7 @@ impl Deployer {
             self.config.mode.as_str()
         ));
         if let Some(app) = &self.app {
-            tokio::spawn(forward_app_events(app.subscribe(), self.notify.clone()));
+            tokio::spawn(forward_app_events(app.subscribe(), self.clone()));
         }
         let mut shutdown = self.shutdown.subscribe();
         loop {
@@ -706,8 +706,9 @@ impl Deployer {
     }
 }
 
-/// Turns the supervisor's crash events into notifications.
-async fn forward_app_events(mut events: tokio::sync::broadcast::Receiver<Event>, notify: Notify) {
+/// Turns the supervisor's events into notifications and metrics.
+async fn forward_app_events(mut events: tokio::sync::broadcast::Receiver<Event>, deployer: Arc<Deployer>) {
+    let notify = &deployer.notify;
     loop {
         match events.recv().await {
             Ok(Event::Exited {
@@ -723,6 +724,15 @@ async fn forward_app_events(mut events: tokio::sync::broadcast::Receiver<Event>,
             Ok(Event::CrashLoop { crashes }) => {
                 notify.send_error(format!(
                     "Application is crash-looping: {crashes} crashes in the last minute"
+                ));
+            }
+            Ok(Event::AcceptQueueStalled { queued, .. }) => {
+                deployer
+                    .metrics
+                    .accept_queue_stalls
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                notify.send_error(format!(
+                    "{queued} connections wait and no generation of the application accepts them"
                 ));
             }
             Ok(_) => {}

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub hooks_failed: std::sync::atomic::AtomicU64,
     /// Automatic rollbacks.
     pub rollbacks: std::sync::atomic::AtomicU64,
+    /// Times connections waited in the accept queue with no generation
+    /// accepting them.
+    pub accept_queue_stalls: std::sync::atomic::AtomicU64,
     /// Time spent in each deploy phase, in milliseconds: downloading.
     pub phase_download_millis: std::sync::atomic::AtomicU64,
     /// See `phase_download_millis`: extracting.

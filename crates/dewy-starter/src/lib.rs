@@ -48,6 +48,11 @@
 //! A generation that dies on its own is restarted with exponential backoff;
 //! repeated crashes are reported as [`Event::CrashLoop`].
 //!
+//! The held TCP sockets are watched: when connections wait in the accept
+//! queue for two seconds while no generation accepts them (an app declared
+//! ready before it listens, a hung app), a warning names the generation and
+//! the readiness options, and [`Event::AcceptQueueStalled`] is sent.
+//!
 //! Children run in their own process group; stopping signals the whole group.
 //! Each child has `PR_SET_PDEATHSIG` set to SIGTERM, so a dewy killed with
 //! SIGKILL leaves no orphan.
@@ -69,6 +74,7 @@
 mod listeners;
 mod orphans;
 mod process;
+mod watch;
 
 pub use listeners::{ListenSpec, Listeners, parse_ports};
 pub use process::{Event, ExitInfo, GenerationInfo, Readiness, Starter, StarterConfig, http_status};

@@ -127,6 +127,14 @@ pub enum Event {
         /// Crashes in the last minute.
         crashes: usize,
     },
+    /// Connections have waited in the accept queue of the held sockets for
+    /// a couple of seconds while no generation accepted them.
+    AcceptQueueStalled {
+        /// Connections waiting.
+        queued: u64,
+        /// The generation serving, if any.
+        generation: Option<u64>,
+    },
 }
 
 /// A generation that is running.
@@ -227,6 +235,12 @@ impl Starter {
             socket_inodes,
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), exits_rx));
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(crate::watch::watch(inner.socket_inodes.clone(), move |queued| {
+            let Some(inner) = weak.upgrade() else { return false };
+            inner.report_stall(queued);
+            true
+        }));
         Self { inner }
     }
 
@@ -371,6 +385,35 @@ impl Inner {
             crate::orphans::stop(&pids, self.config.stop_signal, self.config.stop_timeout).await;
         }
         pids
+    }
+
+    /// Warns that connections wait unaccepted, naming the generation and
+    /// the readiness options that would have held the switch back.
+    fn report_stall(&self, queued: u64) {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let serving = *self.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let generation = serving.map(|g| g.generation);
+        let readiness = match &self.config.readiness {
+            Readiness::Alive(d) => format!(
+                "the app was declared ready after surviving {d:?}; use --ready-notify or --health-path so that it is declared ready once it accepts"
+            ),
+            Readiness::Notify { .. } => {
+                "the app sent READY=1 but does not accept; send it once the sockets are served".to_owned()
+            }
+            Readiness::Http { .. } => {
+                "the app answered its health path but does not accept on the shared socket".to_owned()
+            }
+        };
+        tracing::warn!(
+            queued,
+            generation = generation.map_or_else(|| "none".to_owned(), |g| g.to_string()),
+            pid = serving.map_or(0, |g| g.pid),
+            stall = ?crate::watch::STALL,
+            "Connections wait in the accept queue and no generation accepts them: {readiness}"
+        );
+        self.emit(Event::AcceptQueueStalled { queued, generation });
     }
 
     /// Replaces the serving generation (and its snapshot); returns the old.
