@@ -239,6 +239,9 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     std::env::set_current_dir(&s.workdir)
         .with_context(|| format!("cannot enter the working directory `{}`", s.workdir.display()))?;
     let _lock = lock_app_folder(&s.workdir)?;
+    if s.interval < Duration::from_secs(1) {
+        tracing::warn!(interval = ?s.interval, "An interval under one second polls the registry constantly and costs CPU; 10s or more is usual (the admin API's webhook deploys at once)");
+    }
     let open = dewy_registry::OpenOptions {
         slot: s.slot.clone(),
         calver: s.calver.clone(),
@@ -528,6 +531,13 @@ pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process:
         }
     };
     let query = to.map(|v| format!("?to={}", percent_encode(v))).unwrap_or_default();
+    // Say at once what happens to a deploy in flight.
+    if let Ok((200, body)) = admin_request(&root, "GET", "/api/status")
+        && let Ok(status) = serde_json::from_str::<serde_json::Value>(&body)
+        && let Some(tag) = status["deploying"].as_str()
+    {
+        eprintln!("cancelling the deploy of {tag} (it is undone), then rolling back to {version}");
+    }
     match admin_request(&root, "POST", &format!("/api/rollback{query}")) {
         Ok((200, _)) => {
             println!(

@@ -118,12 +118,17 @@ impl<'d> Deployment<'d> {
     }
 
     fn check_cancelled(&self) -> Result<(), Error> {
-        if self.d.shutting_down() {
-            return Err(Error::Cancelled {
-                tag: self.release.tag.clone(),
-            });
-        }
-        Ok(())
+        let why = if self.d.shutting_down() {
+            "dewy is shutting down"
+        } else if self.d.cancel_deploy.load(std::sync::atomic::Ordering::SeqCst) {
+            "an operator pinned a release (dewy rollback or pin)"
+        } else {
+            return Ok(());
+        };
+        Err(Error::Cancelled {
+            tag: self.release.tag.clone(),
+            why,
+        })
     }
 
     fn unhealthy(&self, reason: String) -> Error {

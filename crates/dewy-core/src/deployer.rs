@@ -73,6 +73,9 @@ pub struct Deployer {
     trigger: tokio::sync::Notify,
     pub(crate) metrics: Metrics,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Set by an operator's pin during a deploy: the deploy stops at its
+    /// next step and is undone.
+    pub(crate) cancel_deploy: std::sync::atomic::AtomicBool,
 }
 
 impl Deployer {
@@ -109,6 +112,7 @@ impl Deployer {
             trigger: tokio::sync::Notify::new(),
             metrics: Metrics::default(),
             shutdown: tokio::sync::watch::channel(false).0,
+            cancel_deploy: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -414,6 +418,7 @@ impl Deployer {
         let started = std::time::Instant::now();
         let result = self.fetch_and_deploy(&release, &key, previous_tag).await;
         self.state().deploying = None;
+        self.cancel_deploy.store(false, std::sync::atomic::Ordering::SeqCst);
         self.record_attempt(&release, &key, &result, started).await;
         let release_dir = result?;
         self.record(&release, &key, &release_dir).await;

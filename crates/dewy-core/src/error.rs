@@ -86,11 +86,14 @@ pub enum Error {
         /// The release in place.
         tag: String,
     },
-    /// dewy is shutting down; the deploy in flight was undone.
-    #[error("the deploy of `{tag}` was cancelled because dewy is shutting down")]
+    /// The deploy in flight was cancelled and undone: dewy is shutting
+    /// down, or an operator pinned a release meanwhile.
+    #[error("the deploy of `{tag}` was cancelled: {why}")]
     Cancelled {
         /// The release.
         tag: String,
+        /// Why.
+        why: &'static str,
     },
 }
 

@@ -26,18 +26,22 @@ impl Deployer {
         Ok(())
     }
 
-    /// The release being deployed now, if any: an operator command issued
-    /// now waits until that deploy has finished (or was undone).
+    /// The release being deployed now, if any: a pin issued now cancels
+    /// it (at its next step), other operator commands wait until it ended.
     pub fn deploying(&self) -> Option<String> {
         self.state().deploying.clone()
     }
 
-    /// An operator's rollback or pin: between ticks (after a deploy in
-    /// flight has finished), pins the folder at `version`, points `current`
-    /// at `release_dir` (a release on disk) and restarts the application.
+    /// An operator's rollback or pin: cancels a deploy in flight (it is
+    /// undone at its next step), then, between ticks, pins the folder at
+    /// `version`, points `current` at `release_dir` (a release on disk) and
+    /// restarts the application.
     pub async fn pin_release(&self, release_dir: &Path, version: &str) -> Result<(), Error> {
         if let Some(tag) = self.deploying() {
-            tracing::info!(deploying = %tag, pin = version, "Waiting for the deploy in flight to finish before pinning");
+            // The pinned release wins: the deploy stops at its next step
+            // and is undone, so the new release does not keep serving.
+            self.cancel_deploy.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!(deploying = %tag, pin = version, "Cancelling the deploy in flight for an operator's pin");
         }
         let _tick = self.tick_lock.lock().await;
         let io = |op, source| Error::Io {

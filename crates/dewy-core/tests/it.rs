@@ -968,3 +968,29 @@ async fn a_release_in_place_that_fails_to_start_is_retried_with_backoff() {
     assert_eq!(app.starts.load(Ordering::SeqCst), 1);
     assert_eq!(r.release_count(), 1);
 }
+
+#[tokio::test]
+async fn a_pin_during_a_deploy_cancels_it_before_the_new_release_serves() {
+    let r = rig_with(Mode::Server, |c| c.before_hook = Some("sleep 1".into()));
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    let v1 = std::fs::read_link(r.root.join("current")).unwrap();
+    r.registry.publish("v2.0.0", &app_v("v2"));
+    let pin = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(r.deployer.deploying().as_deref(), Some("v2.0.0"));
+        r.deployer.pin_release(&v1, "v1.0.0").await
+    };
+    let (ticked, pinned) = tokio::join!(r.deployer.tick(), pin);
+    pinned.unwrap();
+    let err = ticked.unwrap_err();
+    assert!(matches!(err, Error::Cancelled { .. }), "{err}");
+    assert_eq!(r.current_version().as_deref(), Some("v1"));
+    assert_eq!(r.release_count(), 1, "the cancelled release's folder is removed");
+    assert_eq!(
+        r.app.restarts.load(Ordering::SeqCst),
+        1,
+        "only the pin restarted the app"
+    );
+    assert!(!is_recorded_bad(&r, "v2.0.0").await, "a cancelled release is not bad");
+}

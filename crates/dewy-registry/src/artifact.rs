@@ -226,16 +226,9 @@ pub(crate) fn pick_artifact<'a>(
 /// One INFO line per release and candidate list saying why nothing was
 /// chosen: a tick every few seconds must not repeat it.
 fn log_missing_once(tag: &str, looked_for: &str, names: &[&str]) {
-    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let key = format!("{tag}\0{}", names.join("\0"));
-    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if seen.contains(&key) {
+    if !crate::first_time(format!("artifact\0{tag}\0{}", names.join("\0"))) {
         return;
     }
-    if seen.len() >= 64 {
-        seen.remove(0);
-    }
-    seen.push(key);
     tracing::info!(
         tag,
         looked_for,

@@ -480,6 +480,22 @@ impl CommonOptions {
     }
 }
 
+/// Whether `key` is seen for the first time in this process (of the last
+/// 256 keys): for log lines that a check every few seconds must not repeat.
+pub(crate) fn first_time(key: String) -> bool {
+    static SEEN: std::sync::Mutex<std::collections::VecDeque<String>> =
+        std::sync::Mutex::new(std::collections::VecDeque::new());
+    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.contains(&key) {
+        return false;
+    }
+    if seen.len() >= 256 {
+        seen.pop_front();
+    }
+    seen.push_back(key);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -231,7 +231,9 @@ pub fn choose_latest<'a>(tags: impl IntoIterator<Item = &'a str>, selection: &Se
     let mut best: Option<Version> = None;
     for tag in tags {
         let Some(v) = selection.scheme.parse(tag) else {
-            tracing::debug!(tag, "Skipping tag that is not a version");
+            if crate::first_time(format!("version\0{tag}")) {
+                tracing::info!(tag, "Skipping a release that is not a version of the configured scheme");
+            }
             continue;
         };
         if v.is_prerelease() && !selection.pre_release {
