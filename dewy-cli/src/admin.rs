@@ -18,10 +18,8 @@
 //! refused when no token is configured; the webhook is authenticated by
 //! its HMAC signature instead.
 
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -50,11 +48,6 @@ struct Ctx {
 /// Dewy's default admin port.
 const DEWY_ADMIN_PORT: u16 = 17539;
 
-/// The path of the admin socket of an app folder.
-pub(crate) fn socket_path(root: &Path) -> PathBuf {
-    root.join(".dewy/admin.sock")
-}
-
 fn router(admin: Arc<Admin>, trusted: bool) -> Router {
     Router::new()
         .route("/api/status", get(status))
@@ -76,7 +69,7 @@ pub(crate) async fn serve(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let path = socket_path(&admin.root);
+    let path = crate::client::socket_path(&admin.root);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -158,7 +151,7 @@ async fn status(State(ctx): State<Ctx>) -> Response {
 }
 
 async fn releases(State(ctx): State<Ctx>) -> Response {
-    axum::Json(crate::run::release_rows(&ctx.admin.root)).into_response()
+    axum::Json(crate::releases::release_rows(&ctx.admin.root)).into_response()
 }
 
 async fn check(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
@@ -192,7 +185,7 @@ async fn rollback(
     if let Some(r) = unauthorized(&ctx, &headers) {
         return r;
     }
-    let (path, version) = match crate::run::rollback_target(&ctx.admin.root, q.to.as_deref()) {
+    let (path, version) = match crate::releases::rollback_target(&ctx.admin.root, q.to.as_deref()) {
         Ok(t) => t,
         Err(why) => return (StatusCode::NOT_FOUND, format!("{why}\n")).into_response(),
     };
@@ -259,195 +252,8 @@ async fn webhook(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Res
     }
 }
 
-/// One metric family: name, kind (`counter` or `gauge`), help, and samples
-/// (labels, value).
-#[derive(Debug, Clone)]
-pub(crate) struct Family {
-    pub(crate) name: &'static str,
-    pub(crate) kind: &'static str,
-    pub(crate) help: &'static str,
-    pub(crate) samples: Vec<(Vec<(&'static str, String)>, u64)>,
-}
-
-/// Every metric dewy exports, read now: the scrape endpoint renders them as
-/// Prometheus text and `--otlp-endpoint` pushes the same set.
-pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
-    let m = d.metrics();
-    let st = d.status().await;
-    let mut out = Vec::new();
-    let mut family =
-        |name: &'static str, kind: &'static str, help: &'static str, samples: &[(Vec<(&'static str, String)>, u64)]| {
-            out.push(Family {
-                name,
-                kind,
-                help,
-                samples: samples.to_vec(),
-            });
-        };
-    let cmd = vec![("command", st.mode.to_owned())];
-    family(
-        "dewy_deployments_total",
-        "counter",
-        "Successful deploys.",
-        &[(cmd.clone(), m.deployments.load(Relaxed))],
-    );
-    family(
-        "dewy_deployment_errors_total",
-        "counter",
-        "Failed deploys.",
-        &[(cmd.clone(), m.deployment_errors.load(Relaxed))],
-    );
-    family(
-        "dewy_deployment_duration_seconds_sum",
-        "counter",
-        "Total time of successful deploys.",
-        &[(cmd.clone(), m.deployment_millis.load(Relaxed) / 1000)],
-    );
-    family(
-        "dewy_server_restarts_total",
-        "counter",
-        "Application restarts.",
-        &[
-            (vec![("reason", "deploy".into())], m.restarts_deploy.load(Relaxed)),
-            (vec![("reason", "signal".into())], m.restarts_signal.load(Relaxed)),
-        ],
-    );
-    family(
-        "dewy_ticks_total",
-        "counter",
-        "Registry checks by outcome.",
-        &[
-            (vec![("outcome", "skipped".into())], m.ticks_skipped.load(Relaxed)),
-            (vec![("outcome", "deployed".into())], m.ticks_deployed.load(Relaxed)),
-            (vec![("outcome", "grace_period".into())], m.ticks_grace.load(Relaxed)),
-            (vec![("outcome", "known_bad".into())], m.ticks_known_bad.load(Relaxed)),
-            (vec![("outcome", "error".into())], m.ticks_error.load(Relaxed)),
-        ],
-    );
-    family(
-        "dewy_registry_requests_total",
-        "counter",
-        "Registry answers by result.",
-        &[
-            (vec![("result", "release".into())], m.registry_ok.load(Relaxed)),
-            (
-                vec![("result", "artifact_not_found".into())],
-                m.registry_not_found.load(Relaxed),
-            ),
-            (vec![("result", "error".into())], m.registry_errors.load(Relaxed)),
-        ],
-    );
-    let secs = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
-    family(
-        "dewy_deploy_phase_milliseconds_total",
-        "counter",
-        "Time spent in each deploy phase (download, extract, hooks, start or restart until ready), in milliseconds.",
-        &[
-            (vec![("phase", "download".into())], secs(&m.phase_download_millis)),
-            (vec![("phase", "extract".into())], secs(&m.phase_extract_millis)),
-            (vec![("phase", "hooks".into())], secs(&m.phase_hooks_millis)),
-            (vec![("phase", "start".into())], secs(&m.phase_start_millis)),
-        ],
-    );
-    let http = d.registry_stats();
-    family(
-        "dewy_registry_http_requests_total",
-        "counter",
-        "Requests the registry backend sent (GitHub: 304s are free against the rate limit).",
-        &[
-            (vec![("answer", "any".into())], http.requests),
-            (vec![("answer", "not_modified".into())], http.not_modified),
-        ],
-    );
-    family(
-        "dewy_registry_rate_limited_total",
-        "counter",
-        "Times the registry's rate limit stopped requests until its reset.",
-        &[(vec![], http.rate_limited)],
-    );
-    family(
-        "dewy_downloads_total",
-        "counter",
-        "Artifacts downloaded.",
-        &[(vec![], m.downloads.load(Relaxed))],
-    );
-    family(
-        "dewy_download_bytes_total",
-        "counter",
-        "Bytes downloaded.",
-        &[(vec![], m.download_bytes.load(Relaxed))],
-    );
-    family(
-        "dewy_cache_hits_total",
-        "counter",
-        "Deploys served from the cache.",
-        &[(vec![], m.cache_hits.load(Relaxed))],
-    );
-    family(
-        "dewy_hook_runs_total",
-        "counter",
-        "Deploy hooks by outcome.",
-        &[
-            (vec![("outcome", "success".into())], m.hooks_ok.load(Relaxed)),
-            (vec![("outcome", "failure".into())], m.hooks_failed.load(Relaxed)),
-        ],
-    );
-    family(
-        "dewy_rollbacks_total",
-        "counter",
-        "Automatic rollbacks.",
-        &[(vec![], m.rollbacks.load(Relaxed))],
-    );
-    family(
-        "dewy_accept_queue_stalls_total",
-        "counter",
-        "Times connections waited in the accept queue while no generation accepted them.",
-        &[(vec![], m.accept_queue_stalls.load(Relaxed))],
-    );
-    let stats = d.notify().stats();
-    family(
-        "dewy_notifications_total",
-        "counter",
-        "Notifications by result.",
-        &[
-            (vec![("result", "sent".into())], stats.sent.load(Relaxed)),
-            (vec![("result", "dropped".into())], stats.dropped.load(Relaxed)),
-            (vec![("result", "failed".into())], stats.failed.load(Relaxed)),
-            (vec![("result", "suppressed".into())], stats.suppressed.load(Relaxed)),
-        ],
-    );
-    let version = st.current_version.clone().unwrap_or_default();
-    family(
-        "dewy_info",
-        "gauge",
-        "dewy and the version it runs.",
-        &[(vec![("dewy_version", st.dewy_version.clone()), ("version", version)], 1)],
-    );
-    out
-}
-
-/// Prometheus text exposition of [`families`].
+/// Prometheus text exposition of the metrics.
 async fn metrics(State(ctx): State<Ctx>) -> Response {
-    let mut out = String::new();
-    for f in families(&ctx.admin.deployer).await {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
-        for (labels, v) in &f.samples {
-            let labels: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{k}=\"{}\"",
-                        v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-                    )
-                })
-                .collect();
-            let labels = if labels.is_empty() {
-                String::new()
-            } else {
-                format!("{{{}}}", labels.join(","))
-            };
-            let _ = writeln!(out, "{}{labels} {v}", f.name);
-        }
-    }
+    let out = crate::metrics::prometheus_text(&ctx.admin.deployer).await;
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }

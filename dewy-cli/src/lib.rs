@@ -11,10 +11,14 @@
 
 mod admin;
 mod cli;
+mod client;
+mod commands;
 mod config;
 mod logging;
+mod metrics;
 mod otlp;
 mod progress;
+mod releases;
 mod run;
 
 use std::process::ExitCode;
@@ -29,14 +33,14 @@ pub fn main() -> ExitCode {
         Err(code) => return code,
     };
     if let Some(cli::Command::Releases(args)) = &cli.command {
-        return run::releases(args);
+        return commands::releases(args);
     }
     match &cli.command {
-        Some(cli::Command::Status(args)) => return run::status(args),
-        Some(cli::Command::Rollback(args)) => return run::rollback(args.workdir.as_deref(), args.to.as_deref()),
-        Some(cli::Command::Pin(args)) => return run::rollback(args.workdir.as_deref(), Some(&args.release)),
-        Some(cli::Command::Unpin(args)) => return run::unpin(args.workdir.as_deref()),
-        Some(cli::Command::ClearBad(args)) => return run::clear_bad(args),
+        Some(cli::Command::Status(args)) => return commands::status(args),
+        Some(cli::Command::Rollback(args)) => return commands::rollback(args.workdir.as_deref(), args.to.as_deref()),
+        Some(cli::Command::Pin(args)) => return commands::rollback(args.workdir.as_deref(), Some(&args.release)),
+        Some(cli::Command::Unpin(args)) => return commands::unpin(args.workdir.as_deref()),
+        Some(cli::Command::ClearBad(args)) => return commands::clear_bad(args),
         _ => {}
     }
     let settings = match config::load(&cli) {

@@ -5,7 +5,7 @@
 //! The SDK's periodic reader runs on its own thread and the exporter uses a
 //! blocking HTTP client, which must be built and dropped outside the tokio
 //! runtime; so the provider lives on a dedicated thread. Its observable
-//! instruments read a snapshot of [`crate::admin::families`] that a tokio
+//! instruments read a snapshot of [`crate::metrics::families`] that a tokio
 //! task refreshes (reading dewy's status is async).
 
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 
-use crate::admin::{Family, families};
+use crate::metrics::{Family, families};
 
 /// The running exporter; [`Otlp::stop`] sends the last export.
 #[derive(Debug)]
@@ -57,8 +57,10 @@ pub(crate) async fn start(endpoint: &str, interval: Duration, deployer: Arc<dewy
                 return;
             }
         };
+        // Exports are driven below (force_flush every interval) so that a
+        // collector that is down is logged; the reader's own timer is idle.
         let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
-            .with_interval(interval)
+            .with_interval(Duration::from_secs(365 * 24 * 3600))
             .build();
         let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
             .with_reader(reader)
@@ -98,7 +100,27 @@ pub(crate) async fn start(endpoint: &str, interval: Duration, deployer: Arc<dewy
             }
         }
         tracing::info!(endpoint, interval = %humantime::format_duration(interval), "Pushing metrics over OTLP");
-        let _ = stopped.recv();
+        // One WARN when pushes start failing (then every 10 minutes while
+        // they fail), one INFO when they work again.
+        let mut failing_since: Option<std::time::Instant> = None;
+        let mut warned_at: Option<std::time::Instant> = None;
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+            match provider.force_flush() {
+                Ok(()) => {
+                    if failing_since.take().is_some() {
+                        tracing::info!(endpoint, "OTLP metrics push works again");
+                    }
+                    warned_at = None;
+                }
+                Err(err) => {
+                    failing_since.get_or_insert_with(std::time::Instant::now);
+                    if warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
+                        tracing::warn!(endpoint, error = %err, "OTLP metrics push failed; retrying every interval");
+                        warned_at = Some(std::time::Instant::now());
+                    }
+                }
+            }
+        }
         if let Err(err) = provider.shutdown() {
             tracing::warn!(error = %err, "OTLP exporter shutdown");
         }

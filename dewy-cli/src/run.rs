@@ -53,7 +53,7 @@ fn notify_systemd(state: &str) {
     }
 }
 
-fn var(name: &str) -> Option<String> {
+pub(crate) fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
@@ -65,7 +65,7 @@ fn hostname() -> String {
 }
 
 /// Options of the S3 and GCS clients, from the environment.
-fn cloud_options() -> dewy_registry::CloudOptions {
+pub(crate) fn cloud_options() -> dewy_registry::CloudOptions {
     dewy_registry::CloudOptions {
         // AWS credentials come from the SDK's standard chain.
         aws_credentials: None,
@@ -74,14 +74,14 @@ fn cloud_options() -> dewy_registry::CloudOptions {
 }
 
 /// A cache opened from `--cache`, and the bucket behind it if any.
-struct OpenedCache {
-    cache: Arc<dyn dewy_cache::Cache>,
+pub(crate) struct OpenedCache {
+    pub(crate) cache: Arc<dyn dewy_cache::Cache>,
     /// The bucket, its prefix and `registry-ttl` when it is a cloud cache.
     bucket: Option<(dewy_cache::cloud::StoreUrl, Option<Duration>)>,
 }
 
 /// The local cache folder (for a bucket cache: of the local copies).
-fn local_cache_dir(cache_url: &str, workdir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) fn local_cache_dir(cache_url: &str, workdir: &std::path::Path) -> std::path::PathBuf {
     if let Some(path) = cache_url.strip_prefix("file://") {
         std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
     } else if let Some(dir) = var("DEWY_CACHEDIR") {
@@ -94,7 +94,7 @@ fn local_cache_dir(cache_url: &str, workdir: &std::path::Path) -> std::path::Pat
 /// The cache named by `cache_url`: a local file cache (`file:///path`, else
 /// `$DEWY_CACHEDIR`, else `WORKDIR/.dewy/cache`) or a bucket with a local
 /// copy.
-fn open_cache_url(
+pub(crate) fn open_cache_url(
     cache_url: &str,
     workdir: &std::path::Path,
     cloud: &dewy_registry::CloudOptions,
@@ -423,317 +423,10 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     notify_systemd("STOPPING=1");
     deployer.shutdown(name).await;
     let _ = admin_stop.send(true);
-    let _ = std::fs::remove_file(crate::admin::socket_path(&s.workdir));
+    let _ = std::fs::remove_file(crate::client::socket_path(&s.workdir));
     if let Some(otlp) = otlp {
         otlp.stop().await;
     }
     let _ = runner.await;
     Ok(())
-}
-
-/// The releases on disk, newest first, with what the history says of them.
-pub(crate) fn release_rows(root: &std::path::Path) -> Vec<serde_json::Value> {
-    let layout = dewy_core::Releases::new(root);
-    let history = dewy_core::read_history(root);
-    layout
-        .list()
-        .unwrap_or_default()
-        .iter()
-        .map(|r| {
-            let dir = r.path.display().to_string();
-            let entry = history
-                .iter()
-                .rev()
-                .find(|e| e.release_dir.as_deref() == Some(dir.as_str()));
-            serde_json::json!({
-                "release": r.name,
-                "current": r.current,
-                "version": entry.map(|e| e.version.clone()),
-                "deployed_at": entry.map(|e| e.time.to_string()),
-                "path": dir,
-            })
-        })
-        .collect()
-}
-
-fn root_of(args: &crate::cli::ReleasesArgs) -> std::path::PathBuf {
-    root_from(args.workdir.as_deref())
-}
-
-fn root_from(workdir: Option<&str>) -> std::path::PathBuf {
-    let root = std::path::PathBuf::from(workdir.unwrap_or("."));
-    std::path::absolute(&root).unwrap_or(root)
-}
-
-/// One request to the running dewy over its admin socket.
-fn admin_request(root: &std::path::Path, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(crate::admin::socket_path(root))?;
-    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: dewy\r\nContent-Length: 0\r\n\r\n").as_bytes())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    ))
-}
-
-/// The release to roll back to: `to` (a version or a release folder name),
-/// else the one before the current one. `Err` says what is on disk.
-pub(crate) fn rollback_target(
-    root: &std::path::Path,
-    to: Option<&str>,
-) -> Result<(std::path::PathBuf, String), String> {
-    let rows = release_rows(root);
-    let version_of = |r: &serde_json::Value| r["version"].as_str().map(str::to_owned);
-    let current = rows.iter().position(|r| r["current"] == true);
-    let target = match to {
-        Some(v) => rows
-            .iter()
-            .find(|r| version_of(r).as_deref() == Some(v) || r["release"] == v),
-        None => current.and_then(|i| rows.get(i + 1)),
-    };
-    let Some(target) = target else {
-        let on_disk: Vec<String> = rows
-            .iter()
-            .map(|r| version_of(r).unwrap_or_else(|| r["release"].as_str().unwrap_or("?").to_owned()))
-            .collect();
-        return Err(match to {
-            Some(v) => format!(
-                "version `{v}` is not on disk in {}; releases: {}",
-                root.display(),
-                on_disk.join(", ")
-            ),
-            None => format!(
-                "no release before the current one in {}; releases: {}",
-                root.display(),
-                on_disk.join(", ")
-            ),
-        });
-    };
-    let path = std::path::PathBuf::from(target["path"].as_str().unwrap_or_default());
-    let version = version_of(target).unwrap_or_else(|| target["release"].as_str().unwrap_or_default().to_owned());
-    Ok((path, version))
-}
-
-/// `dewy rollback` and `dewy pin`: through the running dewy (which does it
-/// between ticks and restarts the app), else on the folder directly.
-pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process::ExitCode {
-    let root = root_from(workdir);
-    let (path, version) = match rollback_target(&root, to) {
-        Ok(t) => t,
-        Err(why) => {
-            eprintln!("error: {why}");
-            return std::process::ExitCode::from(1);
-        }
-    };
-    let query = to.map(|v| format!("?to={}", percent_encode(v))).unwrap_or_default();
-    // Say at once what happens to a deploy in flight.
-    if let Ok((200, body)) = admin_request(&root, "GET", "/api/status")
-        && let Ok(status) = serde_json::from_str::<serde_json::Value>(&body)
-        && let Some(tag) = status["deploying"].as_str()
-    {
-        eprintln!("cancelling the deploy of {tag} (it is undone), then rolling back to {version}");
-    }
-    match admin_request(&root, "POST", &format!("/api/rollback{query}")) {
-        Ok((200, _)) => {
-            println!(
-                "current -> {} ({version}); the running dewy restarted the application; pinned until `dewy unpin`",
-                path.display()
-            );
-            return std::process::ExitCode::SUCCESS;
-        }
-        Ok((status, body)) => {
-            eprintln!(
-                "error: the running dewy could not roll back ({status}): {}",
-                body.trim()
-            );
-            return std::process::ExitCode::from(1);
-        }
-        Err(_) => {}
-    }
-    if let Err(err) =
-        dewy_core::set_pin(&root, Some(&version)).and_then(|()| dewy_core::Releases::new(&root).switch(&path))
-    {
-        eprintln!("error: cannot roll back {}: {err}", root.display());
-        return std::process::ExitCode::from(1);
-    }
-    println!(
-        "current -> {} ({version}); pinned until `dewy unpin`; no running dewy in {}, the next start uses this release",
-        path.display(),
-        root.display()
-    );
-    std::process::ExitCode::SUCCESS
-}
-
-fn percent_encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// `dewy clear-bad`: through the running dewy, else on its cache directly
-/// (`--cache`, the same URL the daemon uses; a bucket's records are shared
-/// by the fleet).
-pub(crate) fn clear_bad(args: &crate::cli::ClearBadArgs) -> std::process::ExitCode {
-    let root = root_from(args.workdir.as_deref());
-    match admin_request(&root, "POST", "/api/clear-bad") {
-        Ok((200, body)) => {
-            println!("{}", body.trim());
-            return std::process::ExitCode::SUCCESS;
-        }
-        Ok((status, body)) => {
-            eprintln!("error: the running dewy refused ({status}): {}", body.trim());
-            return std::process::ExitCode::from(1);
-        }
-        Err(_) => {}
-    }
-    // The daemon's cache: the flag, else as `dewy server` would find it.
-    let cache_url = args
-        .cache
-        .clone()
-        .or_else(|| var("DEWY_CACHE"))
-        .or_else(|| {
-            use figment::providers::Format;
-            figment::Figment::from(figment::providers::Toml::file(root.join("dewy.toml")))
-                .extract_inner::<String>("cache")
-                .ok()
-        })
-        .unwrap_or_default();
-    let local_dir = local_cache_dir(&cache_url, &root);
-    let place = if cache_url.is_empty() || cache_url.starts_with("file://") {
-        if !local_dir.is_dir() {
-            println!("cleared 0 bad release records (no cache in {})", local_dir.display());
-            return std::process::ExitCode::SUCCESS;
-        }
-        local_dir.display().to_string()
-    } else {
-        dewy_registry::SafeUrl(&cache_url).to_string()
-    };
-    let cleared = async {
-        let cache = open_cache_url(&cache_url, &root, &cloud_options())?.cache;
-        let mut n = 0;
-        for entry in cache.list().await? {
-            if entry.key.is_bad_record() {
-                cache.delete(&entry.key).await?;
-                n += 1;
-            }
-        }
-        anyhow::Ok(n)
-    };
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return std::process::ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(cleared) {
-        Ok(n) => {
-            println!("cleared {n} bad release records in {place}");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: cannot clear the bad release records in {place}: {err:#}");
-            std::process::ExitCode::from(1)
-        }
-    }
-}
-
-/// `dewy unpin`.
-pub(crate) fn unpin(workdir: Option<&str>) -> std::process::ExitCode {
-    let root = root_from(workdir);
-    if let Ok((200, _)) = admin_request(&root, "POST", "/api/unpin") {
-        println!("unpinned: the running dewy checks the registry now");
-        return std::process::ExitCode::SUCCESS;
-    }
-    if let Err(err) = dewy_core::set_pin(&root, None) {
-        eprintln!("error: cannot unpin {}: {err}", root.display());
-        return std::process::ExitCode::from(1);
-    }
-    println!("unpinned: deploys resume at the next check");
-    std::process::ExitCode::SUCCESS
-}
-
-/// `dewy releases`: the releases on disk, newest first.
-pub(crate) fn releases(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode {
-    let root = root_of(args);
-    let releases_dir = dewy_core::Releases::new(&root).dir();
-    if let Err(err) = std::fs::read_dir(&releases_dir) {
-        eprintln!("error: cannot list {}: {err}", releases_dir.display());
-        return std::process::ExitCode::from(1);
-    }
-    let rows = release_rows(&root);
-    if args.json {
-        println!("{}", serde_json::Value::Array(rows));
-    } else if rows.is_empty() {
-        println!("No releases in {}.", releases_dir.display());
-    } else {
-        println!("{:<8} {:<22} {:<20} DEPLOYED", "CURRENT", "RELEASE", "VERSION");
-        for r in &rows {
-            println!(
-                "{:<8} {:<22} {:<20} {}",
-                if r["current"] == true { "*" } else { "" },
-                r["release"].as_str().unwrap_or_default(),
-                r["version"].as_str().unwrap_or("?"),
-                r["deployed_at"].as_str().unwrap_or("?")
-            );
-        }
-    }
-    std::process::ExitCode::SUCCESS
-}
-
-/// `dewy status`: asks the running dewy over its admin socket.
-pub(crate) fn status(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode {
-    let root = root_of(args);
-    let body = match admin_request(&root, "GET", "/api/status") {
-        Ok((_, body)) => body,
-        Err(err) => {
-            eprintln!(
-                "error: no running dewy answers on {} ({err})",
-                crate::admin::socket_path(&root).display()
-            );
-            return std::process::ExitCode::from(1);
-        }
-    };
-    if args.json {
-        println!("{body}");
-        return std::process::ExitCode::SUCCESS;
-    }
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    for key in [
-        "mode",
-        "dewy_version",
-        "current_version",
-        "current_release",
-        "previous_release",
-        "is_running",
-        "generation",
-        "pid",
-        "last_check",
-        "last_outcome",
-        "last_error",
-        "next_check",
-        "bad_release",
-        "pinned",
-        "deploying",
-    ] {
-        let value = match &v[key] {
-            serde_json::Value::Null => "-".to_owned(),
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        println!("{key:<16} {value}");
-    }
-    std::process::ExitCode::SUCCESS
 }

@@ -812,7 +812,11 @@ fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
     std::thread::sleep(Duration::from_secs(4));
     for app in &apps {
         let history = std::fs::read_to_string(app.join(".dewy/history.jsonl")).unwrap();
-        assert_eq!(history.lines().count(), 1, "redeployed:\n{history}");
+        let deploys = history
+            .lines()
+            .filter(|l| l.contains("\"outcome\":\"deployed\""))
+            .count();
+        assert_eq!(deploys, 1, "redeployed:\n{history}");
     }
     for mut c in children {
         terminate(&mut c);
@@ -1110,4 +1114,48 @@ fn metrics_are_pushed_over_otlp() {
     ] {
         assert!(contains(body, name), "{name} missing from the export");
     }
+}
+
+#[test]
+fn an_unreachable_otlp_collector_is_logged_once_and_no_notification_counts_as_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
+    std::fs::create_dir_all(&app).unwrap();
+    dewy_testkit::publish(
+        &reg,
+        "v1.0.0",
+        "site_linux_amd64.tar.gz",
+        &dewy_testkit::targz(&[("index.html", b"one", 0o644)]),
+    );
+    let closed = dewy_testkit::free_port();
+    let admin = dewy_testkit::free_port();
+    let log = dir.path().join("dewy.log");
+    let mut child = dewy(&app)
+        .args(["assets", "--registry", &format!("file://{}", reg.display()), "-i", "1"])
+        .args(["--admin-port", &admin.to_string()])
+        .args([
+            "--otlp-endpoint",
+            &format!("http://127.0.0.1:{closed}/v1/metrics"),
+            "--otlp-interval",
+            "300ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the OTLP failure logged", Duration::from_secs(30), || {
+        text().contains("OTLP metrics push failed")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, metrics) = dewy_testkit::http_get(([127, 0, 0, 1], admin).into(), "/metrics").unwrap();
+    terminate(&mut child);
+    let log = text();
+    assert_eq!(log.matches("OTLP metrics push failed").count(), 1, "{log}");
+    assert!(log.contains(&closed.to_string()), "the line names the endpoint: {log}");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("dewy_notifications_total{result=\"sent\"} 0"),
+        "no notifier, nothing sent: {metrics}"
+    );
 }

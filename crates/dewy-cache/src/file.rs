@@ -13,6 +13,9 @@ use crate::{Cache, Entry, Error, Key};
 pub struct FileCache {
     dir: PathBuf,
     staging: PathBuf,
+    /// A fallback folder under the system temporary directory, removed when
+    /// the last handle of this cache goes (dewy exits).
+    _temporary: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 /// The result of [`FileCache::open_or_fallback`].
@@ -33,12 +36,17 @@ impl FileCache {
         let probe =
             tempfile::NamedTempFile::new_in(&staging).map_err(|e| Error::io("write in cache directory", &dir, e))?;
         drop(probe);
-        Ok(Self { dir, staging })
+        Ok(Self {
+            dir,
+            staging,
+            _temporary: None,
+        })
     }
 
     /// Opens `preferred`, or when it cannot be created or written, a fresh
     /// `dewy-*` folder under the system temporary directory (as the Go
-    /// original does), logging a warning that names both folders.
+    /// original does), logging a warning that names both folders. That
+    /// folder is removed when the cache is dropped.
     pub fn open_or_fallback(preferred: impl Into<PathBuf>) -> Result<Opened, Error> {
         let preferred = preferred.into();
         match Self::open(&preferred) {
@@ -48,18 +56,19 @@ impl FileCache {
             }),
             Err(err) => {
                 let tmp = std::env::temp_dir();
-                let fallback = tempfile::Builder::new()
+                let temporary = tempfile::Builder::new()
                     .prefix("dewy-")
                     .tempdir_in(&tmp)
-                    .map_err(|e| Error::io("create fallback cache directory in", &tmp, e))?
-                    .keep();
+                    .map_err(|e| Error::io("create fallback cache directory in", &tmp, e))?;
+                let fallback = temporary.path().to_path_buf();
                 tracing::warn!(
                     cache_dir = %preferred.display(),
                     fallback = %fallback.display(),
                     error = %err,
                     "Cache directory unusable, falling back to a temporary directory"
                 );
-                let cache = Self::open(&fallback)?;
+                let mut cache = Self::open(&fallback)?;
+                cache._temporary = Some(std::sync::Arc::new(temporary));
                 Ok(Opened {
                     cache,
                     fallback_from: Some((preferred, err)),

@@ -168,6 +168,20 @@ impl<'d> Deployment<'d> {
                 tag: self.release.tag.clone(),
                 source,
             })?;
+        // Before `current` may point at it: a dewy killed from here on
+        // knows on its next start which version this folder holds (so it
+        // neither extracts it again nor leaves it unpruned).
+        let entry = crate::history::Entry {
+            time: d.clock.now(),
+            version: self.release.tag.clone(),
+            outcome: "extracted".into(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            release_dir: Some(self.dir.display().to_string()),
+            reason: None,
+        };
+        if let Err(err) = crate::history::append(&d.config.root, &entry) {
+            tracing::warn!(error = %err, "Could not write the deployment history");
+        }
         Ok(())
     }
 

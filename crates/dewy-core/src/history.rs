@@ -11,7 +11,8 @@ pub struct Entry {
     pub time: jiff::Timestamp,
     /// The release's tag.
     pub version: String,
-    /// `deployed` or `failed`.
+    /// `extracted` (the folder is complete; written before `current` may
+    /// point at it), `deployed` or `failed`.
     pub outcome: String,
     /// How long it took.
     pub duration_ms: u64,
@@ -21,6 +22,15 @@ pub struct Entry {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
+}
+
+impl Entry {
+    /// Whether this entry says which version a release folder holds: the
+    /// folder was extracted (complete, possibly not deployed: dewy may have
+    /// been killed before the switch or the start) or deployed.
+    fn placed_a_folder(&self) -> bool {
+        self.outcome == "deployed" || self.outcome == "extracted"
+    }
 }
 
 const ROTATE_AT: u64 = 1 << 20;
@@ -66,7 +76,7 @@ pub fn read(root: &Path) -> Vec<Entry> {
 pub(crate) fn recorded_folders(root: &Path) -> std::collections::HashMap<PathBuf, String> {
     read(root)
         .into_iter()
-        .filter(|e| e.outcome == "deployed")
+        .filter(Entry::placed_a_folder)
         .filter_map(|e| Some((PathBuf::from(e.release_dir?), e.version)))
         .collect()
 }
@@ -90,6 +100,6 @@ pub(crate) fn version_of(root: &Path, release_dir: &Path) -> Option<String> {
     read(root)
         .into_iter()
         .rev()
-        .find(|e| e.outcome == "deployed" && e.release_dir.as_deref() == Some(dir.as_str()))
+        .find(|e| e.placed_a_folder() && e.release_dir.as_deref() == Some(dir.as_str()))
         .map(|e| e.version)
 }

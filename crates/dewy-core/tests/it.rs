@@ -327,11 +327,16 @@ async fn extraction_failure_keeps_everything_as_it_was_and_is_retried() {
     assert_eq!(r.release_count(), 1, "no partial release left");
     assert_eq!(r.app.restarts.load(Ordering::SeqCst), 0);
     let history = dewy_core::read_history(&r.root);
-    assert!(history.len() >= 2);
+    let outcomes: Vec<(&str, &str)> = history
+        .iter()
+        .map(|e| (e.version.as_str(), e.outcome.as_str()))
+        .collect();
     assert_eq!(
-        (history[0].version.as_str(), history[0].outcome.as_str()),
-        ("v1.0.0", "deployed")
+        outcomes[..3],
+        [("v1.0.0", "extracted"), ("v1.0.0", "deployed"), ("v1.1.0", "failed")],
+        "the folder is recorded once complete, then the deploy"
     );
+    let history = &history[1..];
     assert_eq!(
         (history[1].version.as_str(), history[1].outcome.as_str()),
         ("v1.1.0", "failed")
@@ -993,4 +998,26 @@ async fn a_pin_during_a_deploy_cancels_it_before_the_new_release_serves() {
         "only the pin restarted the app"
     );
     assert!(!is_recorded_bad(&r, "v2.0.0").await, "a cancelled release is not bad");
+}
+
+#[tokio::test]
+async fn a_crash_looping_release_never_costs_the_last_good_one_its_folder() {
+    let r = rig_with(Mode::Server, |c| c.keep_releases = 1);
+    r.registry.publish("v1.0.0", &app_v("v1"));
+    r.deployer.tick().await.unwrap();
+    r.registry.publish("v2.0.0", &app_v("v2"));
+    r.deployer.tick().await.unwrap();
+    for _ in 0..20 {
+        // v2 keeps dying; each check starts it again from its folder.
+        r.app.running.store(false, Ordering::SeqCst);
+        assert_eq!(r.deployer.tick().await.unwrap(), TickOutcome::Skipped);
+    }
+    assert_eq!(r.app.starts.load(Ordering::SeqCst), 21);
+    assert_eq!(
+        r.release_count(),
+        2,
+        "v2's folder is reused and v1 (the rollback target) kept"
+    );
+    let list = r.deployer.releases().list().unwrap();
+    assert_eq!(std::fs::read_to_string(list[1].path.join("VERSION")).unwrap(), "v1");
 }
