@@ -346,9 +346,8 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         config.current_key =
             dewy_cache::Key::new(format!("current-{}", &digest[..16])).context("per-app current key")?;
     }
-    if let (false, dewy_starter::Readiness::Http { path, .. }, Some(spec)) =
-        (s.health_soak.is_zero(), &s.readiness, s.ports.first())
-    {
+    if let (dewy_starter::Readiness::Http { path, .. }, Some(spec)) = (&s.readiness, s.ports.first()) {
+        // Where a client reaches the app's first port from this host.
         let addr = match spec {
             dewy_starter::ListenSpec::Port(p) => Some(std::net::SocketAddr::from(([127, 0, 0, 1], *p))),
             dewy_starter::ListenSpec::Addr(a) if a.ip().is_unspecified() => Some(std::net::SocketAddr::new(
@@ -362,16 +361,20 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
             dewy_starter::ListenSpec::Addr(a) => Some(*a),
             dewy_starter::ListenSpec::Unix(_) => None,
         };
-        match addr {
-            Some(addr) => {
-                config.soak = Some(dewy_core::Soak {
-                    addr,
-                    path: path.clone(),
-                    duration: s.health_soak,
-                    interval: s.health_interval,
-                })
+        let check = |duration, interval| {
+            addr.map(|addr| dewy_core::Soak {
+                addr,
+                path: path.clone(),
+                duration,
+                interval,
+            })
+        };
+        config.port_health = check(Duration::from_secs(10), Duration::from_millis(100));
+        if !s.health_soak.is_zero() {
+            config.soak = check(s.health_soak, s.health_interval);
+            if config.soak.is_none() {
+                tracing::warn!("--health-soak needs a TCP port first in --port; the soak is off");
             }
-            None => tracing::warn!("--health-soak needs a TCP port first in --port; the soak is off"),
         }
     }
     let mut deployer =

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::CommandCargoExt;
+use dewy_testkit::Load;
 
 /// Serves `version=<VERSION>` on the first inherited socket only; exits 3
 /// at once when its release holds a `CRASH` file.
@@ -22,12 +23,13 @@ if os.path.exists(os.path.join(here, "CRASH")):
 if os.path.exists(os.path.join(here, "SLOW")):
     import time
     time.sleep(float(open(os.path.join(here, "SLOW")).read()))
+status = 500 if os.path.exists(os.path.join(here, "UNHEALTHY")) else 200
 first = os.environ["SERVER_STARTER_PORT"].split(";")[0]
 sock = socket.socket(fileno=int(first.rsplit("=", 1)[1]))
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = ("version=%s\n" % version).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -417,5 +419,72 @@ fn connections_waiting_for_a_slow_app_are_reported() {
     // for a request on the idle connections: close them).
     drop(waiting);
     w.wait_served("v1.0.0", Duration::from_secs(15));
+    terminate(&mut dewy);
+}
+
+#[test]
+fn health_path_with_an_app_that_serves_only_its_first_socket() {
+    let w = World::new();
+    w.publish("v1.0.0", false);
+    let started = Instant::now();
+    let mut dewy = w.server(&["--health-path", "/"]);
+    wait_for("the first start", Duration::from_secs(30), || {
+        w.log().contains("Server started")
+    });
+    // Ready within the survival interval plus a probe, not the 30 s timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        w.log().matches("serves only the first socket").count(),
+        1,
+        "{}",
+        w.log()
+    );
+    w.wait_served("v1.0.0", SERVES_WITHIN);
+    let load = Load::start(([127, 0, 0, 1], w.port).into());
+
+    // A v2 that exits at start is never switched to and not retried.
+    w.publish("v2.0.0", true);
+    wait_for("v2 recorded bad", Duration::from_secs(30), || {
+        w.status()["bad_release"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("v2.0.0"))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(load.version(), "v1.0.0");
+    let failed_on_v2_crash = load.failed();
+    assert_eq!(failed_on_v2_crash, 0, "a v2 that exits at start costs no request");
+    let tries = w.log().matches("Restart server").count();
+    assert_eq!(tries, 1, "v2 is tried once: {}", w.log());
+
+    // A v3 whose health path answers 500: rolled back to v1 and recorded bad.
+    w.publish_with("v3.0.0", &[("UNHEALTHY", b"")]);
+    wait_for("v3 recorded bad", Duration::from_secs(30), || {
+        w.status()["bad_release"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("v3.0.0"))
+    });
+    wait_for("v1 serving again", Duration::from_secs(10), || {
+        load.version() == "v1.0.0"
+    });
+    assert!(w.log().contains("through the app's port"), "{}", w.log());
+
+    // A good v4 deploys.
+    w.publish("v4.0.0", false);
+    wait_for("v4", Duration::from_secs(30), || load.version() == "v4.0.0");
+    let (ok, failed, errors) = load.finish();
+    // Only requests that v3 answered (its 500) during its health window
+    // fail: its survival interval (beside v1), the check through the port,
+    // and the restart of v1 (docs/server.md).
+    assert!(
+        errors.iter().all(|e| e.starts_with("HTTP 500: version=v3.0.0")),
+        "{:?}",
+        &errors[..errors.len().min(5)]
+    );
+    assert!(failed < ok / 2, "{failed} failed of {ok}");
+    eprintln!("first-socket app with --health-path: {ok} requests, {failed} answered 500 by the unhealthy v3");
     terminate(&mut dewy);
 }

@@ -75,6 +75,11 @@ pub struct Config {
     pub limits: Limits,
     /// Health watched after each restart; a failure rolls back.
     pub soak: Option<Soak>,
+    /// The health path through the app's own port, checked after a restart
+    /// when the supervisor could not probe it before the switch (an app
+    /// that serves only its first socket): a 2xx passes; another answer, or
+    /// none within `duration`, rolls back.
+    pub port_health: Option<Soak>,
     /// Assets mode: a shell command run after the switch; if it fails, the
     /// previous release is put back and this one is recorded as bad.
     pub health_command: Option<String>,
@@ -105,6 +110,7 @@ impl Config {
             limits: Limits::default(),
             download: DownloadPolicy::default(),
             soak: None,
+            port_health: None,
             current_key: Key::current(),
             health_command: None,
         }

@@ -213,6 +213,13 @@ impl<'d> Deployment<'d> {
         tracing::info!(version = %self.release.tag, generation = generation.generation, pid = generation.pid, "Server {verb}");
         d.notify
             .send_important(format!("Server {verb} for `{}`", self.release.tag));
+        if let (true, true, Some(check)) = (restart, app.health_unverified(), &d.config.port_health) {
+            let checked = tokio::select! {
+                r = crate::health::through_port(check) => r,
+                () = d.cancelled() => Err("dewy is shutting down".to_owned()),
+            };
+            checked.map_err(|reason| self.unhealthy(reason))?;
+        }
         if let (true, Some(soak)) = (restart, &d.config.soak) {
             let watched = tokio::select! {
                 r = crate::health::soak(soak) => r,

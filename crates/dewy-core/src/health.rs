@@ -28,6 +28,24 @@ pub(crate) async fn soak(soak: &Soak) -> Result<(), String> {
     Ok(())
 }
 
+/// The health path through the app's port after a switch: `Ok` on the
+/// first 2xx; `Err` on the first other HTTP answer (the previous generation
+/// no longer accepts, so the new one gave it), or when nothing answered
+/// within `check.duration`.
+pub(crate) async fn through_port(check: &Soak) -> Result<(), String> {
+    let until = tokio::time::Instant::now() + check.duration;
+    loop {
+        match dewy_starter::http_status(check.addr, &check.path, Duration::from_secs(5)).await {
+            Ok(code) if (200..300).contains(&code) => return Ok(()),
+            Ok(code) => return Err(format!("GET {} answered {code} through the app's port", check.path)),
+            Err(e) if tokio::time::Instant::now() >= until => {
+                return Err(format!("GET {} failed through the app's port: {e}", check.path));
+            }
+            Err(_) => tokio::time::sleep(check.interval).await,
+        }
+    }
+}
+
 /// Runs the assets-mode health command; `Err` says how it failed.
 pub(crate) async fn command(
     cmd: &str,

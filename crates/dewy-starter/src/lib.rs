@@ -33,10 +33,14 @@
 //!   so each generation gets one more inherited socket, a private loopback
 //!   listener named `dewy-health` in `LISTEN_FDNAMES` and listed last in
 //!   `SERVER_STARTER_PORT`; the probe connects there and so reaches the new
-//!   generation only. **Limit:** the app must serve every socket it inherits
-//!   (Server::Starter and listenfd apps that loop over all of them do); an app
-//!   that serves only the first socket never becomes ready under `Http` and
-//!   should use `Notify` or `Alive`;
+//!   generation only. An app that serves only the first socket it inherits
+//!   (as most Server::Starter and listenfd apps do) is recognised on its first
+//!   start, while it is alone on the sockets: after the survival interval it
+//!   accepted a connection on its first socket but not the one waiting on
+//!   the private socket. From then on generations are ready when they survive
+//!   one second, and [`Supervisor::health_unverified`] tells the caller to
+//!   check the health path through the app's port after the switch (dewy-core
+//!   does, and rolls back on failure);
 //! - `Alive`: the process is still running after the interval (what
 //!   server-starter does).
 //!
@@ -181,6 +185,12 @@ pub trait Supervisor: Send + Sync + std::fmt::Debug {
     fn is_restarting(&self) -> bool {
         false
     }
+    /// Whether the health path could not be checked before the switch (the
+    /// app serves only its first socket), so that dewy-core checks it
+    /// through the app's port after a restart.
+    fn health_unverified(&self) -> bool {
+        false
+    }
     /// Events (starts, exits, crash loops), for logs and notifications.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
     /// The generation serving now, when known.
@@ -205,6 +215,9 @@ impl Supervisor for Starter {
     }
     fn is_restarting(&self) -> bool {
         Starter::is_restarting(self)
+    }
+    fn health_unverified(&self) -> bool {
+        Starter::health_unverified(self)
     }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
         Starter::subscribe(self)

@@ -198,6 +198,9 @@ struct Inner {
     serving: StdMutex<Option<GenerationInfo>>,
     /// Inode numbers of the listeners, to find processes left holding them.
     socket_inodes: std::collections::HashSet<u64>,
+    /// The app serves only the first socket it inherits (never the private
+    /// `dewy-health` one): readiness follows the survival interval.
+    first_socket_only: AtomicBool,
 }
 
 /// Runs generations of one application on a fixed set of listeners.
@@ -233,6 +236,7 @@ impl Starter {
             restarting: AtomicBool::new(false),
             serving: StdMutex::new(None),
             socket_inodes,
+            first_socket_only: AtomicBool::new(false),
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), exits_rx));
         let weak = Arc::downgrade(&inner);
@@ -257,6 +261,13 @@ impl Starter {
     /// The listeners.
     pub fn listeners(&self) -> &Listeners {
         &self.inner.listeners
+    }
+
+    /// Whether `--health-path` could not be probed before the switch because
+    /// the app serves only its first socket; the caller checks the health
+    /// path through the app's port instead.
+    pub fn health_unverified(&self) -> bool {
+        self.inner.first_socket_only.load(Ordering::SeqCst)
     }
 
     /// Whether a crashed generation is being restarted (with backoff) by
@@ -416,6 +427,30 @@ impl Inner {
         self.emit(Event::AcceptQueueStalled { queued, generation });
     }
 
+    /// A connection to the first TCP listener (what a client does), if any.
+    async fn connect_first_socket(&self) -> Option<tokio::net::TcpStream> {
+        let addr = self.listeners.local_addr(0)?;
+        let addr = if addr.ip().is_unspecified() {
+            std::net::SocketAddr::new(
+                if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                },
+                addr.port(),
+            )
+        } else {
+            addr
+        };
+        tokio::net::TcpStream::connect(addr).await.ok()
+    }
+
+    /// The app (alone on the sockets) accepted the connection waiting on its
+    /// first socket but not the one waiting on the private socket.
+    fn serves_only_first_socket(&self, private_inode: &std::collections::HashSet<u64>) -> bool {
+        crate::watch::accept_queues(private_inode) > 0 && crate::watch::accept_queues(&self.socket_inodes) == 0
+    }
+
     /// Replaces the serving generation (and its snapshot); returns the old.
     fn set_current(&self, state: &mut State, gen_: Option<Gen>) -> Option<Gen> {
         *self.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = gen_.as_ref().map(Gen::info);
@@ -476,14 +511,22 @@ impl Inner {
                     timeout: *timeout,
                 }
             }
+            // An app known to serve only its first socket gets no private
+            // socket: the survival interval decides.
+            Readiness::Http { .. } if self.first_socket_only.load(Ordering::SeqCst) => Probe::Alive(SURVIVAL),
             Readiness::Http { path, timeout } => {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(os("bind private probe socket"))?;
                 let addr = l.local_addr().map_err(os("read probe socket address"))?;
+                let private_inode = {
+                    use std::os::fd::AsFd;
+                    crate::orphans::socket_inodes(std::iter::once(l.as_fd()))
+                };
                 private = Some(l);
                 Probe::Http {
                     addr,
                     path: path.clone(),
                     timeout: *timeout,
+                    private_inode,
                 }
             }
         };
@@ -647,7 +690,9 @@ impl Inner {
         };
         let timeout = probe.timeout();
         let last = Arc::new(StdMutex::new(String::from("no answer")));
-        let ready = probe.wait(last.clone());
+        // The first-socket check needs the app alone on the shared socket.
+        let alone = live_pids(state).is_empty();
+        let ready = probe.wait(last.clone(), alone.then_some(self));
         let mut stopping = self.stopping.subscribe();
         tokio::select! {
             () = async { drop(stopping.wait_for(|s| *s).await) } => Err(Error::ShuttingDown),
@@ -719,8 +764,14 @@ enum Probe {
         addr: std::net::SocketAddr,
         path: String,
         timeout: Duration,
+        /// The private socket's inode, to read its accept queue.
+        private_inode: std::collections::HashSet<u64>,
     },
 }
+
+/// The survival interval: how long a generation must stay alive to count
+/// as ready when nothing better can be probed.
+const SURVIVAL: Duration = Duration::from_secs(1);
 
 impl Probe {
     fn timeout(&self) -> Duration {
@@ -732,8 +783,10 @@ impl Probe {
         }
     }
 
-    /// Waits until ready; `last` holds the latest reason it is not.
-    async fn wait(self, last: Arc<StdMutex<String>>) -> Result<(), String> {
+    /// Waits until ready; `last` holds the latest reason it is not. With
+    /// `alone` (no other generation serves), an `Http` probe also finds out
+    /// whether the app serves the private socket at all.
+    async fn wait(self, last: Arc<StdMutex<String>>, alone: Option<&Inner>) -> Result<(), String> {
         match self {
             Self::Alive(d) => {
                 tokio::time::sleep(d).await;
@@ -752,18 +805,47 @@ impl Probe {
                     }
                 }
             }
-            Self::Http { addr, path, .. } => loop {
-                let reason = match http_status(addr, &path, Duration::from_secs(2)).await {
-                    Ok(status) if (200..300).contains(&status) => return Ok(()),
-                    Ok(status) => format!("GET {path} answered {status}"),
-                    Err(e) => format!("GET {path} failed: {e}"),
-                };
-                tracing::debug!(%addr, %reason, "Readiness probe not passed yet");
-                if let Ok(mut l) = last.lock() {
-                    *l = reason;
+            Self::Http {
+                addr,
+                path,
+                private_inode,
+                ..
+            } => {
+                let started = tokio::time::Instant::now();
+                // Connections that wait to be accepted on each socket: the
+                // private one, and (opened after the survival interval) the
+                // app's own first socket.
+                let _private_canary = tokio::net::TcpStream::connect(addr).await;
+                let mut shared_canary = None;
+                loop {
+                    let reason = match http_status(addr, &path, Duration::from_secs(1)).await {
+                        Ok(status) if (200..300).contains(&status) => return Ok(()),
+                        Ok(status) => format!("GET {path} answered {status}"),
+                        Err(e) => format!("GET {path} failed: {e}"),
+                    };
+                    tracing::debug!(%addr, %reason, "Readiness probe not passed yet");
+                    if let Ok(mut l) = last.lock() {
+                        *l = reason;
+                    }
+                    if let Some(inner) = alone
+                        && started.elapsed() >= SURVIVAL
+                    {
+                        match &shared_canary {
+                            None => shared_canary = Some(inner.connect_first_socket().await),
+                            Some(_) if inner.serves_only_first_socket(&private_inode) => {
+                                inner.first_socket_only.store(true, Ordering::SeqCst);
+                                tracing::warn!(
+                                    path,
+                                    "The app serves only the first socket it inherits, not the private `dewy-health` one: readiness follows the survival interval, and the health path is checked through the app's port once the previous generation is told to stop"
+                                );
+                                return Ok(());
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            },
+            }
         }
     }
 }
