@@ -335,9 +335,34 @@ fn restart(args: &[String]) -> Result<()> {
         }
     }
     build_release(&["-p", "dewy-starter", "--example", "restarter"])?;
-    build_release(&["-p", "demo-app"])?;
     let restarter = target_dir().join("release/examples/restarter");
-    let app = target_dir().join("release/demo-app");
+    // `--app=starlet`: Perl's Starlet (prefork PSGI server, Server::Starter
+    // protocol) as the app of both, instead of the demo app.
+    let starlet = args.iter().any(|a| a == "--app=starlet");
+    let work = tempfile::tempdir()?;
+    let (app, readiness, label): (Vec<std::ffi::OsString>, &str, &str) = if starlet {
+        let psgi = work.path().join("app.psgi");
+        std::fs::write(
+            &psgi,
+            "sub { [200, ['Content-Type' => 'text/plain'], [\"generation=$ENV{SERVER_STARTER_GENERATION} pid=$$\\n\"]] };\n",
+        )?;
+        (
+            ["plackup", "-s", "Starlet", "--max-workers=4"]
+                .iter()
+                .map(Into::into)
+                .chain([psgi.into_os_string()])
+                .collect(),
+            "alive:1000",
+            "Starlet --max-workers=4 (drains on SIGTERM)",
+        )
+    } else {
+        build_release(&["-p", "demo-app"])?;
+        (
+            vec![target_dir().join("release/demo-app").into_os_string()],
+            "notify",
+            "demo-app drains on SIGTERM",
+        )
+    };
     let interval_ms = 1000u64;
     let secs = (u64::from(restarts) + 3) * interval_ms / 1000 + 2;
 
@@ -348,10 +373,10 @@ fn restart(args: &[String]) -> Result<()> {
             &port.to_string(),
             &restarts.to_string(),
             &interval_ms.to_string(),
-            "notify",
+            readiness,
             "--",
         ])
-        .arg(&app)
+        .args(&app)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
@@ -374,7 +399,7 @@ fn restart(args: &[String]) -> Result<()> {
     let port = free_port()?;
     let ss = Command::new("start_server")
         .args([&format!("--port=127.0.0.1:{port}"), "--interval=1", "--"])
-        .arg(&app)
+        .args(&app)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
@@ -396,7 +421,7 @@ fn restart(args: &[String]) -> Result<()> {
     Command::new("kill").args(["-TERM", &ss.id().to_string()]).status()?;
     let ss_median = median(ss_times);
 
-    println!("{restarts} restarts under wrk -t2 -c50 on loopback (demo-app drains on SIGTERM)");
+    println!("{restarts} restarts under wrk -t2 -c50 on loopback ({label})");
     println!(
         "dewy-starter: {our_requests} requests, {our_errors} failed; {}",
         summary.trim()
