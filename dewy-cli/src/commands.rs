@@ -219,6 +219,7 @@ pub(crate) fn status(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode 
         "bad_release",
         "pinned",
         "deploying",
+        "cache_degraded",
     ] {
         let value = match &v[key] {
             serde_json::Value::Null => "-".to_owned(),

@@ -145,6 +145,12 @@ pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
         &[(vec![], m.rollbacks.load(Relaxed))],
     );
     family(
+        "dewy_cache_degraded",
+        "gauge",
+        "1 while the shared cache cannot be reached and dewy works on its local copy.",
+        &[(vec![], u64::from(st.cache_degraded.is_some()))],
+    );
+    family(
         "dewy_accept_queue_stalls_total",
         "counter",
         "Times connections waited in the accept queue while no generation accepted them.",

@@ -485,6 +485,5 @@ fn health_path_with_an_app_that_serves_only_its_first_socket() {
         &errors[..errors.len().min(5)]
     );
     assert!(failed < ok / 2, "{failed} failed of {ok}");
-    eprintln!("first-socket app with --health-path: {ok} requests, {failed} answered 500 by the unhealthy v3");
     terminate(&mut dewy);
 }

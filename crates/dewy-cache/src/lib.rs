@@ -156,6 +156,12 @@ pub trait Cache: Send + Sync + std::fmt::Debug {
     /// Removes a value; absent keys are not an error.
     async fn delete(&self, key: &Key) -> Result<(), Error>;
 
+    /// When a shared backend cannot be reached and the cache works on its
+    /// local copy only: why (for status and metrics). `None` when healthy.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
+
     /// A folder on the same filesystem as the cache, for downloads in
     /// progress.
     fn staging_dir(&self) -> &Path;

@@ -200,6 +200,7 @@ impl Deployer {
             bad_release: state.bad_key.clone(),
             pinned: crate::layout::pinned(&self.config.root),
             deploying: state.deploying.clone(),
+            cache_degraded: self.cache.degraded(),
         }
     }
 

@@ -34,6 +34,9 @@ pub struct Status {
     pub pinned: Option<String>,
     /// The release being deployed right now, if a deploy is in flight.
     pub deploying: Option<String>,
+    /// The shared cache cannot be reached and dewy works on its local copy:
+    /// the bucket and the error.
+    pub cache_degraded: Option<String>,
 }
 
 #[derive(Debug, Default)]

@@ -401,3 +401,69 @@ async fn s3_shared_answer_one_upstream_call_per_ttl() {
 async fn gcs_shared_answer_one_upstream_call_per_ttl() {
     shared_answer("gcs").await;
 }
+
+/// A bucket that does not exist yet: the cache works on its local copy,
+/// says it is degraded, and uses the bucket once it exists.
+async fn missing_bucket_degrades_then_recovers(kind: &str) {
+    init();
+    let (server, url) = match kind {
+        "s3" => {
+            let s = S3Server::start();
+            let url = format!("s3://us-east-1/later-bucket/c?endpoint={}", s.endpoint);
+            (Server::S3(s), url)
+        }
+        _ => {
+            let g = GcsServer::start();
+            (Server::Gcs(g), "gs://later-bucket/c".to_owned())
+        }
+    };
+    let opened = open_store(&url::Url::parse(&url).unwrap(), &server.cloud()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = CloudCache::new(
+        opened.store.clone(),
+        opened.prefix.clone(),
+        FileCache::open(dir.path()).unwrap(),
+    );
+    let key = Key::artifact("v1.0.0", ART).unwrap();
+    assert_eq!(cache.begin_download(&key).await.unwrap(), None, "download it yourself");
+    let src = cache.staging_dir().join("download");
+    std::fs::write(&src, b"artifact bytes").unwrap();
+    cache.put_file(&key, &src).await.unwrap();
+    cache.end_download(&key).await;
+    let path = cache.local_path(&key).await.unwrap().expect("kept locally");
+    assert_eq!(std::fs::read(path).unwrap(), b"artifact bytes");
+    cache.write(&Key::bad(&key), b"bad").await.unwrap();
+    assert_eq!(cache.read(&Key::bad(&key)).await.unwrap().as_deref(), Some(&b"bad"[..]));
+    assert!(!cache.list().await.unwrap().is_empty());
+    let why = cache.degraded().expect("degraded");
+    assert!(why.contains("later-bucket"), "{why}");
+    assert!(why.len() < 400 && !why.contains('\n'), "one readable line: {why}");
+    if kind == "s3" {
+        assert!(why.contains("NoSuchBucket") && why.contains("request id"), "{why}");
+    }
+    match &server {
+        Server::S3(s) => s.create_bucket("later-bucket"),
+        Server::Gcs(g) => g.create_bucket("later-bucket"),
+    }
+    std::fs::write(&src, b"artifact bytes").unwrap();
+    cache.put_file(&key, &src).await.unwrap();
+    assert_eq!(cache.degraded(), None, "back on the bucket");
+    assert!(
+        opened
+            .store
+            .get(&format!("{}{key}", opened.prefix))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn s3_missing_bucket_degrades_to_the_local_cache() {
+    missing_bucket_degrades_then_recovers("s3").await;
+}
+
+#[tokio::test]
+async fn gcs_missing_bucket_degrades_to_the_local_cache() {
+    missing_bucket_degrades_then_recovers("gcs").await;
+}

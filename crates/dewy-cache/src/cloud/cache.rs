@@ -20,6 +20,13 @@ use crate::{Cache, Entry, Error, FileCache, Key};
 ///   fresh assets host found the fleet's `current` there and never deployed,
 ///   and two apps sharing a prefix overwrote each other's.
 /// - Uploads are single objects, visible whole or not at all.
+///
+/// A bucket that cannot be reached (missing, wrong credentials, network)
+/// never blocks a deploy: the cache degrades to its local copy (the host
+/// downloads from the registry itself, bad records stay local), logs one
+/// WARN naming the bucket and the error (again every 10 minutes while it
+/// lasts), reports it in [`Cache::degraded`], and returns to the bucket
+/// with one INFO line when it answers again.
 #[derive(Debug)]
 pub struct CloudCache {
     store: Arc<dyn ObjectStore>,
@@ -27,7 +34,18 @@ pub struct CloudCache {
     local: FileCache,
     node: String,
     download_lock_ttl: std::time::Duration,
+    /// Since when the bucket fails, when that was last logged, and why.
+    degraded: std::sync::Mutex<Option<Degraded>>,
 }
+
+#[derive(Debug)]
+struct Degraded {
+    logged: std::time::Instant,
+    error: String,
+}
+
+/// How often a lasting bucket failure is logged again.
+const DEGRADED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl CloudCache {
     /// A cache at `prefix` (empty or ending in `/`) of `store`, with the
@@ -39,6 +57,38 @@ impl CloudCache {
             local,
             node: format!("pid-{}", std::process::id()),
             download_lock_ttl: std::time::Duration::from_secs(10 * 60),
+            degraded: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The outcome of a bucket operation: `Some` on success (leaving the
+    /// degraded mode if it was on), `None` when the bucket failed (entering
+    /// or staying in it; the caller falls back to the local copy).
+    async fn bucket<T>(&self, op: &str, result: impl std::future::Future<Output = Result<T, Error>>) -> Option<T> {
+        let result = result.await;
+        let mut degraded = self.degraded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(v) => {
+                if degraded.take().is_some() {
+                    tracing::info!(location = %self.store.location(), "Shared cache reachable again");
+                }
+                Some(v)
+            }
+            Err(err) => {
+                let error = format!("{op}: {err}");
+                let log = degraded
+                    .as_ref()
+                    .is_none_or(|d| d.logged.elapsed() >= DEGRADED_LOG_EVERY);
+                if log {
+                    tracing::warn!(location = %self.store.location(), error = %error, "Shared cache unreachable; using the local cache and the registry directly until it answers");
+                }
+                let logged = match degraded.as_ref() {
+                    Some(d) if !log => d.logged,
+                    _ => std::time::Instant::now(),
+                };
+                *degraded = Some(Degraded { logged, error });
+                None
+            }
         }
     }
 
@@ -101,14 +151,24 @@ impl Cache for CloudCache {
         if !Self::shared(key) {
             return self.local.read(key).await;
         }
-        Ok(self.store.get(&self.name(key)).await?.map(|(data, _)| data))
+        match self.bucket("read", self.store.get(&self.name(key))).await {
+            Some(Some((data, _))) => Ok(Some(data)),
+            // Not in the bucket (or no bucket): what this host wrote while
+            // the bucket was unreachable.
+            _ => self.local.read(key).await,
+        }
     }
 
     async fn write(&self, key: &Key, data: &[u8]) -> Result<(), Error> {
         if Self::shared(key) {
             let name = self.name(key);
-            self.store.put(&name, data.to_vec(), Precondition::Any).await?;
-            tracing::info!(location = %self.store.location(), key = %name, "Write object");
+            if self
+                .bucket("write", self.store.put(&name, data.to_vec(), Precondition::Any))
+                .await
+                .is_some()
+            {
+                tracing::info!(location = %self.store.location(), key = %name, "Write object");
+            }
         }
         self.local.write(key, data).await
     }
@@ -116,8 +176,9 @@ impl Cache for CloudCache {
     async fn put_file(&self, key: &Key, src: &Path) -> Result<(), Error> {
         if Self::shared(key) {
             let name = self.name(key);
-            self.store.upload(&name, src).await?;
-            tracing::info!(location = %self.store.location(), key = %name, "Write object");
+            if self.bucket("upload", self.store.upload(&name, src)).await.is_some() {
+                tracing::info!(location = %self.store.location(), key = %name, "Write object");
+            }
         }
         self.local.put_file(key, src).await
     }
@@ -135,7 +196,11 @@ impl Cache for CloudCache {
             .tempfile_in(self.local.staging_dir())
             .map_err(|e| Error::io("create staging file in", self.local.staging_dir(), e))?
             .into_temp_path();
-        if !self.store.download(&self.name(key), &tmp).await? {
+        if self
+            .bucket("download", self.store.download(&self.name(key), &tmp))
+            .await
+            != Some(true)
+        {
             return Ok(None);
         }
         tracing::info!(location = %self.store.location(), key = %self.name(key), "Fetched shared cache object");
@@ -144,7 +209,7 @@ impl Cache for CloudCache {
     }
 
     async fn list(&self) -> Result<Vec<Entry>, Error> {
-        let mut out = self.bucket_entries().await?;
+        let mut out = self.bucket("list", self.bucket_entries()).await.unwrap_or_default();
         for e in self.local.list().await? {
             if !out.iter().any(|o| o.key == e.key) {
                 out.push(e);
@@ -155,7 +220,7 @@ impl Cache for CloudCache {
 
     async fn delete(&self, key: &Key) -> Result<(), Error> {
         if Self::shared(key) {
-            self.store.delete(&self.name(key)).await?;
+            self.bucket("delete", self.store.delete(&self.name(key))).await;
         }
         self.local.delete(key).await
     }
@@ -173,7 +238,11 @@ impl Cache for CloudCache {
         let mut announced = false;
         loop {
             let body = serde_json::json!({"node": self.node, "at": jiff::Timestamp::now().to_string()}).to_string();
-            let held = match self.store.get(&lock).await? {
+            // A bucket that does not answer: download without the lock.
+            let Some(current) = self.bucket("read the download lock", self.store.get(&lock)).await else {
+                return Ok(None);
+            };
+            let held = match current {
                 None => match self.store.put(&lock, body.into_bytes(), Precondition::Absent).await {
                     // The previous holder may have finished just before.
                     Ok(_) => match self.local_path(key).await? {
@@ -184,7 +253,10 @@ impl Cache for CloudCache {
                         None => return Ok(None),
                     },
                     Err(Error::Conflict { .. }) => true,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        self.bucket("write the download lock", async { Err::<(), _>(e) }).await;
+                        return Ok(None);
+                    }
                 },
                 Some((data, version)) => {
                     let at = serde_json::from_slice::<serde_json::Value>(&data)
@@ -222,16 +294,30 @@ impl Cache for CloudCache {
     }
 
     async fn end_download(&self, key: &Key) {
+        if self.degraded().is_some() {
+            return;
+        }
         if let Err(err) = self.store.delete(&self.lock_name(key)).await {
             tracing::warn!(key = %self.lock_name(key), error = %err, "Could not remove the download lock");
         }
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|d| format!("{}: {}", self.store.location(), d.error))
     }
 
     /// Keeps the newest `keep` artifacts in the bucket and in the local
     /// copy (the Go original never removed anything from either).
     async fn evict(&self, keep: usize, protect: &[Key]) -> Result<Vec<Key>, Error> {
         let mut removed = self.local.evict(keep, protect).await?;
-        for key in crate::to_evict(self.bucket_entries().await?, keep, protect) {
+        let Some(entries) = self.bucket("list", self.bucket_entries()).await else {
+            return Ok(removed);
+        };
+        for key in crate::to_evict(entries, keep, protect) {
             self.store.delete(&self.name(&key)).await?;
             tracing::info!(location = %self.store.location(), cache_key = %key, "Evicted shared cached artifact");
             if !removed.contains(&key) {

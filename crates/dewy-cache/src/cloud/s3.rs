@@ -80,20 +80,47 @@ impl S3Store {
             .await
     }
 
+    /// The SDK's error as one line for people: the service's error code,
+    /// its message, the HTTP status and the request id; for a request that
+    /// never got an answer, the chain of causes. Never the SDK's Debug
+    /// output (kilobytes, with headers).
     fn remote<E>(&self, op: &'static str, name: &str, err: aws_sdk_s3::error::SdkError<E>) -> Error
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + Send + Sync + 'static,
     {
+        use aws_sdk_s3::error::ProvideErrorMetadata as _;
+        use aws_sdk_s3::operation::RequestId as _;
         let status = err.raw_response().map(|r| r.status().as_u16());
         if matches!(status, Some(412 | 409)) {
             return Error::Conflict {
                 location: format!("{}/{name}", self.location()),
             };
         }
+        let mut message = match (err.code(), err.message()) {
+            (Some(code), Some(msg)) => format!("{code}: {msg}"),
+            (Some(code), None) => code.to_owned(),
+            (None, _) => {
+                let mut chain = err.to_string();
+                let mut source = std::error::Error::source(&err);
+                while let Some(s) = source {
+                    chain.push_str(": ");
+                    chain.push_str(&s.to_string());
+                    source = s.source();
+                }
+                chain
+            }
+        };
+        if let Some(status) = status {
+            message.push_str(&format!(" (HTTP {status}"));
+            if let Some(id) = err.request_id() {
+                message.push_str(&format!(", request id {id}"));
+            }
+            message.push(')');
+        }
         Error::Remote {
             op,
             location: format!("{}/{name}", self.location()),
-            message: aws_sdk_s3::error::DisplayErrorContext(&err).to_string(),
+            message,
         }
     }
 
