@@ -490,7 +490,14 @@ impl Deployer {
                 // Another host of the fleet downloaded it meanwhile.
                 Some(path) => path,
                 None => {
-                    let downloaded = self.download(release, key).await;
+                    // A shutdown does not wait for a long download.
+                    let downloaded = tokio::select! {
+                        r = self.download(release, key) => r,
+                        () = self.cancelled() => Err(Error::Cancelled {
+                            tag: release.tag.clone(),
+                            why: "dewy is shutting down",
+                        }),
+                    };
                     self.cache.end_download(key).await;
                     downloaded?
                 }

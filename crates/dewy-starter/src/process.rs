@@ -347,14 +347,7 @@ impl Starter {
 
     /// Pids of every generation still running (the serving one first).
     pub async fn pids(&self) -> Vec<u32> {
-        let state = self.inner.state.lock().await;
-        state
-            .current
-            .iter()
-            .chain(state.retiring.iter())
-            .filter(|g| g.exited().is_none())
-            .map(|g| g.pid)
-            .collect()
+        live_pids(&*self.inner.state.lock().await)
     }
 }
 

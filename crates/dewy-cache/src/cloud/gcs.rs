@@ -166,7 +166,7 @@ impl GcsStore {
             });
         }
         if !(200..300).contains(&status) {
-            return Err(self.remote(op, name, format!("HTTP {status}: {text}")));
+            return Err(self.remote(op, name, http_error(status, &text)));
         }
         #[derive(serde::Deserialize)]
         struct Written {
@@ -299,7 +299,7 @@ impl ObjectStore for GcsStore {
             let status = resp.status();
             let body = resp.text().await.map_err(|e| self.remote("list", prefix, e))?;
             if !status.is_success() {
-                return Err(self.remote("list", prefix, format!("HTTP {status}: {body}")));
+                return Err(self.remote("list", prefix, http_error(status, &body)));
             }
             let page: JsonListing = serde_json::from_str(&body).map_err(|e| self.remote("list", prefix, e))?;
             for o in page.items {
@@ -343,5 +343,23 @@ impl ObjectStore for GcsStore {
             url: format!("{}/{}?alt=media", self.objects_url(false), enc(name)),
             headers,
         })
+    }
+}
+
+/// A JSON API error answer as one line: `HTTP 404: Not Found (notFound)`,
+/// from the body's `error.message` and first `reason`, else the body's
+/// first line, shortened.
+fn http_error(status: impl std::fmt::Display, body: &str) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    let error = parsed.as_ref().map(|v| &v["error"]);
+    match error.and_then(|e| e["message"].as_str()) {
+        Some(message) => match error.and_then(|e| e["errors"][0]["reason"].as_str()) {
+            Some(reason) if reason != message => format!("HTTP {status}: {message} ({reason})"),
+            _ => format!("HTTP {status}: {message}"),
+        },
+        None => {
+            let line: String = body.lines().next().unwrap_or_default().chars().take(200).collect();
+            format!("HTTP {status}: {}", line.trim())
+        }
     }
 }
