@@ -124,6 +124,13 @@ pub enum Error {
         /// The destination.
         path: PathBuf,
     },
+    /// The caller cancelled the extraction ([`crate::Extractor::cancel_on`]);
+    /// nothing was left at the destination.
+    #[error("extraction cancelled at entry `{}`", entry.display())]
+    Cancelled {
+        /// The entry being written.
+        entry: PathBuf,
+    },
     /// A filesystem operation failed.
     #[error("failed to {op} `{}`", path.display())]
     Io {

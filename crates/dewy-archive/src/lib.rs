@@ -131,12 +131,25 @@ pub trait Progress: Send + Sync {
 pub struct Extractor {
     limits: Limits,
     durable: bool,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Extractor {
     /// An extractor with the given limits.
     pub fn new(limits: Limits) -> Self {
-        Self { limits, durable: false }
+        Self {
+            limits,
+            durable: false,
+            cancel: None,
+        }
+    }
+
+    /// Stops the extraction (with [`Error::Cancelled`], nothing left at the
+    /// destination) once `flag` is set, checked between blocks of 256 KiB:
+    /// a caller shutting down need not wait for a large archive.
+    pub fn cancel_on(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
     }
 
     /// With `true`, the extracted tree is on disk when extraction returns:
@@ -183,6 +196,7 @@ impl Extractor {
             .len();
         let mut sink = sink::Sink::new(staging.path(), &self.limits, compressed_size, progress);
         sink.writeback = self.durable;
+        sink.cancel = self.cancel.clone();
         let result = self.unpack(archive, format, &mut sink).map_err(|e| match e {
             Error::Corrupt {
                 archive: a,

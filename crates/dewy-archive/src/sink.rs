@@ -28,6 +28,8 @@ pub(crate) struct Sink<'a> {
     /// Start writeback of each file as soon as it is written (durable
     /// extraction: the final sync then only waits for the tail).
     pub(crate) writeback: bool,
+    /// Set by the caller to stop the extraction between two blocks.
+    pub(crate) cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<'a> Sink<'a> {
@@ -51,6 +53,7 @@ impl<'a> Sink<'a> {
             total: 0,
             buf: vec![0; 256 * 1024],
             writeback: false,
+            cancel: None,
         }
     }
 
@@ -130,6 +133,15 @@ impl<'a> Sink<'a> {
             })?;
         let mut size = 0u64;
         loop {
+            if self
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                return Err(Error::Cancelled {
+                    entry: rel.to_path_buf(),
+                });
+            }
             let n = match reader.read(&mut self.buf) {
                 Ok(0) => break,
                 Ok(n) => n,

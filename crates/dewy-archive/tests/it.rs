@@ -579,3 +579,25 @@ mod props {
         }
     }
 }
+
+#[test]
+fn a_cancelled_extraction_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("a.tar.gz");
+    let data = vec![7u8; 4 << 20];
+    std::fs::write(&archive, gz(&raw_tar(&[Raw::File(b"big", &data, 0o644)]))).unwrap();
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let dest = dir.path().join("out");
+    let err = Extractor::new(Limits::default())
+        .cancel_on(flag)
+        .extract(&archive, &dest)
+        .unwrap_err();
+    assert!(matches!(err, dewy_archive::Error::Cancelled { .. }), "{err}");
+    assert!(!dest.exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "no staging folder left: {left:?}");
+}

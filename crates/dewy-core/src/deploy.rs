@@ -144,8 +144,10 @@ impl<'d> Deployment<'d> {
     async fn extract(&mut self, artifact: &Path) -> Result<(), Error> {
         let d = self.d;
         tracing::info!(path = %self.dir.display(), "Extract archive");
+        // A shutdown stops the extraction between two blocks.
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (extractor, src, dest) = (
-            Extractor::new(d.config.limits).durable(true),
+            Extractor::new(d.config.limits).durable(true).cancel_on(cancel.clone()),
             artifact.to_path_buf(),
             self.dir.clone(),
         );
@@ -154,8 +156,17 @@ impl<'d> Deployment<'d> {
             progress: d.progress.clone(),
         };
         let started = std::time::Instant::now();
-        let extracted =
-            tokio::task::spawn_blocking(move || extractor.extract_with_progress(&src, &dest, Some(&progress))).await;
+        let extracting =
+            tokio::task::spawn_blocking(move || extractor.extract_with_progress(&src, &dest, Some(&progress)));
+        let watch_shutdown = async {
+            d.cancelled().await;
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            std::future::pending::<()>().await;
+        };
+        let extracted = tokio::select! {
+            r = extracting => r,
+            () = watch_shutdown => unreachable!("pending never resolves"),
+        };
         d.progress.finished(&self.release.tag);
         add_millis(&d.metrics.phase_extract_millis, started);
         extracted
@@ -164,9 +175,15 @@ impl<'d> Deployment<'d> {
                 path: self.dir.clone(),
                 source: std::io::Error::other(e),
             })?
-            .map_err(|source| Error::Extract {
-                tag: self.release.tag.clone(),
-                source,
+            .map_err(|source| match source {
+                dewy_archive::Error::Cancelled { .. } => Error::Cancelled {
+                    tag: self.release.tag.clone(),
+                    why: "dewy is shutting down",
+                },
+                source => Error::Extract {
+                    tag: self.release.tag.clone(),
+                    source,
+                },
             })?;
         // Before `current` may point at it: a dewy killed from here on
         // knows on its next start which version this folder holds (so it
