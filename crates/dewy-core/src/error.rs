@@ -99,8 +99,8 @@ pub enum Error {
 
 impl Error {
     /// Whether the release itself is at fault (it failed to start, to become
-    /// healthy, or holds an archive entry that is refused as unsafe or too
-    /// large), so
+    /// healthy, does not match its published checksum, or holds an archive
+    /// entry that is refused as unsafe or too large), so
     /// that it is recorded as bad. Failures of the host (disk, network,
     /// hooks, shutdown) are retried instead.
     pub fn blames_release(&self) -> bool {
@@ -110,6 +110,8 @@ impl Error {
                 source,
                 dewy_starter::Error::ShuttingDown | dewy_starter::Error::Os { .. } | dewy_starter::Error::Bind { .. }
             ),
+            // The publisher's checksum disagrees with what it published.
+            Self::Download { source, .. } => matches!(source, dewy_registry::Error::ChecksumMismatch { .. }),
             Self::Extract { source, .. } => matches!(
                 source,
                 dewy_archive::Error::UnsafeEntry { .. } | dewy_archive::Error::LimitExceeded { .. }

@@ -104,6 +104,12 @@ pub struct GithubRegistry {
     /// Parsed pages by route, reused on 304.
     pages: Mutex<HashMap<String, Page>>,
     report_off: AtomicBool,
+    /// Checksum files already read, by asset URL (a published asset does
+    /// not change; one download per release, not per tick).
+    sums: Mutex<HashMap<String, String>>,
+    /// Fetches checksum files (small, through the same redirect-safe path
+    /// as artifacts).
+    downloader: std::sync::OnceLock<crate::Downloader>,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +233,8 @@ impl GithubRegistry {
             api,
             pages: Mutex::new(HashMap::new()),
             report_off: AtomicBool::new(false),
+            sums: Mutex::new(HashMap::new()),
+            downloader: std::sync::OnceLock::new(),
         })
     }
 
@@ -298,6 +306,55 @@ fn parse_time(s: Option<&str>) -> Option<jiff::Timestamp> {
     s.and_then(|t| t.parse().ok())
 }
 
+impl GithubRegistry {
+    /// A request for an asset through the API (`Accept:
+    /// application/octet-stream`, the token when there is one; the
+    /// downloader drops it on a redirect to another host).
+    async fn asset_request(&self, url: &str) -> Result<ArtifactRequest, Error> {
+        let mut headers = vec![
+            ("accept".to_owned(), "application/octet-stream".to_owned()),
+            ("x-github-api-version".to_owned(), "2022-11-28".to_owned()),
+        ];
+        if let Some(token) = self.api.token(&self.location).await? {
+            headers.push(("authorization".to_owned(), format!("Bearer {token}")));
+        }
+        Ok(ArtifactRequest {
+            url: url.to_owned(),
+            headers,
+        })
+    }
+
+    /// The text of a checksum file asset (at most 1 MiB), read once per
+    /// asset.
+    async fn checksum_file(&self, url: &str) -> Result<String, Error> {
+        if let Some(known) = self.sums.lock().expect("sums").get(url) {
+            return Ok(known.clone());
+        }
+        let text = async {
+            let downloader = match self.downloader.get() {
+                Some(d) => d,
+                None => {
+                    let policy = crate::DownloadPolicy {
+                        max_bytes: 1 << 20,
+                        ..crate::DownloadPolicy::default()
+                    };
+                    let d = crate::Downloader::new(policy)?;
+                    self.downloader.get_or_init(|| d)
+                }
+            };
+            let request = self.asset_request(url).await?;
+            let dir = tempfile::tempdir().map_err(|e| Error::io("create a folder in", std::env::temp_dir(), e))?;
+            let got = downloader
+                .fetch_request(&request, None, dir.path(), &crate::NoProgress)
+                .await?;
+            std::fs::read_to_string(&got.path).map_err(|e| Error::io("read", &got.path, e))
+        }
+        .await?;
+        self.sums.lock().expect("sums").insert(url.to_owned(), text.clone());
+        Ok(text)
+    }
+}
+
 #[async_trait::async_trait]
 impl Registry for GithubRegistry {
     async fn latest(&self) -> Result<Release, Error> {
@@ -334,7 +391,7 @@ impl Registry for GithubRegistry {
             published_at,
         )?;
         let asset = uploaded.iter().find(|a| a.name == name).expect("picked among them");
-        let checksum = asset
+        let digest = asset
             .digest
             .as_deref()
             .and_then(|d| d.strip_prefix("sha256:"))
@@ -343,6 +400,38 @@ impl Registry for GithubRegistry {
                 sha256: h.to_ascii_lowercase(),
                 source: "the GitHub asset digest".into(),
             });
+        // The publisher's checksum file, when the release has one, is
+        // verified too; it must agree with GitHub's digest.
+        // A checksum file that is published but cannot be read fails the
+        // check (retried next tick) rather than deploy unverified.
+        let mut files = HashMap::new();
+        for file in [
+            format!("{name}.sha256"),
+            "SHA256SUMS".into(),
+            "sha256sums.txt".into(),
+            "checksums.txt".into(),
+        ] {
+            if let Some(a) = uploaded.iter().find(|a| a.name == file) {
+                files.insert(file, self.checksum_file(&a.url).await?);
+            }
+        }
+        let published = crate::file::find_checksum(&name, |file| {
+            let text = files.get(&file).cloned();
+            async move { text }
+        })
+        .await;
+        let checksum = match (digest, published) {
+            (Some(d), Some(p)) if d.sha256 != p.sha256 => {
+                return Err(Error::ChecksumMismatch {
+                    url: format!("{}/releases/tag/{}/{name}", self.location, version.tag),
+                    expected: p.sha256,
+                    actual: d.sha256,
+                    source_name: format!("{} (GitHub's asset digest disagrees)", p.source),
+                });
+            }
+            (_, Some(p)) => Some(p),
+            (d, None) => d,
+        };
         Ok(Release {
             id: release.id.to_string(),
             tag: version.tag.clone(),
@@ -356,17 +445,7 @@ impl Registry for GithubRegistry {
     }
 
     async fn artifact_request(&self, release: &Release) -> Result<ArtifactRequest, Error> {
-        let mut headers = vec![
-            ("accept".to_owned(), "application/octet-stream".to_owned()),
-            ("x-github-api-version".to_owned(), "2022-11-28".to_owned()),
-        ];
-        if let Some(token) = self.api.token(&self.location).await? {
-            headers.push(("authorization".to_owned(), format!("Bearer {token}")));
-        }
-        Ok(ArtifactRequest {
-            url: release.artifact_url.clone(),
-            headers,
-        })
+        self.asset_request(&release.artifact_url).await
     }
 
     async fn report(&self, report: &Report) -> Result<(), Error> {

@@ -55,9 +55,18 @@ async fn unchanged_releases_cost_nothing_against_the_rate_limit() {
     for _ in 0..10 {
         assert_eq!(reg.latest().await.unwrap().tag, "v1.1.0");
     }
-    let log = gh.requests();
+    // The release's `checksums.txt` (which does not list the artifact) is
+    // read once, on the first check.
+    let all = gh.requests();
+    let reads = all.iter().filter(|r| r.uri.contains("/releases/assets/")).count();
+    assert_eq!(reads, 1, "the checksum file is read once: {all:#?}");
+    let log: Vec<_> = all.into_iter().filter(|r| r.uri.contains("/releases?")).collect();
     assert_eq!(log.len(), 11, "one list request per check: {log:#?}");
-    assert_eq!(counted(&gh), 1, "only the first answer counts: {log:#?}");
+    assert_eq!(
+        log.iter().filter(|r| r.counted()).count(),
+        1,
+        "only the first answer counts: {log:#?}"
+    );
     for r in &log {
         assert_eq!(r.header("authorization"), Some("Bearer ghp_test"));
         assert!(r.uri.contains("per_page=100"), "{}", r.uri);
@@ -70,9 +79,10 @@ async fn unchanged_releases_cost_nothing_against_the_rate_limit() {
     assert_eq!(reg.stats().not_modified, 10);
 
     // A new release is seen on the next check, at the cost of one request.
+    gh.clear_requests();
     gh.add_release("v1.2.0", &[(ART, b"one-two")]);
     assert_eq!(reg.latest().await.unwrap().tag, "v1.2.0");
-    assert_eq!(counted(&gh), 2);
+    assert_eq!(counted(&gh), 1);
 
     // With pre-releases on, both the tag and the flag are accepted.
     let pre = open("ghr://o/r?pre-release=true", &options(&gh, Some("ghp_test")));
@@ -302,4 +312,58 @@ async fn deployments_are_the_audit_trail() {
     assert_eq!(deployments[0]["payload"]["hostname"], "web-1");
     let states: Vec<_> = gh.deployment_statuses().iter().map(|s| s["state"].clone()).collect();
     assert_eq!(states, ["success", "failure"]);
+}
+
+/// A publisher's `SHA256SUMS` asset is verified with and without GitHub's
+/// own `digest`: a disagreement refuses the release.
+#[tokio::test]
+async fn published_checksum_files_are_verified_with_and_without_a_digest() {
+    let gh = FakeGithub::start();
+    let data = b"the artifact".to_vec();
+    let good = format!("{}  {ART}\n", hex_sha256(&data));
+    let bad = format!("{}  {ART}\n", "0".repeat(64));
+    let staging = tempfile::tempdir().unwrap();
+    let fetch = |reg: std::sync::Arc<dyn Registry>, release: dewy_registry::Release| {
+        let dir = staging.path().to_path_buf();
+        async move {
+            let request = reg.artifact_request(&release).await.unwrap();
+            Downloader::new(Default::default())
+                .unwrap()
+                .fetch_request(&request, release.checksum.as_ref(), &dir, &dewy_registry::NoProgress)
+                .await
+        }
+    };
+
+    // With GitHub's digest: the disagreeing file refuses the release at once.
+    gh.add_release("v1.0.0", &[(ART, &data), ("SHA256SUMS", bad.as_bytes())]);
+    let reg = open("ghr://o/r", &options(&gh, None));
+    let err = reg.latest().await.unwrap_err();
+    assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("SHA256SUMS"), "{err}");
+
+    // Without a digest (older GitHub Enterprise): the file alone is checked.
+    gh.add_release("v1.1.0", &[]);
+    gh.add_asset("v1.1.0", ART, &data, false);
+    gh.add_asset("v1.1.0", "SHA256SUMS", bad.as_bytes(), false);
+    let reg = open("ghr://o/r", &options(&gh, None));
+    let release = reg.latest().await.unwrap();
+    assert_eq!(release.checksum.as_ref().unwrap().source, "SHA256SUMS");
+    let err = fetch(reg.clone(), release).await.unwrap_err();
+    assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+
+    // A matching file, without a digest: verified and downloaded; the file
+    // is read once, not on every check.
+    gh.add_release("v1.2.0", &[]);
+    gh.add_asset("v1.2.0", ART, &data, false);
+    gh.add_asset("v1.2.0", "SHA256SUMS", good.as_bytes(), false);
+    let reg = open("ghr://o/r", &options(&gh, None));
+    let release = reg.latest().await.unwrap();
+    assert_eq!(release.checksum.as_ref().unwrap().sha256, hex_sha256(&data));
+    fetch(reg.clone(), release).await.unwrap();
+    gh.clear_requests();
+    reg.latest().await.unwrap();
+    assert!(
+        !gh.requests().iter().any(|r| r.uri.contains("/releases/assets/")),
+        "checksum file read again"
+    );
 }
