@@ -401,7 +401,19 @@ impl Deployer {
         let recorded_bad = self.cache.read(&Key::bad(&key)).await.ok().flatten().is_some();
         if recorded_bad || self.state().bad_key.as_deref() == Some(key.as_str()) {
             resumed?;
-            tracing::debug!(cache_key = %key, "Deploy skipped: this release failed to start before");
+            // Once per release at INFO (a check every few seconds must not
+            // repeat it), then at DEBUG.
+            let first = {
+                let mut state = self.state();
+                let first = state.announced_bad.as_deref() != Some(key.as_str());
+                state.announced_bad = Some(key.to_string());
+                first
+            };
+            if first {
+                tracing::info!(cache_key = %key, version = %release.tag, "Deploy skipped: this release is recorded as bad (here or by another host sharing the cache); `dewy clear-bad` allows it again");
+            } else {
+                tracing::debug!(cache_key = %key, "Deploy skipped: this release is recorded as bad");
+            }
             return Ok(TickOutcome::KnownBad { tag: release.tag });
         }
         if let Err(err) = resumed {

@@ -60,4 +60,6 @@ pub(crate) struct State {
     pub(crate) resume_backoff: std::time::Duration,
     /// The release being deployed now, for status and operator commands.
     pub(crate) deploying: Option<String>,
+    /// The last bad release whose skip was logged at INFO.
+    pub(crate) announced_bad: Option<String>,
 }
