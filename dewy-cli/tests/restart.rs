@@ -366,13 +366,16 @@ fn a_missing_config_file_is_named() {
 #[test]
 fn sigterm_during_a_long_readiness_wait_ends_dewy_and_status_answers_meanwhile() {
     let w = World::new();
-    w.publish("v1.0.0", false);
-    // The first-socket app never answers on the private probe socket: the
-    // readiness wait would last the whole hour.
+    // An app that needs an hour before it listens: the readiness wait would
+    // last the whole hour.
+    w.publish_with("v1.0.0", &[("SLOW", b"3600")]);
     let mut dewy = w.server(&["--health-path", "/", "--health-timeout", "1h", "--stop-timeout", "3s"]);
-    wait_for("the deploy in flight", Duration::from_secs(30), || {
-        w.status()["deploying"] == "v1.0.0"
-    });
+    wait_for(
+        "the readiness wait of the deploy in flight",
+        Duration::from_secs(30),
+        || w.log().contains("Started application generation") && w.status()["deploying"] == "v1.0.0",
+    );
+    std::thread::sleep(Duration::from_secs(1));
     let asked = Instant::now();
     let status = w.status();
     assert!(
@@ -390,6 +393,7 @@ fn sigterm_during_a_long_readiness_wait_ends_dewy_and_status_answers_meanwhile()
         took < dewy_core::SHUTDOWN_GRACE + Duration::from_secs(3 + 2),
         "dewy took {took:?} to stop"
     );
+    assert!(w.log().contains("Cancelling the deploy in flight"), "{}", w.log());
     // Nothing dewy started is left holding the port.
     std::net::TcpListener::bind(("127.0.0.1", w.port)).expect("the port is free again");
 }
