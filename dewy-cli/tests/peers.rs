@@ -5,10 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use assert_cmd::cargo::CommandCargoExt;
-use dewy_testkit::Load;
+use dewy_testkit::{Load, wait_for};
 
 const STARLET_APP: &str = r#"my $v = do { local $/; open my $f, '<', 'current/VERSION' or die "VERSION: $!"; <$f> };
 chomp $v;
@@ -22,14 +22,6 @@ def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 "#;
-
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Processes whose working directory is inside `dir`.
 fn processes_in(dir: &Path) -> Vec<String> {

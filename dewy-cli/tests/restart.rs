@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::CommandCargoExt;
-use dewy_testkit::Load;
+use dewy_testkit::{Load, wait_for};
 
 /// Serves `version=<VERSION>` on the first inherited socket only; exits 3
 /// at once when its release holds a `CRASH` file.
@@ -143,14 +143,6 @@ impl World {
             .collect();
         names.sort();
         names
-    }
-}
-
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

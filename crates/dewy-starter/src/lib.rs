@@ -70,7 +70,9 @@
 //! This is the only dewy crate allowed `unsafe` (apart from one
 //! `sync_file_range(2)` call in dewy-registry's downloader): the `pre_exec`
 //! hook that places descriptors and sets the parent-death signal between fork
-//! and exec. Every block says why it is sound.
+//! and exec, and one `getsockopt(TCP_INFO)` on a held listener for its accept
+//! queue (no safe wrapper in nix or socket2). Every block says why it is
+//! sound.
 
 #![allow(unsafe_code)]
 #![deny(missing_docs)]

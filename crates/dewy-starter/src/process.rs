@@ -239,12 +239,15 @@ impl Starter {
             first_socket_only: AtomicBool::new(false),
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), exits_rx));
-        let weak = Arc::downgrade(&inner);
-        tokio::spawn(crate::watch::watch(inner.socket_inodes.clone(), move |queued| {
-            let Some(inner) = weak.upgrade() else { return false };
-            inner.report_stall(queued);
-            true
-        }));
+        let (sample, report) = (Arc::downgrade(&inner), Arc::downgrade(&inner));
+        tokio::spawn(crate::watch::watch(
+            move || sample.upgrade().map(|inner| inner.queued()),
+            move |queued| {
+                if let Some(inner) = report.upgrade() {
+                    inner.report_stall(queued);
+                }
+            },
+        ));
         Self { inner }
     }
 
@@ -440,8 +443,17 @@ impl Inner {
 
     /// The app (alone on the sockets) accepted the connection waiting on its
     /// first socket but not the one waiting on the private socket.
-    fn serves_only_first_socket(&self, private_inode: &std::collections::HashSet<u64>) -> bool {
-        crate::watch::accept_queues(private_inode) > 0 && crate::watch::accept_queues(&self.socket_inodes) == 0
+    fn serves_only_first_socket(&self, private: Option<&std::net::TcpListener>) -> bool {
+        use std::os::fd::AsFd;
+        private
+            .and_then(|l| crate::watch::accept_queue(l.as_fd()))
+            .is_some_and(|n| n > 0)
+            && self.queued() == 0
+    }
+
+    /// Connections waiting on the held TCP listeners.
+    fn queued(&self) -> u64 {
+        crate::watch::accept_queues(self.listeners.iter().map(|(_, fd)| fd))
     }
 
     /// Replaces the serving generation (and its snapshot); returns the old.
@@ -510,16 +522,12 @@ impl Inner {
             Readiness::Http { path, timeout } => {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(os("bind private probe socket"))?;
                 let addr = l.local_addr().map_err(os("read probe socket address"))?;
-                let private_inode = {
-                    use std::os::fd::AsFd;
-                    crate::orphans::socket_inodes(std::iter::once(l.as_fd()))
-                };
                 private = Some(l);
                 Probe::Http {
                     addr,
                     path: path.clone(),
                     timeout: *timeout,
-                    private_inode,
+                    private: None,
                 }
             }
         };
@@ -616,7 +624,12 @@ impl Inner {
             source,
         })?;
         drop(high);
-        drop(private);
+        // dewy keeps its copy of the private socket while it probes, to
+        // read its accept queue.
+        let mut probe = probe;
+        if let Probe::Http { private: kept, .. } = &mut probe {
+            *kept = private;
+        }
         let pid = child.id().unwrap_or(0);
         self.emit(Event::Started {
             generation: number,
@@ -757,8 +770,8 @@ enum Probe {
         addr: std::net::SocketAddr,
         path: String,
         timeout: Duration,
-        /// The private socket's inode, to read its accept queue.
-        private_inode: std::collections::HashSet<u64>,
+        /// dewy's copy of the private socket, to read its accept queue.
+        private: Option<std::net::TcpListener>,
     },
 }
 
@@ -799,10 +812,7 @@ impl Probe {
                 }
             }
             Self::Http {
-                addr,
-                path,
-                private_inode,
-                ..
+                addr, path, private, ..
             } => {
                 let started = tokio::time::Instant::now();
                 // Connections that wait to be accepted on each socket: the
@@ -825,7 +835,7 @@ impl Probe {
                     {
                         match &shared_canary {
                             None => shared_canary = Some(inner.connect_first_socket().await),
-                            Some(_) if inner.serves_only_first_socket(&private_inode) => {
+                            Some(_) if inner.serves_only_first_socket(private.as_ref()) => {
                                 inner.first_socket_only.store(true, Ordering::SeqCst);
                                 tracing::warn!(
                                     path,

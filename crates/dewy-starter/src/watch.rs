@@ -3,7 +3,7 @@
 //! hung app) are an outage that nothing else reports, since the kernel
 //! keeps queueing instead of refusing.
 
-use std::collections::HashSet;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 /// How often the queues are read.
@@ -11,28 +11,35 @@ const EVERY: Duration = Duration::from_millis(500);
 /// How long connections must wait unaccepted before the warning.
 pub(crate) const STALL: Duration = Duration::from_secs(2);
 
-/// The accept queue length of each listening TCP socket among `inodes`,
-/// from `/proc/net/tcp` and `/proc/net/tcp6` (for a socket in LISTEN state
-/// the receive queue column is the number of connections waiting to be
-/// accepted).
-pub(crate) fn accept_queues(inodes: &HashSet<u64>) -> u64 {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .flat_map(|text| {
-            text.lines()
-                .skip(1)
-                .filter_map(|line| {
-                    let cols: Vec<&str> = line.split_whitespace().collect();
-                    let (state, queues, inode) = (cols.get(3)?, cols.get(4)?, cols.get(9)?.parse::<u64>().ok()?);
-                    if *state != "0A" || !inodes.contains(&inode) {
-                        return None;
-                    }
-                    u64::from_str_radix(queues.split_once(':')?.1, 16).ok()
-                })
-                .collect::<Vec<_>>()
-        })
-        .sum()
+/// Connections waiting to be accepted on `fd`, when it is a listening TCP
+/// socket (`TCP_INFO`: for a socket in LISTEN state the kernel reports the
+/// accept queue length as `tcpi_unacked`, as `ss -l` shows it). A cheap
+/// call on a descriptor dewy holds, whatever the number of connections on
+/// the host.
+pub(crate) fn accept_queue(fd: BorrowedFd<'_>) -> Option<u64> {
+    const TCP_LISTEN: u8 = 10;
+    // SAFETY: `tcp_info` is a plain C struct of integers, for which all
+    // zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is an open descriptor borrowed for the call; `info` and
+    // `len` are valid for writes of `len` bytes, and the kernel writes at
+    // most `len` bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast::<libc::c_void>(),
+            &raw mut len,
+        )
+    };
+    (rc == 0 && info.tcpi_state == TCP_LISTEN).then_some(u64::from(info.tcpi_unacked))
+}
+
+/// The connections waiting on all of `fds` (those that are TCP listeners).
+pub(crate) fn accept_queues<'a>(fds: impl IntoIterator<Item = BorrowedFd<'a>>) -> u64 {
+    fds.into_iter().filter_map(accept_queue).sum()
 }
 
 /// Follows the queue: `Some(queued)` once it has stayed non-empty and not
@@ -69,19 +76,15 @@ impl StallDetector {
     }
 }
 
-/// Watches until `inner` is dropped; reports stalls through `on_stall`.
-pub(crate) async fn watch(inodes: HashSet<u64>, mut on_stall: impl FnMut(u64) -> bool + Send) {
+/// Samples `queued()` every half second until it returns `None` (the
+/// starter is gone); reports stalls through `on_stall`.
+pub(crate) async fn watch(mut queued: impl FnMut() -> Option<u64> + Send, mut on_stall: impl FnMut(u64) + Send) {
     let mut detector = StallDetector::default();
     loop {
         tokio::time::sleep(EVERY).await;
-        let probe = inodes.clone();
-        let Ok(queued) = tokio::task::spawn_blocking(move || accept_queues(&probe)).await else {
-            return;
-        };
-        if let Some(queued) = detector.sample(queued, Instant::now())
-            && !on_stall(queued)
-        {
-            return;
+        let Some(now) = queued() else { return };
+        if let Some(stalled) = detector.sample(now, Instant::now()) {
+            on_stall(stalled);
         }
     }
 }
@@ -112,12 +115,11 @@ mod tests {
     fn the_queue_of_a_listener_nobody_accepts_is_read() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let inodes = {
-            use std::os::fd::AsFd;
-            crate::orphans::socket_inodes(std::iter::once(l.as_fd()))
-        };
-        assert_eq!(accept_queues(&inodes), 0);
+        use std::os::fd::AsFd;
+        assert_eq!(accept_queue(l.as_fd()), Some(0));
         let _c: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
-        assert_eq!(accept_queues(&inodes), 3);
+        assert_eq!(accept_queue(l.as_fd()), Some(3));
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        assert_eq!(accept_queue(client.as_fd()), None, "not a listener");
     }
 }

@@ -718,6 +718,16 @@ pub fn publish(registry: &Path, tag: &str, name: &str, artifact: &[u8]) {
     std::fs::rename(&tmp, dir.join(name)).expect("publish artifact");
 }
 
+/// Polls `f` every 100 ms until it holds; panics naming `what` after
+/// `within`.
+pub fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A client requesting `/` in a loop, one connection per request, for
 /// zero-downtime assertions.
 #[derive(Debug)]
