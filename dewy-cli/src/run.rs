@@ -77,7 +77,7 @@ pub(crate) fn cloud_options() -> dewy_registry::CloudOptions {
 pub(crate) struct OpenedCache {
     pub(crate) cache: Arc<dyn dewy_cache::Cache>,
     /// The bucket, its prefix and `registry-ttl` when it is a cloud cache.
-    bucket: Option<(dewy_cache::cloud::StoreUrl, Option<Duration>)>,
+    bucket: Option<(dewy_store::StoreUrl, Option<Duration>)>,
 }
 
 /// The local cache folder (for a bucket cache: of the local copies).
@@ -110,7 +110,10 @@ pub(crate) fn open_cache_url(
         });
     }
     let url = url::Url::parse(cache_url).with_context(|| format!("invalid cache URL `{cache_url}`"))?;
-    let opened = dewy_cache::cloud::open_store(&url, cloud)?;
+    let opened = dewy_store::open_store(&url, cloud).map_err(|e| match e {
+        dewy_store::Error::InvalidUrl { url, reason } => anyhow::anyhow!("invalid cache URL `{url}`: {reason}"),
+        other => other.into(),
+    })?;
     let mut ttl = None;
     for (k, v) in &opened.rest {
         match k.as_str() {

@@ -898,9 +898,9 @@ fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
         .enable_all()
         .build()
         .unwrap();
-    let store = dewy_cache::cloud::open_store(
+    let store = dewy_store::open_store(
         &url::Url::parse(&format!("s3://us-east-1/fleet/?endpoint={}", s3.endpoint)).unwrap(),
-        &dewy_cache::cloud::CloudOptions {
+        &dewy_store::CloudOptions {
             aws_credentials: Some(("test".into(), "test".into(), None)),
             ..Default::default()
         },
@@ -912,7 +912,7 @@ fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
         rt.block_on(store.put(
             &format!("releases/{tag}/site_linux_amd64.tar.gz"),
             data,
-            dewy_cache::cloud::Precondition::Any,
+            dewy_store::Precondition::Any,
         ))
         .unwrap();
     };
@@ -985,7 +985,7 @@ fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
         (&hosts[0].0, vec!["clear-bad", "--cache", &cache]),
         (&hosts[1].0, vec!["clear-bad"]),
     ] {
-        rt.block_on(store.put(bad, b"{}".to_vec(), dewy_cache::cloud::Precondition::Any))
+        rt.block_on(store.put(bad, b"{}".to_vec(), dewy_store::Precondition::Any))
             .unwrap();
         let out = dewy(app)
             .args(&args)

@@ -765,7 +765,7 @@ fn fleet(args: &[String]) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let cloud = dewy_cache::cloud::CloudOptions {
+    let cloud = dewy_store::CloudOptions {
         aws_credentials: Some(("test".into(), "test".into(), None)),
         ..Default::default()
     };
@@ -786,7 +786,7 @@ fn fleet(args: &[String]) -> Result<()> {
     let mut deployers = Vec::new();
     let _runtime = rt.enter();
     for i in 0..hosts {
-        let opened = dewy_cache::cloud::open_store(&cache_url, &cloud)?;
+        let opened = dewy_store::open_store(&cache_url, &cloud)?;
         let root = work.path().join(format!("host{i}"));
         let local = dewy_cache::FileCache::open(root.join(".dewy/cache"))?;
         let cache = Arc::new(

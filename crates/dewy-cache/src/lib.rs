@@ -30,12 +30,12 @@
 //!
 //! [`cloud::CloudCache`] keeps artifacts and bad-release records in a bucket
 //! shared by a fleet, with a local copy per host; the per-host `current`
-//! stays local. [`cloud::ObjectStore`] is the bucket interface that the
-//! registries and the shared registry answer (dewy-registry) also use.
+//! stays local. The bucket is a `dewy_store::ObjectStore`, the client that
+//! dewy-registry's `s3://` and `gs://` registries use too.
 //!
 //! # What this crate must never do
 //!
-//! Network I/O outside the `cloud` module, reading environment variables
+//! Network I/O outside the `cloud` module (which goes through dewy-store), reading environment variables
 //! (the CLI passes `DEWY_CACHEDIR` and credentials in; only the AWS SDK's
 //! standard credential chain reads its own), or exposing a partially written
 //! value under a final key.
@@ -91,30 +91,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A remote store (S3, GCS) failed.
-    #[error("failed to {op} `{location}`: {message}")]
-    Remote {
-        /// The operation.
-        op: &'static str,
-        /// The object (`s3://region/bucket/key`).
-        location: String,
-        /// What the store said.
-        message: String,
-    },
-    /// A conditional write lost: the object changed or already exists.
-    #[error("`{location}` was changed by someone else (precondition failed)")]
-    Conflict {
-        /// The object.
-        location: String,
-    },
-    /// A malformed cache URL.
-    #[error("invalid cache URL `{url}`: {reason}")]
-    InvalidUrl {
-        /// The URL without its query.
-        url: String,
-        /// What is wrong.
-        reason: String,
-    },
+    /// The bucket of a cloud cache failed (see [`cloud::CloudCache`]).
+    #[cfg(feature = "cloud")]
+    #[error(transparent)]
+    Store(#[from] dewy_store::Error),
     /// A failure injected by a test backend.
     #[error("injected failure: {0}")]
     Injected(String),

@@ -41,10 +41,7 @@ mod download;
 mod file;
 #[cfg(feature = "github")]
 mod github;
-#[cfg(feature = "cloud")]
 mod object;
-mod redact;
-#[cfg(feature = "cloud")]
 mod shared;
 mod version;
 
@@ -52,16 +49,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use artifact::{Choice, Platform, choose_artifact};
-#[cfg(feature = "cloud")]
-pub use dewy_cache::cloud::CloudOptions;
+pub use dewy_store::CloudOptions;
+/// Where to download an artifact from (one type with dewy-store's object
+/// requests). Header values may hold credentials: `Debug` shows only the
+/// header names.
+pub use dewy_store::ObjectRequest as ArtifactRequest;
+pub use dewy_store::SafeUrl;
 pub use download::{DownloadPolicy, DownloadProgress, Downloaded, Downloader, NoProgress};
 pub use file::FileRegistry;
 #[cfg(feature = "github")]
 pub use github::{GithubEnv, GithubRegistry};
-#[cfg(feature = "cloud")]
 pub use object::ObjectRegistry;
-pub use redact::SafeUrl;
-#[cfg(feature = "cloud")]
 pub use shared::{SharedRegistry, SharedScope, SharedStats};
 pub use version::{CalVerFormat, Scheme, Selection, Version, choose_latest, parse_semver};
 
@@ -228,7 +226,7 @@ pub enum Error {
         location: String,
         /// The cause.
         #[source]
-        source: dewy_cache::Error,
+        source: dewy_store::Error,
     },
     /// Credentials are missing, incomplete or unusable.
     #[error("registry credentials: {reason}")]
@@ -308,38 +306,6 @@ pub struct RegistryStats {
     pub rate_limited: u64,
 }
 
-/// Where to download an artifact from. Header values may hold credentials:
-/// `Debug` shows only the header names.
-#[derive(Clone)]
-pub struct ArtifactRequest {
-    /// `file://`, `http://` or `https://`.
-    pub url: String,
-    /// Request headers (lower-case names).
-    pub headers: Vec<(String, String)>,
-}
-
-impl ArtifactRequest {
-    /// A URL fetched with no extra headers.
-    pub fn plain(url: &str) -> Self {
-        Self {
-            url: url.to_owned(),
-            headers: Vec::new(),
-        }
-    }
-}
-
-impl std::fmt::Debug for ArtifactRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ArtifactRequest")
-            .field("url", &SafeUrl(&self.url).to_string())
-            .field(
-                "headers",
-                &self.headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
-            )
-            .finish()
-    }
-}
-
 /// Options that come from flags rather than the registry URL.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -353,7 +319,6 @@ pub struct OpenOptions {
     #[cfg(feature = "github")]
     pub github: GithubEnv,
     /// S3 and GCS credentials and endpoints (`s3://`, `gs://`).
-    #[cfg(feature = "cloud")]
     pub cloud: CloudOptions,
 }
 
@@ -365,7 +330,6 @@ impl Default for OpenOptions {
             platform: Platform::host(),
             #[cfg(feature = "github")]
             github: GithubEnv::default(),
-            #[cfg(feature = "cloud")]
             cloud: CloudOptions::default(),
         }
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use dewy_cache::cloud::{ObjectStore, Precondition, open_store};
+use dewy_store::{ObjectStore, Precondition, open_store};
 
 use crate::artifact::{Platform, pick_artifact};
 use crate::file::find_checksum;
@@ -21,9 +21,9 @@ pub struct ObjectRegistry {
     platform: Platform,
 }
 
-pub(crate) fn cache_error(url: &url::Url, e: dewy_cache::Error) -> Error {
+pub(crate) fn cache_error(url: &url::Url, e: dewy_store::Error) -> Error {
     match e {
-        dewy_cache::Error::InvalidUrl { reason, .. } => Error::InvalidUrl {
+        dewy_store::Error::InvalidUrl { reason, .. } => Error::InvalidUrl {
             url: SafeUrl(url.as_str()).to_string(),
             reason,
         },
@@ -55,7 +55,7 @@ impl ObjectRegistry {
         })
     }
 
-    fn error(&self, e: dewy_cache::Error) -> Error {
+    fn error(&self, e: dewy_store::Error) -> Error {
         Error::Store {
             location: self.store.location(),
             source: e,

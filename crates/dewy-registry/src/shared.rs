@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use dewy_cache::cloud::{ObjectStore, Precondition};
+use dewy_store::{ObjectStore, Precondition};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
@@ -217,7 +217,7 @@ impl SharedRegistry {
         }
     }
 
-    async fn put(&self, entry: &Entry, pre: Precondition) -> Result<String, dewy_cache::Error> {
+    async fn put(&self, entry: &Entry, pre: Precondition) -> Result<String, dewy_store::Error> {
         let data = serde_json::to_vec(entry).expect("entry serialises");
         self.store.put(&self.name, data, pre).await
     }
@@ -305,7 +305,7 @@ impl Registry for SharedRegistry {
             let pre = version.clone().map_or(Precondition::Absent, Precondition::Matches);
             let claimed = match self.put(&claim, pre).await {
                 Ok(v) => v,
-                Err(dewy_cache::Error::Conflict { .. }) => {
+                Err(dewy_store::Error::Conflict { .. }) => {
                     Self::pause().await;
                     continue;
                 }

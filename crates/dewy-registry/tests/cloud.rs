@@ -1,16 +1,15 @@
-//! S3 (moto) and GCS (fake-gcs-server) as registries, caches and the fleet's
+//! S3 (moto) and GCS (fake-gcs-server) as registries and the fleet's
 //! shared registry answer, against the real servers dewy-testkit starts.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use dewy_cache::cloud::{CloudCache, ObjectStore, Precondition, open_store};
-use dewy_cache::{Cache, FileCache, Key};
 use dewy_registry::{
     CloudOptions, Downloader, Error, NoProgress, OpenOptions, Platform, Registry, Release, Report, Scheme,
     SharedRegistry, SharedScope,
 };
+use dewy_store::{ObjectStore, Precondition, open_store};
 use dewy_testkit::{GcsServer, S3Server};
 
 const ART: &str = "app_linux_amd64.tar.gz";
@@ -169,72 +168,6 @@ async fn s3_registry_pages_versions_verifies_and_reports() {
 #[tokio::test]
 async fn gcs_registry_pages_versions_verifies_and_reports() {
     registry_end_to_end("gcs", 1005).await;
-}
-
-async fn cache_round_trip(kind: &str) {
-    let server = Server::start(kind).await;
-    let (store, prefix) = server.store("fleet/cache");
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let hosts: Vec<CloudCache> = dirs
-        .iter()
-        .map(|d| CloudCache::new(store.clone(), prefix.clone(), FileCache::open(d.path()).unwrap()))
-        .collect();
-    let key = Key::artifact("v1.0.0", ART).unwrap();
-    let src = hosts[0].staging_dir().join("download");
-    std::fs::write(&src, b"artifact bytes").unwrap();
-    hosts[0].put_file(&key, &src).await.unwrap();
-    hosts[0].write(&Key::current(), key.as_str().as_bytes()).await.unwrap();
-
-    // The second host finds the artifact in the bucket, not `current`.
-    let path = hosts[1]
-        .local_path(&key)
-        .await
-        .unwrap()
-        .expect("fetched from the bucket");
-    assert_eq!(std::fs::read(path).unwrap(), b"artifact bytes");
-    assert_eq!(
-        hosts[1].read(&Key::current()).await.unwrap(),
-        None,
-        "current is per host"
-    );
-    assert!(store.get(&format!("{prefix}current")).await.unwrap().is_none());
-    // Bad-release records are fleet-wide.
-    hosts[1].write(&Key::bad(&key), b"failed health check").await.unwrap();
-    assert_eq!(
-        hosts[0].read(&Key::bad(&key)).await.unwrap().as_deref(),
-        Some(&b"failed health check"[..])
-    );
-    assert_eq!(
-        hosts[0]
-            .local_path(&Key::artifact("v9.9.9", ART).unwrap())
-            .await
-            .unwrap(),
-        None
-    );
-
-    // Eviction keeps the newest artifacts in the bucket too.
-    for tag in ["v1.0.1", "v1.0.2"] {
-        let src = hosts[0].staging_dir().join("download");
-        std::fs::write(&src, tag).unwrap();
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        hosts[0]
-            .put_file(&Key::artifact(tag, ART).unwrap(), &src)
-            .await
-            .unwrap();
-    }
-    let removed = hosts[0].evict(2, &[]).await.unwrap();
-    assert_eq!(removed, vec![key.clone()]);
-    assert!(store.get(&format!("{prefix}{key}")).await.unwrap().is_none());
-}
-
-#[tokio::test]
-async fn s3_cache_shares_artifacts_not_current() {
-    cache_round_trip("s3").await;
-}
-
-#[tokio::test]
-async fn gcs_cache_shares_artifacts_not_current() {
-    cache_round_trip("gcs").await;
 }
 
 /// An upstream registry that counts its calls and can fail.
@@ -400,70 +333,4 @@ async fn s3_shared_answer_one_upstream_call_per_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gcs_shared_answer_one_upstream_call_per_ttl() {
     shared_answer("gcs").await;
-}
-
-/// A bucket that does not exist yet: the cache works on its local copy,
-/// says it is degraded, and uses the bucket once it exists.
-async fn missing_bucket_degrades_then_recovers(kind: &str) {
-    init();
-    let (server, url) = match kind {
-        "s3" => {
-            let s = S3Server::start();
-            let url = format!("s3://us-east-1/later-bucket/c?endpoint={}", s.endpoint);
-            (Server::S3(s), url)
-        }
-        _ => {
-            let g = GcsServer::start();
-            (Server::Gcs(g), "gs://later-bucket/c".to_owned())
-        }
-    };
-    let opened = open_store(&url::Url::parse(&url).unwrap(), &server.cloud()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cache = CloudCache::new(
-        opened.store.clone(),
-        opened.prefix.clone(),
-        FileCache::open(dir.path()).unwrap(),
-    );
-    let key = Key::artifact("v1.0.0", ART).unwrap();
-    assert_eq!(cache.begin_download(&key).await.unwrap(), None, "download it yourself");
-    let src = cache.staging_dir().join("download");
-    std::fs::write(&src, b"artifact bytes").unwrap();
-    cache.put_file(&key, &src).await.unwrap();
-    cache.end_download(&key).await;
-    let path = cache.local_path(&key).await.unwrap().expect("kept locally");
-    assert_eq!(std::fs::read(path).unwrap(), b"artifact bytes");
-    cache.write(&Key::bad(&key), b"bad").await.unwrap();
-    assert_eq!(cache.read(&Key::bad(&key)).await.unwrap().as_deref(), Some(&b"bad"[..]));
-    assert!(!cache.list().await.unwrap().is_empty());
-    let why = cache.degraded().expect("degraded");
-    assert!(why.contains("later-bucket"), "{why}");
-    assert!(why.len() < 400 && !why.contains('\n'), "one readable line: {why}");
-    if kind == "s3" {
-        assert!(why.contains("NoSuchBucket") && why.contains("request id"), "{why}");
-    }
-    match &server {
-        Server::S3(s) => s.create_bucket("later-bucket"),
-        Server::Gcs(g) => g.create_bucket("later-bucket"),
-    }
-    std::fs::write(&src, b"artifact bytes").unwrap();
-    cache.put_file(&key, &src).await.unwrap();
-    assert_eq!(cache.degraded(), None, "back on the bucket");
-    assert!(
-        opened
-            .store
-            .get(&format!("{}{key}", opened.prefix))
-            .await
-            .unwrap()
-            .is_some()
-    );
-}
-
-#[tokio::test]
-async fn s3_missing_bucket_degrades_to_the_local_cache() {
-    missing_bucket_degrades_then_recovers("s3").await;
-}
-
-#[tokio::test]
-async fn gcs_missing_bucket_degrades_to_the_local_cache() {
-    missing_bucket_degrades_then_recovers("gcs").await;
 }

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{ObjectStore, Precondition};
+use dewy_store::{ObjectStore, Precondition};
+
 use crate::{Cache, Entry, Error, FileCache, Key};
 
 /// A cache in a bucket (`s3://…`, `gs://…`) with a local [`FileCache`] for
@@ -64,7 +65,11 @@ impl CloudCache {
     /// The outcome of a bucket operation: `Some` on success (leaving the
     /// degraded mode if it was on), `None` when the bucket failed (entering
     /// or staying in it; the caller falls back to the local copy).
-    async fn bucket<T>(&self, op: &str, result: impl std::future::Future<Output = Result<T, Error>>) -> Option<T> {
+    async fn bucket<T, E: std::fmt::Display>(
+        &self,
+        op: &str,
+        result: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Option<T> {
         let result = result.await;
         let mut degraded = self.degraded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match result {
@@ -131,7 +136,7 @@ impl CloudCache {
             .objects
             .into_iter()
             .filter_map(|o| {
-                let key = Key::new(super::strip(&self.prefix, &o.name)).ok()?;
+                let key = Key::new(o.name.strip_prefix(&self.prefix).unwrap_or(&o.name)).ok()?;
                 Self::shared(&key).then(|| Entry {
                     key,
                     size: o.size,
@@ -252,7 +257,7 @@ impl Cache for CloudCache {
                         }
                         None => return Ok(None),
                     },
-                    Err(Error::Conflict { .. }) => true,
+                    Err(dewy_store::Error::Conflict { .. }) => true,
                     Err(e) => {
                         self.bucket("write the download lock", async { Err::<(), _>(e) }).await;
                         return Ok(None);
@@ -272,8 +277,8 @@ impl Cache for CloudCache {
                             .await
                         {
                             Ok(_) => return Ok(None),
-                            Err(Error::Conflict { .. }) => true,
-                            Err(e) => return Err(e),
+                            Err(dewy_store::Error::Conflict { .. }) => true,
+                            Err(e) => return Err(e.into()),
                         }
                     } else {
                         true

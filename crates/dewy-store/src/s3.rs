@@ -6,8 +6,8 @@ use std::time::Duration;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 
-use super::{FileSink, Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondition};
 use crate::Error;
+use crate::{FileSink, Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondition};
 
 /// A bucket on S3 or an S3-compatible server.
 ///

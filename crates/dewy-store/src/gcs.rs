@@ -12,8 +12,8 @@ use std::path::Path;
 
 use google_cloud_storage::client::Storage;
 
-use super::{FileSink, Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondition};
 use crate::Error;
+use crate::{FileSink, Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondition};
 
 const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
 
