@@ -93,50 +93,60 @@ pub struct ReleasesArgs {
     pub json: bool,
 }
 
-/// `dewy server`.
-#[derive(Debug, Args)]
+/// `dewy server`. Serialized (set flags only) as the top layer of the
+/// configuration; the field names are the keys of `dewy.toml`.
+#[derive(Debug, Args, Serialize)]
 pub struct ServerArgs {
     #[command(flatten)]
+    #[serde(flatten)]
     pub common: CommonArgs,
 
     /// Ports to hold for the application: `8000`, `8000,8001`,
     /// `8000-8005`, `127.0.0.1:8000`, `[::1]:8000`, or a unix socket path.
     /// Repeatable.
     #[arg(short = 'p', long = "port", value_name = "PORTS")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub port: Vec<String>,
 
     /// Readiness by HTTP: after a start or restart, the new generation must
     /// answer 2xx to `GET PATH` (on a private socket it inherits last)
     /// before the previous one is stopped.
     #[arg(long = "health-path", value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health_path: Option<String>,
 
     /// Readiness by notification: the app sends `READY=1` to
     /// `NOTIFY_SOCKET`, as under systemd's `Type=notify`.
     #[arg(long = "ready-notify")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub ready_notify: bool,
 
     /// How long a new generation gets to become ready. Default 30s.
     #[arg(long = "health-timeout", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health_timeout: Option<String>,
 
     /// With `--health-path`: after each restart the new release must keep
     /// answering 2xx on the app's first port for this long, or dewy rolls
     /// back to the previous release. Default 0 (off).
     #[arg(long = "health-soak", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health_soak: Option<String>,
 
     /// Time between two health checks during the soak. Default 500ms.
     #[arg(long = "health-interval", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health_interval: Option<String>,
 
     /// How long a generation gets to exit after SIGTERM before SIGKILL.
     /// Default 30s.
     #[arg(long = "stop-timeout", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<String>,
 
     /// The application's command and arguments (after `--`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
 }
 

@@ -8,41 +8,41 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::Deserialize;
 
-use crate::cli::{Cli, Command, CommonArgs};
+use crate::cli::{Cli, Command};
 
-/// The keys of the file and of `DEWY_<KEY>` variables, with their flags.
-pub const KEYS: &[(&str, &str)] = &[
-    ("registry", "--registry"),
-    ("cache", "--cache"),
-    ("notifier", "--notifier"),
-    ("interval", "--interval"),
-    ("port", "--port"),
-    ("log_level", "--log-level"),
-    ("log_format", "--log-format"),
-    ("before_deploy_hook", "--before-deploy-hook"),
-    ("after_deploy_hook", "--after-deploy-hook"),
-    ("slot", "--slot"),
-    ("calver", "--calver"),
-    ("keep_releases", "--keep-releases"),
-    ("grace_period", "--grace-period"),
-    ("hook_timeout", "--hook-timeout"),
-    ("abort_on_hook_failure", "--abort-on-hook-failure"),
-    ("workdir", "--workdir"),
-    ("pass_env", "--pass-env"),
-    ("health_command", "--health-command"),
-    ("admin_port", "--admin-port"),
-    ("admin_token", "--admin-token"),
-    ("otlp_endpoint", "--otlp-endpoint"),
-    ("otlp_interval", "--otlp-interval"),
-    ("webhook_secret", "--webhook-secret"),
-    ("health_path", "--health-path"),
-    ("ready_notify", "--ready-notify"),
-    ("health_timeout", "--health-timeout"),
-    ("stop_timeout", "--stop-timeout"),
-    ("health_soak", "--health-soak"),
-    ("health_interval", "--health-interval"),
-    ("command", "COMMAND (after --)"),
-];
+/// One configuration key: its name in `dewy.toml` and `DEWY_<KEY>`, its
+/// flag, and whether it takes several values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    /// The key (`keep_releases`).
+    pub name: String,
+    /// The flag (`--keep-releases`), or `COMMAND (after --)`.
+    pub flag: String,
+    /// A list (`port`, `pass_env`, `command`).
+    pub many: bool,
+}
+
+/// Every key of `dewy.toml` and `DEWY_*`, read from the flags of `dewy
+/// server` (which has all of `assets`' too): a key is declared once, as a
+/// flag in [`crate::cli`], and its value is checked once, in this module.
+pub fn keys() -> Vec<Key> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let Some(server) = cli.find_subcommand("server") else {
+        return Vec::new();
+    };
+    server
+        .get_arguments()
+        .filter(|a| !matches!(a.get_id().as_str(), "config" | "help" | "version"))
+        .map(|a| Key {
+            name: a.get_id().to_string(),
+            flag: a
+                .get_long()
+                .map_or_else(|| "COMMAND (after --)".to_owned(), |l| format!("--{l}")),
+            many: matches!(a.get_action(), clap::ArgAction::Append),
+        })
+        .collect()
+}
 
 /// A scalar from a flag (always a string), the environment (parsed by
 /// figment) or TOML.
@@ -82,40 +82,31 @@ impl OneOrMany {
     }
 }
 
-/// The merged, unvalidated values.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw {
-    registry: Option<Scalar>,
-    cache: Option<Scalar>,
-    notifier: Option<Scalar>,
-    interval: Option<Scalar>,
-    port: Option<OneOrMany>,
-    log_level: Option<Scalar>,
-    log_format: Option<Scalar>,
-    before_deploy_hook: Option<Scalar>,
-    after_deploy_hook: Option<Scalar>,
-    slot: Option<Scalar>,
-    calver: Option<Scalar>,
-    keep_releases: Option<Scalar>,
-    grace_period: Option<Scalar>,
-    hook_timeout: Option<Scalar>,
-    abort_on_hook_failure: Option<Scalar>,
-    workdir: Option<Scalar>,
-    pass_env: Option<OneOrMany>,
-    command: Option<OneOrMany>,
-    health_path: Option<Scalar>,
-    health_soak: Option<Scalar>,
-    health_interval: Option<Scalar>,
-    admin_port: Option<Scalar>,
-    health_command: Option<Scalar>,
-    admin_token: Option<Scalar>,
-    otlp_endpoint: Option<Scalar>,
-    otlp_interval: Option<Scalar>,
-    webhook_secret: Option<Scalar>,
-    ready_notify: Option<Scalar>,
-    health_timeout: Option<Scalar>,
-    stop_timeout: Option<Scalar>,
+/// The merged, unvalidated values by key.
+#[derive(Debug, Default)]
+struct Raw(std::collections::BTreeMap<String, OneOrMany>);
+
+impl Raw {
+    /// A single value. Keys are checked in tests: an unknown one is a bug.
+    fn scalar(&self, key: &str) -> Option<Scalar> {
+        debug_assert!(
+            keys().iter().any(|k| k.name == key && !k.many),
+            "{key} is not a scalar key"
+        );
+        match self.0.get(key)? {
+            OneOrMany::One(v) => Some(v.clone()),
+            OneOrMany::Many(v) => v.first().cloned(),
+        }
+    }
+
+    /// The values of a list key (absent: empty).
+    fn list(&self, key: &str) -> Vec<String> {
+        debug_assert!(
+            keys().iter().any(|k| k.name == key && k.many),
+            "{key} is not a list key"
+        );
+        self.0.get(key).map(OneOrMany::items).unwrap_or_default()
+    }
 }
 
 /// Log output format.
@@ -136,9 +127,12 @@ pub enum Mode {
     Assets,
 }
 
-/// Validated configuration.
+/// Validated configuration: what dewy-core takes in [`Settings::core`],
+/// the rest for the CLI's own parts (ports, logs, admin API, OTLP).
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The deploy loop's configuration, filled from the keys it has.
+    pub core: dewy_core::Config,
     /// The command.
     pub mode: Mode,
     /// Registry URL.
@@ -147,30 +141,16 @@ pub struct Settings {
     pub cache: String,
     /// Notifier URL (empty: none).
     pub notifier: String,
-    /// Check interval.
-    pub interval: Duration,
     /// Port specs (server).
     pub ports: Vec<dewy_starter::ListenSpec>,
     /// Log level filter.
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
-    /// Before hook.
-    pub before_hook: Option<String>,
-    /// After hook.
-    pub after_hook: Option<String>,
     /// Slot.
     pub slot: Option<String>,
     /// CalVer format.
     pub calver: Option<String>,
-    /// Releases kept.
-    pub keep_releases: usize,
-    /// Grace period.
-    pub grace_period: Duration,
-    /// Hook timeout.
-    pub hook_timeout: Duration,
-    /// Abort on before-hook failure.
-    pub abort_on_hook_failure: bool,
     /// App folder (absolute).
     pub workdir: PathBuf,
     /// Secret variables passed through anyway.
@@ -185,8 +165,6 @@ pub struct Settings {
     pub health_soak: Duration,
     /// Time between two soak checks.
     pub health_interval: Duration,
-    /// Assets health command.
-    pub health_command: Option<String>,
     /// Admin API port on 127.0.0.1.
     pub admin_port: Option<u16>,
     /// Bearer token for mutating admin calls over TCP.
@@ -207,9 +185,9 @@ pub enum ConfigError {
     #[error("invalid value `{value}` for {flag} (key `{key}`): {expected}")]
     Invalid {
         /// The flag.
-        flag: &'static str,
+        flag: String,
         /// The file/env key.
-        key: &'static str,
+        key: String,
         /// The value given.
         value: String,
         /// What is expected.
@@ -219,9 +197,9 @@ pub enum ConfigError {
     #[error("{flag} is not set (or `{key}` in dewy.toml, or DEWY_{}): {expected}", key.to_uppercase())]
     Missing {
         /// The flag.
-        flag: &'static str,
+        flag: String,
         /// The key.
-        key: &'static str,
+        key: String,
         /// What is expected.
         expected: &'static str,
     },
@@ -230,18 +208,25 @@ pub enum ConfigError {
     Source(String),
 }
 
-fn flag_of(key: &str) -> &'static str {
-    KEYS.iter().find(|(k, _)| *k == key).map_or("?", |(_, f)| f)
+fn flag_of(key: &str) -> String {
+    keys()
+        .into_iter()
+        .find(|k| k.name == key)
+        .map_or_else(|| key.to_owned(), |k| k.flag)
 }
 
-fn key_static(key: &str) -> &'static str {
-    KEYS.iter().find(|(k, _)| *k == key).map_or("?", |(k, _)| k)
+fn missing(key: &str, expected: &'static str) -> ConfigError {
+    ConfigError::Missing {
+        flag: flag_of(key),
+        key: key.to_owned(),
+        expected,
+    }
 }
 
 fn invalid(key: &str, value: impl Into<String>, expected: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         flag: flag_of(key),
-        key: key_static(key),
+        key: key.to_owned(),
         value: value.into(),
         expected: expected.into(),
     }
@@ -290,30 +275,9 @@ fn text(v: &Option<Scalar>) -> Option<String> {
 
 /// Merges the sources and validates.
 pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
-    let mut server_flags: Vec<(&str, String)> = Vec::new();
-    let (mode, common, ports, command): (Mode, &CommonArgs, Vec<String>, Vec<String>) = match cli.command.as_ref() {
-        Some(Command::Server(s)) => {
-            if let Some(p) = &s.health_path {
-                server_flags.push(("health_path", p.clone()));
-            }
-            if s.ready_notify {
-                server_flags.push(("ready_notify", "true".into()));
-            }
-            if let Some(t) = &s.health_timeout {
-                server_flags.push(("health_timeout", t.clone()));
-            }
-            if let Some(t) = &s.stop_timeout {
-                server_flags.push(("stop_timeout", t.clone()));
-            }
-            if let Some(t) = &s.health_soak {
-                server_flags.push(("health_soak", t.clone()));
-            }
-            if let Some(t) = &s.health_interval {
-                server_flags.push(("health_interval", t.clone()));
-            }
-            (Mode::Server, &s.common, s.port.clone(), s.command.clone())
-        }
-        Some(Command::Assets(a)) => (Mode::Assets, a, vec![], vec![]),
+    let (mode, common, flags) = match cli.command.as_ref() {
+        Some(Command::Server(s)) => (Mode::Server, &s.common, Figment::from(Serialized::defaults(s))),
+        Some(Command::Assets(a)) => (Mode::Assets, a, Figment::from(Serialized::defaults(a))),
         // The other commands read no configuration (see `crate::main`).
         Some(_) | None => {
             return Err(ConfigError::Source("a command is required: server or assets".into()));
@@ -333,32 +297,34 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
         }
         figment = figment.merge(Toml::file(file));
     }
-    let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+    let keys = keys();
+    let known: Vec<String> = keys.iter().map(|k| k.name.clone()).collect();
     // DEWY_CACHEDIR and other DEWY_* variables that are not keys are left
     // alone (the key arrives here in its original case).
     figment =
         figment.merge(Env::prefixed("DEWY_").filter(move |k| known.iter().any(|x| k.as_str().eq_ignore_ascii_case(x))));
-    figment = figment.merge(Serialized::defaults(common));
-    if !ports.is_empty() {
-        figment = figment.merge(Serialized::default("port", &ports));
-    }
-    if !command.is_empty() {
-        figment = figment.merge(Serialized::default("command", &command));
-    }
-    for (key, value) in &server_flags {
-        figment = figment.merge(Serialized::default(key, value));
-    }
-    let raw: Raw = figment.extract().map_err(|e| {
-        let mut msg = e.to_string();
-        if let Some(src) = file.as_ref() {
-            msg = format!(
+    figment = figment.merge(flags);
+    let valid = || keys.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ");
+    let source = |msg: String| {
+        ConfigError::Source(match file.as_ref() {
+            Some(src) => format!(
                 "{msg} (in {} or DEWY_* variables; valid keys: {})",
                 src.display(),
-                KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
-            );
+                valid()
+            ),
+            None => msg,
+        })
+    };
+    let raw = Raw(figment.extract().map_err(|e| source(e.to_string()))?);
+    for (name, value) in &raw.0 {
+        match keys.iter().find(|k| &k.name == name) {
+            None => return Err(source(format!("unknown key `{name}`"))),
+            Some(k) if !k.many && matches!(value, OneOrMany::Many(v) if v.len() != 1) => {
+                return Err(invalid(name, value.items().join(","), "a single value, not a list"));
+            }
+            Some(_) => {}
         }
-        ConfigError::Source(msg)
-    })?;
+    }
     validate(mode, raw)
 }
 
@@ -416,11 +382,8 @@ fn refuse_managed(key: &str, url: &str, workdir: &Path, extra: &[&str]) -> Resul
 }
 
 fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
-    let registry = text(&raw.registry).ok_or(ConfigError::Missing {
-        flag: "--registry",
-        key: "registry",
-        expected: "a registry URL such as file:///srv/releases",
-    })?;
+    let registry = text(&raw.scalar("registry"))
+        .ok_or_else(|| missing("registry", "a registry URL such as file:///srv/releases"))?;
     if !registry.contains("://") {
         return Err(invalid(
             "registry",
@@ -428,7 +391,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             "a URL such as file:///srv/releases (scheme://path)",
         ));
     }
-    let cache = text(&raw.cache).unwrap_or_default();
+    let cache = text(&raw.scalar("cache")).unwrap_or_default();
     if !cache.is_empty() && !["file://", "s3://", "gs://"].iter().any(|p| cache.starts_with(p)) {
         return Err(invalid(
             "cache",
@@ -436,7 +399,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             "empty (the default file cache), file:///path, s3://<region>/<bucket>[/<prefix>] or gs://<bucket>[/<prefix>]",
         ));
     }
-    let notifier = text(&raw.notifier).unwrap_or_default();
+    let notifier = text(&raw.scalar("notifier")).unwrap_or_default();
     if !notifier.is_empty() && !notifier.contains("://") {
         return Err(invalid(
             "notifier",
@@ -444,14 +407,14 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             format!("a URL with one of the schemes {}", dewy_notify::SCHEMES.join(", ")),
         ));
     }
-    let interval = duration_or("interval", &raw.interval, false, Duration::from_secs(10))?;
-    let log_level = text(&raw.log_level)
+    let interval = duration_or("interval", &raw.scalar("interval"), false, Duration::from_secs(10))?;
+    let log_level = text(&raw.scalar("log_level"))
         .unwrap_or_else(|| "info".into())
         .to_ascii_lowercase();
     if !["debug", "info", "warn", "error", "trace"].contains(&log_level.as_str()) {
         return Err(invalid("log_level", &log_level, "one of debug, info, warn, error"));
     }
-    let log_format = match text(&raw.log_format)
+    let log_format = match text(&raw.scalar("log_format"))
         .unwrap_or_else(|| "text".into())
         .to_ascii_lowercase()
         .as_str()
@@ -460,10 +423,10 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         "json" => LogFormat::Json,
         other => return Err(invalid("log_format", other, "text or json")),
     };
-    let port_values = raw.port.as_ref().map(OneOrMany::items).unwrap_or_default();
+    let port_values = raw.list("port");
     let ports =
         dewy_starter::parse_ports(&port_values).map_err(|e| invalid("port", port_values.join(","), e.to_string()))?;
-    let keep_releases = match &raw.keep_releases {
+    let keep_releases = match &raw.scalar("keep_releases") {
         Some(v) => v
             .text()
             .trim()
@@ -473,10 +436,20 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             .ok_or_else(|| invalid("keep_releases", v.text(), "a whole number of at least 1"))?,
         None => 7,
     };
-    let grace_period = duration_or("grace_period", &raw.grace_period, true, Duration::from_secs(1800))?;
-    let hook_timeout = duration_or("hook_timeout", &raw.hook_timeout, false, Duration::from_secs(300))?;
-    let abort_on_hook_failure = boolean("abort_on_hook_failure", &raw.abort_on_hook_failure)?;
-    let workdir = text(&raw.workdir)
+    let grace_period = duration_or(
+        "grace_period",
+        &raw.scalar("grace_period"),
+        true,
+        Duration::from_secs(1800),
+    )?;
+    let hook_timeout = duration_or(
+        "hook_timeout",
+        &raw.scalar("hook_timeout"),
+        false,
+        Duration::from_secs(300),
+    )?;
+    let abort_on_hook_failure = boolean("abort_on_hook_failure", &raw.scalar("abort_on_hook_failure"))?;
+    let workdir = text(&raw.scalar("workdir"))
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
     let workdir = std::path::absolute(&workdir)
@@ -484,7 +457,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
     if !workdir.is_dir() {
         return Err(invalid("workdir", workdir.display().to_string(), "an existing folder"));
     }
-    if let Some(calver) = text(&raw.calver) {
+    if let Some(calver) = text(&raw.scalar("calver")) {
         dewy_registry::CalVerFormat::new(&calver).map_err(|e| invalid("calver", &calver, e))?;
     }
     let registry = absolute_file_url("registry", &registry)?;
@@ -495,14 +468,13 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
     };
     refuse_managed("registry", &registry, &workdir, &[".dewy"])?;
     refuse_managed("cache", &cache, &workdir, &[])?;
-    let command = raw.command.as_ref().map(OneOrMany::items).unwrap_or_default();
+    let command = raw.list("command");
     if mode == Mode::Server {
         let Some(program) = command.first() else {
-            return Err(ConfigError::Missing {
-                flag: "COMMAND (after --)",
-                key: "command",
-                expected: "the application to run, such as `dewy server ... -- current/myapp`",
-            });
+            return Err(missing(
+                "command",
+                "the application to run, such as `dewy server ... -- current/myapp`",
+            ));
         };
         if !program.contains('/') && !on_path(program) {
             return Err(invalid(
@@ -512,10 +484,20 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             ));
         }
     }
-    let health_timeout = duration_or("health_timeout", &raw.health_timeout, false, Duration::from_secs(30))?;
-    let stop_timeout = duration_or("stop_timeout", &raw.stop_timeout, false, Duration::from_secs(30))?;
-    let ready_notify = boolean("ready_notify", &raw.ready_notify)?;
-    let readiness = match (text(&raw.health_path), ready_notify) {
+    let health_timeout = duration_or(
+        "health_timeout",
+        &raw.scalar("health_timeout"),
+        false,
+        Duration::from_secs(30),
+    )?;
+    let stop_timeout = duration_or(
+        "stop_timeout",
+        &raw.scalar("stop_timeout"),
+        false,
+        Duration::from_secs(30),
+    )?;
+    let ready_notify = boolean("ready_notify", &raw.scalar("ready_notify"))?;
+    let readiness = match (text(&raw.scalar("health_path")), ready_notify) {
         (Some(_), true) => {
             return Err(invalid(
                 "health_path",
@@ -537,7 +519,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         },
         (None, false) => dewy_starter::Readiness::Alive(Duration::from_secs(1)),
     };
-    let admin_port = match text(&raw.admin_port) {
+    let admin_port = match text(&raw.scalar("admin_port")) {
         Some(p) => Some(
             p.trim()
                 .parse::<u16>()
@@ -547,7 +529,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         ),
         None => None,
     };
-    let health_soak = duration_or("health_soak", &raw.health_soak, true, Duration::ZERO)?;
+    let health_soak = duration_or("health_soak", &raw.scalar("health_soak"), true, Duration::ZERO)?;
     if !health_soak.is_zero() && !matches!(readiness, dewy_starter::Readiness::Http { .. }) {
         return Err(invalid(
             "health_soak",
@@ -557,11 +539,11 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
     }
     let health_interval = duration_or(
         "health_interval",
-        &raw.health_interval,
+        &raw.scalar("health_interval"),
         false,
         Duration::from_millis(500),
     )?;
-    let health_command = text(&raw.health_command);
+    let health_command = text(&raw.scalar("health_command"));
     if health_command.is_some() && mode == Mode::Server {
         return Err(invalid(
             "health_command",
@@ -569,7 +551,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             "assets mode only; in server mode use --health-path",
         ));
     }
-    let otlp_endpoint = text(&raw.otlp_endpoint);
+    let otlp_endpoint = text(&raw.scalar("otlp_endpoint"));
     if let Some(url) = &otlp_endpoint
         && !(url.starts_with("http://") || url.starts_with("https://"))
     {
@@ -579,14 +561,34 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             "an http(s) URL such as http://collector:4318/v1/metrics",
         ));
     }
-    let otlp_interval = duration_or("otlp_interval", &raw.otlp_interval, false, Duration::from_secs(60))?;
+    let otlp_interval = duration_or(
+        "otlp_interval",
+        &raw.scalar("otlp_interval"),
+        false,
+        Duration::from_secs(60),
+    )?;
+    let mut core = dewy_core::Config::new(
+        match mode {
+            Mode::Server => dewy_core::Mode::Server,
+            Mode::Assets => dewy_core::Mode::Assets,
+        },
+        workdir.clone(),
+    );
+    core.interval = interval;
+    core.keep_releases = keep_releases;
+    core.grace_period = grace_period;
+    core.before_hook = text(&raw.scalar("before_deploy_hook"));
+    core.after_hook = text(&raw.scalar("after_deploy_hook"));
+    core.hook_timeout = hook_timeout;
+    core.abort_on_before_hook_failure = abort_on_hook_failure;
+    core.health_command = health_command;
     Ok(Settings {
-        health_command,
+        core,
         health_soak,
         health_interval,
         admin_port,
-        admin_token: text(&raw.admin_token),
-        webhook_secret: text(&raw.webhook_secret),
+        admin_token: text(&raw.scalar("admin_token")),
+        webhook_secret: text(&raw.scalar("webhook_secret")),
         otlp_endpoint,
         otlp_interval,
         readiness,
@@ -595,20 +597,13 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         registry,
         cache,
         notifier,
-        interval,
         ports,
         log_level,
         log_format,
-        before_hook: text(&raw.before_deploy_hook),
-        after_hook: text(&raw.after_deploy_hook),
-        slot: text(&raw.slot),
-        calver: text(&raw.calver),
-        keep_releases,
-        grace_period,
-        hook_timeout,
-        abort_on_hook_failure,
+        slot: text(&raw.scalar("slot")),
+        calver: text(&raw.scalar("calver")),
         workdir,
-        pass_env: raw.pass_env.as_ref().map(OneOrMany::items).unwrap_or_default(),
+        pass_env: raw.list("pass_env"),
         command,
     })
 }
@@ -621,4 +616,58 @@ fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     p.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// Loads `dewy assets` with `args` and a dewy.toml holding `toml`.
+    fn load_with(toml: &str, args: &[&str]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dewy.toml");
+        std::fs::write(&file, toml).unwrap();
+        let workdir = dir.path().display().to_string();
+        let mut argv = vec!["dewy", "assets", "--config", file.to_str().unwrap(), "-w", &workdir];
+        argv.extend_from_slice(args);
+        load(&Cli::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn flags_override_the_file_and_reach_the_core_config() {
+        let s = load_with(
+            "registry = \"file:///srv/r\"\nkeep_releases = 3\ninterval = 30\nbefore_deploy_hook = \"true\"\n",
+            &["--keep-releases", "5"],
+        )
+        .unwrap();
+        assert_eq!(s.core.keep_releases, 5);
+        assert_eq!(s.core.interval, Duration::from_secs(30));
+        assert_eq!(s.core.before_hook.as_deref(), Some("true"));
+        assert_eq!(s.registry, "file:///srv/r");
+    }
+
+    #[test]
+    fn unknown_keys_and_lists_for_single_values_are_named() {
+        let err = load_with("registry = \"file:///srv/r\"\nkeep_release = 3\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key `keep_release`") && err.contains("keep_releases"), "{err}");
+        let err = load_with("registry = \"file:///srv/r\"\ninterval = [1, 2]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--interval") && err.contains("a single value"), "{err}");
+        let err = load_with("", &[]).unwrap_err().to_string();
+        assert!(err.contains("--registry is not set"), "{err}");
+    }
+
+    #[test]
+    fn every_key_is_a_flag_and_lists_are_marked() {
+        let keys = keys();
+        let many: Vec<&str> = keys.iter().filter(|k| k.many).map(|k| k.name.as_str()).collect();
+        assert_eq!(many, ["pass_env", "port", "command"]);
+        assert!(keys.iter().any(|k| k.name == "keep_releases" && k.flag == "--keep-releases"));
+        assert!(!keys.iter().any(|k| k.name == "config"));
+    }
 }

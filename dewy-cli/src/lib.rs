@@ -24,7 +24,7 @@ mod run;
 use std::process::ExitCode;
 
 pub use cli::Cli;
-pub use config::{ConfigError, KEYS, Settings};
+pub use config::{ConfigError, Key, Settings, keys};
 
 /// Parses the command line, then runs.
 pub fn main() -> ExitCode {

@@ -242,8 +242,8 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
     std::env::set_current_dir(&s.workdir)
         .with_context(|| format!("cannot enter the working directory `{}`", s.workdir.display()))?;
     let _lock = lock_app_folder(&s.workdir)?;
-    if s.interval < Duration::from_secs(1) {
-        tracing::warn!(interval = ?s.interval, "An interval under one second polls the registry constantly and costs CPU; 10s or more is usual (the admin API's webhook deploys at once)");
+    if s.core.interval < Duration::from_secs(1) {
+        tracing::warn!(interval = ?s.core.interval, "An interval under one second polls the registry constantly and costs CPU; 10s or more is usual (the admin API's webhook deploys at once)");
     }
     let open = dewy_registry::OpenOptions {
         slot: s.slot.clone(),
@@ -322,24 +322,9 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         None
     };
 
-    let mut config = dewy_core::Config::new(
-        if s.mode == Mode::Server {
-            dewy_core::Mode::Server
-        } else {
-            dewy_core::Mode::Assets
-        },
-        s.workdir.clone(),
-    );
-    config.interval = s.interval;
-    config.keep_releases = s.keep_releases;
-    config.grace_period = s.grace_period;
-    config.before_hook = s.before_hook.clone();
-    config.after_hook = s.after_hook.clone();
-    config.hook_timeout = s.hook_timeout;
-    config.abort_on_before_hook_failure = s.abort_on_hook_failure;
+    let mut config = s.core.clone();
     config.hook_env = env;
     config.hostname = host;
-    config.health_command = s.health_command.clone();
     if shared_cache {
         // A cache outside the app folder may be shared by several apps:
         // each records its own `current` (Dewy's single key made two apps
