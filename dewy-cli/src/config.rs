@@ -653,7 +653,10 @@ mod tests {
         let err = load_with("registry = \"file:///srv/r\"\nkeep_release = 3\n", &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("unknown key `keep_release`") && err.contains("keep_releases"), "{err}");
+        assert!(
+            err.contains("unknown key `keep_release`") && err.contains("keep_releases"),
+            "{err}"
+        );
         let err = load_with("registry = \"file:///srv/r\"\ninterval = [1, 2]\n", &[])
             .unwrap_err()
             .to_string();
@@ -667,7 +670,10 @@ mod tests {
         let keys = keys();
         let many: Vec<&str> = keys.iter().filter(|k| k.many).map(|k| k.name.as_str()).collect();
         assert_eq!(many, ["pass_env", "port", "command"]);
-        assert!(keys.iter().any(|k| k.name == "keep_releases" && k.flag == "--keep-releases"));
+        assert!(
+            keys.iter()
+                .any(|k| k.name == "keep_releases" && k.flag == "--keep-releases")
+        );
         assert!(!keys.iter().any(|k| k.name == "config"));
     }
 }

@@ -768,6 +768,44 @@ fn unhealthy_release_during_soak_is_rolled_back() {
 /// Two apps sharing one cache folder (`DEWY_CACHEDIR`) each keep their own
 /// `current`: neither redeploys the other's release every tick (Dewy did).
 #[test]
+fn a_fresh_host_deploys_the_previous_release_while_the_newest_is_incomplete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("reg"));
+    std::fs::create_dir_all(&app).unwrap();
+    let site = |v: &str| dewy_testkit::targz(&[("index.html", v.as_bytes(), 0o644)]);
+    dewy_testkit::publish(&reg, "v1.0.0", "site.tar.gz", &site("v1.0.0"));
+    // The newest release is being published: no artifact yet (grace period).
+    std::fs::create_dir_all(reg.join("v1.1.0")).unwrap();
+    std::fs::write(reg.join("v1.1.0/README.md"), "soon").unwrap();
+    let log = dir.path().join("dewy.log");
+    let mut child = dewy(&app)
+        .args(["assets", "--registry", &format!("file://{}", reg.display()), "-i", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let served = |v: &str| std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|x| x == v);
+    wait_for("v1.0.0 deployed meanwhile", Duration::from_secs(30), || {
+        served("v1.0.0")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    dewy_testkit::publish(&reg, "v1.1.0", "site.tar.gz", &site("v1.1.0"));
+    wait_for("v1.1.0 once complete", Duration::from_secs(30), || served("v1.1.0"));
+    terminate(&mut child);
+    let log = std::fs::read_to_string(&log).unwrap();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("deploying the newest complete release meanwhile"))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(
+        said[0].contains("level=INFO") && said[0].contains("newest=v1.1.0") && said[0].contains("version=v1.0.0"),
+        "{}",
+        said[0]
+    );
+}
+
+#[test]
 fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("shared-cache");

@@ -468,7 +468,7 @@ impl Deployer {
                         grace_period = ?self.config.grace_period,
                         "Artifact not found within grace period"
                     );
-                    return Ok(None);
+                    return self.fallback_for_a_fresh_host(&tag).await;
                 }
                 Err(Error::Registry(dewy_registry::Error::ArtifactNotFound {
                     tag,
@@ -479,6 +479,34 @@ impl Deployer {
             Err(err) => {
                 tracing::error!(error = %chain(&err), "Current failure");
                 Err(Error::Registry(err))
+            }
+        }
+    }
+
+    /// A host with nothing deployed does not wait out the grace period of
+    /// the newest release: it takes the newest older release that is
+    /// complete for it (and the newest one at a later tick).
+    async fn fallback_for_a_fresh_host(&self, newest: &str) -> Result<Option<Release>, Error> {
+        if self.releases.current_target().is_some() {
+            return Ok(None);
+        }
+        match self.registry.latest_complete_before(newest).await {
+            Ok(Some(release)) => {
+                let first = {
+                    let mut state = self.state();
+                    let first = state.announced_fallback.as_deref() != Some(newest);
+                    state.announced_fallback = Some(newest.to_owned());
+                    first
+                };
+                if first {
+                    tracing::info!(newest, version = %release.tag, grace_period = ?self.config.grace_period, "Nothing is deployed and the newest release has no artifact for this host yet; deploying the newest complete release meanwhile");
+                }
+                Ok(Some(release))
+            }
+            Ok(None) => Ok(None),
+            Err(err) => {
+                tracing::warn!(newest, error = %chain(&err), "Nothing is deployed and the newest release is incomplete; looking for an older complete release failed");
+                Ok(None)
             }
         }
     }

@@ -62,4 +62,7 @@ pub(crate) struct State {
     pub(crate) deploying: Option<String>,
     /// The last bad release whose skip was logged at INFO.
     pub(crate) announced_bad: Option<String>,
+    /// The newest release whose missing artifact made a fresh host take
+    /// an older one (said once at INFO).
+    pub(crate) announced_fallback: Option<String>,
 }

@@ -126,7 +126,8 @@ pub enum Choice {
 /// (`.tmp`, `.part`, `.partial`, `.download`, `.crdownload`, `~`, a leading
 /// dot); the host's libc preferred when both musl and gnu builds exist;
 /// several equal candidates are [`Choice::Ambiguous`]. A release whose only
-/// artifact names no OS and no architecture (`site.tar.gz`) is taken as
+/// one archive names no OS and no architecture (`site.tar.gz`, perhaps
+/// beside a `README.md`), with no other file naming one, is taken as
 /// platform-neutral.
 pub fn choose_artifact<'a>(names: impl IntoIterator<Item = &'a str>, platform: &Platform) -> Choice {
     let (os, arch) = (platform.os_tokens(), platform.arch_tokens());
@@ -137,11 +138,20 @@ pub fn choose_artifact<'a>(names: impl IntoIterator<Item = &'a str>, platform: &
             (!is_auxiliary(&lower) && !is_in_flight(&lower)).then(|| (name, tokens(&lower)))
         })
         .collect();
-    if let [(name, toks)] = candidates.as_slice()
-        && is_archive(&name.to_ascii_lowercase())
-        && !toks.iter().any(|t| ALL_PLATFORM_TOKENS.contains(&t.as_str()))
+    // Platform-neutral: one archive, and no file names a platform (a
+    // README or LICENSE beside it does not count).
+    let archives: Vec<&str> = candidates
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| is_archive(&name.to_ascii_lowercase()))
+        .collect();
+    let neutral = candidates
+        .iter()
+        .all(|(_, toks)| !toks.iter().any(|t| ALL_PLATFORM_TOKENS.contains(&t.as_str())));
+    if let [archive] = archives.as_slice()
+        && neutral
     {
-        return Choice::One((*name).to_owned());
+        return Choice::One((*archive).to_owned());
     }
     let mut matches: Vec<(&str, Vec<String>)> = candidates
         .into_iter()
@@ -338,6 +348,19 @@ mod tests {
             ),
             (&["site.tar.gz.tmp"], p("linux", "x86_64", None), Choice::None),
             (&["README.md"], p("linux", "x86_64", None), Choice::None),
+            // A README beside it changes nothing; a second archive does, and
+            // so does a file naming a platform.
+            (
+                &["README.md", "site.tar.gz"],
+                p("linux", "x86_64", None),
+                Choice::One("site.tar.gz".into()),
+            ),
+            (&["site.tar.gz", "docs.zip"], p("linux", "x86_64", None), Choice::None),
+            (
+                &["site.tar.gz", "app_darwin_arm64"],
+                p("linux", "x86_64", None),
+                Choice::None,
+            ),
             // One artifact for another platform is not platform-neutral.
             (&["app_darwin_arm64.tar.gz"], p("linux", "x86_64", None), Choice::None),
         ];

@@ -164,6 +164,28 @@ impl Registry for FileRegistry {
             choose_latest(versions.iter().map(String::as_str), &self.selection).ok_or_else(|| Error::NoVersion {
                 location: file_url(&self.root),
             })?;
+        self.release_of(version).await
+    }
+
+    async fn latest_complete_before(&self, tag: &str) -> Result<Option<Release>, Error> {
+        let versions = self.names_in(&self.root, true).await?;
+        crate::newest_complete_before(versions, &self.selection, tag, |v| self.release_of(v)).await
+    }
+
+    /// Writes an empty `shipped_to_<host>_<command>_at_<time>.txt` into the
+    /// release's folder, as the Go original does on S3 and GCS.
+    async fn report(&self, report: &Report) -> Result<(), Error> {
+        let name = report_name(report);
+        let path = self.root.join(&report.tag).join(name);
+        tokio::fs::write(&path, b"")
+            .await
+            .map_err(|e| Error::io("write deployment report", &path, e))
+    }
+}
+
+impl FileRegistry {
+    /// The release of `version`: its artifact for this host and checksum.
+    async fn release_of(&self, version: crate::Version) -> Result<Release, Error> {
         let dir = self.root.join(&version.tag);
         let meta = tokio::fs::metadata(&dir)
             .await
@@ -190,16 +212,6 @@ impl Registry for FileRegistry {
             published_at,
             checksum,
         })
-    }
-
-    /// Writes an empty `shipped_to_<host>_<command>_at_<time>.txt` into the
-    /// release's folder, as the Go original does on S3 and GCS.
-    async fn report(&self, report: &Report) -> Result<(), Error> {
-        let name = report_name(report);
-        let path = self.root.join(&report.tag).join(name);
-        tokio::fs::write(&path, b"")
-            .await
-            .map_err(|e| Error::io("write deployment report", &path, e))
     }
 }
 

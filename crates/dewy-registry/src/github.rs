@@ -359,19 +359,86 @@ impl GithubRegistry {
 impl Registry for GithubRegistry {
     async fn latest(&self) -> Result<Release, Error> {
         let releases = self.releases().await?;
-        // Drafts are never deployed; GitHub's pre-release flag is honoured
-        // as well as the tag's pre-release part (the Go original looked at
-        // the name only).
-        let candidates: Vec<&GhRelease> = releases
-            .iter()
-            .filter(|r| !r.draft && (self.selection.pre_release || !r.prerelease))
-            .collect();
+        let candidates = self.candidates(&releases);
         let version =
             choose_latest(candidates.iter().map(|r| r.tag_name.as_str()), &self.selection).ok_or_else(|| {
                 Error::NoVersion {
                     location: self.location.clone(),
                 }
             })?;
+        self.release_of(&candidates, version).await
+    }
+
+    async fn latest_complete_before(&self, tag: &str) -> Result<Option<Release>, Error> {
+        let releases = self.releases().await?;
+        let candidates = self.candidates(&releases);
+        let tags = candidates.iter().map(|r| r.tag_name.clone());
+        crate::newest_complete_before(tags, &self.selection, tag, |v| self.release_of(&candidates, v)).await
+    }
+    async fn artifact_request(&self, release: &Release) -> Result<ArtifactRequest, Error> {
+        self.asset_request(&release.artifact_url).await
+    }
+
+    async fn report(&self, report: &Report) -> Result<(), Error> {
+        if self.report_off.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let description = format!("dewy {} on {}", report.command, report.hostname);
+        let deployment = serde_json::json!({
+            "ref": report.tag,
+            "environment": "dewy",
+            "description": description,
+            "auto_merge": false,
+            "required_contexts": [],
+            "payload": {"hostname": report.hostname, "command": report.command, "at": report.at.to_string()},
+        });
+        let route = format!("{}/deployments", self.repo_route);
+        let created: Created = match self.api.post(&self.location, &route, &deployment).await {
+            Ok(c) => c,
+            Err(Error::Api { status, message, .. }) if matches!(status, 403 | 404) => {
+                self.report_off.store(true, Ordering::Relaxed);
+                tracing::warn!(registry = %self.location, status, message, "GitHub refused to record deployments; the audit trail is off (the token needs deployments:write)");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut text = report.error.clone().unwrap_or(description);
+        text.truncate(text.floor_char_boundary(140));
+        let status = serde_json::json!({
+            "state": if report.error.is_some() { "failure" } else { "success" },
+            "description": text,
+            "environment": "dewy",
+        });
+        let route = format!("{}/deployments/{}/statuses", self.repo_route, created.id);
+        self.api
+            .post::<serde_json::Value>(&self.location, &route, &status)
+            .await?;
+        Ok(())
+    }
+
+    fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            requests: self.api.requests.load(Ordering::Relaxed),
+            not_modified: self.api.not_modified.load(Ordering::Relaxed),
+            rate_limited: self.api.rate_limited.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl GithubRegistry {
+    /// The releases that may be deployed: drafts never are; GitHub's
+    /// pre-release flag is honoured as well as the tag's pre-release part
+    /// (the Go original looked at the name only).
+    fn candidates<'a>(&self, releases: &'a [GhRelease]) -> Vec<&'a GhRelease> {
+        releases
+            .iter()
+            .filter(|r| !r.draft && (self.selection.pre_release || !r.prerelease))
+            .collect()
+    }
+
+    /// The release of `version` among `candidates`: its uploaded artifact
+    /// for this host and the checksums to verify it with.
+    async fn release_of(&self, candidates: &[&GhRelease], version: crate::Version) -> Result<Release, Error> {
         let release = candidates
             .iter()
             .find(|r| r.tag_name == version.tag)
@@ -442,55 +509,6 @@ impl Registry for GithubRegistry {
             published_at,
             checksum,
         })
-    }
-
-    async fn artifact_request(&self, release: &Release) -> Result<ArtifactRequest, Error> {
-        self.asset_request(&release.artifact_url).await
-    }
-
-    async fn report(&self, report: &Report) -> Result<(), Error> {
-        if self.report_off.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let description = format!("dewy {} on {}", report.command, report.hostname);
-        let deployment = serde_json::json!({
-            "ref": report.tag,
-            "environment": "dewy",
-            "description": description,
-            "auto_merge": false,
-            "required_contexts": [],
-            "payload": {"hostname": report.hostname, "command": report.command, "at": report.at.to_string()},
-        });
-        let route = format!("{}/deployments", self.repo_route);
-        let created: Created = match self.api.post(&self.location, &route, &deployment).await {
-            Ok(c) => c,
-            Err(Error::Api { status, message, .. }) if matches!(status, 403 | 404) => {
-                self.report_off.store(true, Ordering::Relaxed);
-                tracing::warn!(registry = %self.location, status, message, "GitHub refused to record deployments; the audit trail is off (the token needs deployments:write)");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        let mut text = report.error.clone().unwrap_or(description);
-        text.truncate(text.floor_char_boundary(140));
-        let status = serde_json::json!({
-            "state": if report.error.is_some() { "failure" } else { "success" },
-            "description": text,
-            "environment": "dewy",
-        });
-        let route = format!("{}/deployments/{}/statuses", self.repo_route, created.id);
-        self.api
-            .post::<serde_json::Value>(&self.location, &route, &status)
-            .await?;
-        Ok(())
-    }
-
-    fn stats(&self) -> RegistryStats {
-        RegistryStats {
-            requests: self.api.requests.load(Ordering::Relaxed),
-            not_modified: self.api.not_modified.load(Ordering::Relaxed),
-            rate_limited: self.api.rate_limited.load(Ordering::Relaxed),
-        }
     }
 }
 

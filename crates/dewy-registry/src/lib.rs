@@ -275,6 +275,14 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     /// a missing artifact is [`Error::ArtifactNotFound`].
     async fn latest(&self) -> Result<Release, Error>;
 
+    /// The newest release older than `tag` whose artifact for this host is
+    /// there, for a host with nothing deployed while the newest release's
+    /// artifact is still missing (grace period). At most a few versions are
+    /// tried. The default: none.
+    async fn latest_complete_before(&self, _tag: &str) -> Result<Option<Release>, Error> {
+        Ok(None)
+    }
+
     /// Records a deployment in the registry's audit trail. The default does
     /// nothing.
     async fn report(&self, _report: &Report) -> Result<(), Error> {
@@ -333,6 +341,47 @@ impl Default for OpenOptions {
             cloud: CloudOptions::default(),
         }
     }
+}
+
+/// How many older versions [`Registry::latest_complete_before`] tries.
+const LOOKBACK: usize = 5;
+
+/// [`Registry::latest_complete_before`] for a backend that lists `tags` and
+/// builds a version's release with `release_of`.
+pub(crate) async fn newest_complete_before<F, Fut>(
+    tags: impl IntoIterator<Item = String>,
+    selection: &Selection,
+    before: &str,
+    mut release_of: F,
+) -> Result<Option<Release>, Error>
+where
+    F: FnMut(Version) -> Fut,
+    Fut: std::future::Future<Output = Result<Release, Error>>,
+{
+    let Some(limit) = selection.scheme.parse(before) else {
+        return Ok(None);
+    };
+    let mut older: Vec<String> = tags
+        .into_iter()
+        .filter(|t| {
+            selection
+                .scheme
+                .parse(t)
+                .is_some_and(|v| v.cmp_precedence(&limit) == std::cmp::Ordering::Less)
+        })
+        .collect();
+    for _ in 0..LOOKBACK {
+        let Some(version) = choose_latest(older.iter().map(String::as_str), selection) else {
+            return Ok(None);
+        };
+        let tag = version.tag.clone();
+        match release_of(version).await {
+            Ok(release) => return Ok(Some(release)),
+            Err(Error::ArtifactNotFound { .. }) => older.retain(|t| *t != tag),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// Builds a backend from its URL.

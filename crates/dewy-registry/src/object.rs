@@ -71,16 +71,56 @@ impl ObjectRegistry {
 #[async_trait::async_trait]
 impl Registry for ObjectRegistry {
     async fn latest(&self) -> Result<Release, Error> {
+        let versions = self.versions().await?;
+        let version =
+            choose_latest(versions.iter().map(String::as_str), &self.selection).ok_or_else(|| Error::NoVersion {
+                location: format!("{}/{}", self.store.location(), self.prefix),
+            })?;
+        self.release_of(version).await
+    }
+
+    async fn latest_complete_before(&self, tag: &str) -> Result<Option<Release>, Error> {
+        let versions = self.versions().await?;
+        crate::newest_complete_before(versions, &self.selection, tag, |v| self.release_of(v)).await
+    }
+
+    async fn artifact_request(&self, release: &Release) -> Result<ArtifactRequest, Error> {
+        self.store
+            .request(&self.object(release))
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Writes an empty `<prefix><tag>/shipped_to_<host>_<command>_at_<time>.txt`
+    /// object, as the Go original does.
+    async fn report(&self, report: &Report) -> Result<(), Error> {
+        let name = format!("{}{}/{}", self.prefix, report.tag, crate::file::report_name(report));
+        self.store
+            .put(&name, Vec::new(), Precondition::Any)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+}
+
+impl ObjectRegistry {
+    /// The version folders under the prefix.
+    async fn versions(&self) -> Result<Vec<String>, Error> {
         let listing = self.store.list(&self.prefix, true).await.map_err(|e| self.error(e))?;
-        let versions: Vec<&str> = listing
+        Ok(listing
             .prefixes
             .iter()
-            .map(|p| p.strip_prefix(&self.prefix).unwrap_or(p).trim_end_matches('/'))
-            .collect();
-        let location = format!("{}/{}", self.store.location(), self.prefix);
-        let version = choose_latest(versions.iter().copied(), &self.selection).ok_or_else(|| Error::NoVersion {
-            location: location.clone(),
-        })?;
+            .map(|p| {
+                p.strip_prefix(&self.prefix)
+                    .unwrap_or(p)
+                    .trim_end_matches('/')
+                    .to_owned()
+            })
+            .collect())
+    }
+
+    /// The release of `version`: its artifact for this host and checksum.
+    async fn release_of(&self, version: crate::Version) -> Result<Release, Error> {
         let dir = format!("{}{}/", self.prefix, version.tag);
         let files = self.store.list(&dir, true).await.map_err(|e| self.error(e))?.objects;
         let names: Vec<&str> = files
@@ -118,28 +158,5 @@ impl Registry for ObjectRegistry {
             published_at,
             checksum,
         })
-    }
-
-    async fn artifact_request(&self, release: &Release) -> Result<ArtifactRequest, Error> {
-        let req = self
-            .store
-            .request(&self.object(release))
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(ArtifactRequest {
-            url: req.url,
-            headers: req.headers,
-        })
-    }
-
-    /// Writes an empty `<prefix><tag>/shipped_to_<host>_<command>_at_<time>.txt`
-    /// object, as the Go original does.
-    async fn report(&self, report: &Report) -> Result<(), Error> {
-        let name = format!("{}{}/{}", self.prefix, report.tag, crate::file::report_name(report));
-        self.store
-            .put(&name, Vec::new(), Precondition::Any)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
     }
 }

@@ -255,6 +255,11 @@ fn canonical(url: &str) -> String {
 
 #[async_trait::async_trait]
 impl Registry for SharedRegistry {
+    /// Asked only by a host with nothing deployed, so not shared.
+    async fn latest_complete_before(&self, tag: &str) -> Result<Option<Release>, Error> {
+        self.inner.latest_complete_before(tag).await
+    }
+
     async fn latest(&self) -> Result<Release, Error> {
         let deadline = Instant::now() + self.lock_ttl + POLL;
         let ttl = jiff::SignedDuration::try_from(self.ttl).unwrap_or_default();

@@ -156,6 +156,17 @@ async fn registry_end_to_end(kind: &str, versions: usize) {
         }
         other => panic!("{other:?}"),
     }
+    // A host with nothing deployed may take the newest complete one.
+    let fallback = reg
+        .latest_complete_before("v2.1.0")
+        .await
+        .unwrap()
+        .expect("v2.0.0 is complete");
+    assert_eq!(fallback.tag, "v2.0.0");
+    assert_eq!(
+        fallback.checksum.as_ref().map(|c| c.source.as_str()),
+        Some("SHA256SUMS")
+    );
     let err = dewy_registry::open(&server.url("apps/web", "&bogus=1"), &server.options()).unwrap_err();
     assert!(err.to_string().contains("`bogus`"), "{err}");
 }

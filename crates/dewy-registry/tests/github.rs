@@ -237,6 +237,9 @@ async fn a_release_whose_asset_comes_later_is_not_found_then_chosen() {
         }
         other => panic!("{other:?}"),
     }
+    let fallback = reg.latest_complete_before("v1.1.0").await.unwrap().expect("v1.0.0");
+    assert_eq!(fallback.tag, "v1.0.0");
+    assert_eq!(fallback.artifact_name, ART);
     gh.add_asset("v1.1.0", ART, b"one-one", false);
     let release = reg.latest().await.unwrap();
     assert_eq!(release.tag, "v1.1.0");

@@ -70,6 +70,17 @@ async fn file_registry_chooses_the_newest_release_and_its_artifact() {
         }
         other => panic!("{other:?}"),
     }
+    // For a host with nothing deployed: the newest older complete release,
+    // skipping an incomplete one and pre-releases.
+    publish(root, "v2.5.0", &[("SHA256SUMS", b"")]);
+    let fallback = r
+        .latest_complete_before("v3.0.0")
+        .await
+        .unwrap()
+        .expect("an older complete release");
+    assert_eq!(fallback.tag, "v1.10.0");
+    assert!(fallback.artifact_url.ends_with("/v1.10.0/app_linux_amd64.tar.gz"));
+    assert!(r.latest_complete_before("v1.0.0").await.unwrap().is_none());
     let named = open(&format!("{url}?artifact=app_darwin_arm64.tar.gz"), &linux()).unwrap();
     assert_eq!(named.latest().await.unwrap().artifact_name, "app_darwin_arm64.tar.gz");
 
