@@ -12,10 +12,36 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::LogFormat;
 
+/// The crates whose events `--log-level` governs.
+const DEWY_TARGETS: &[&str] = &[
+    "dewy",
+    "dewy_cli",
+    "dewy_core",
+    "dewy_registry",
+    "dewy_store",
+    "dewy_cache",
+    "dewy_archive",
+    "dewy_starter",
+    "dewy_notify",
+];
+
+/// The filter for `--log-level LEVEL`: dewy's own events at LEVEL, the
+/// libraries' (SDKs, HTTP, TLS) at WARN and above only whatever the level,
+/// since their debug output carries request details such as credential
+/// scopes and signed URLs. `DEWY_LOG` (an `EnvFilter` directive) overrides it
+/// for those who need the libraries' traces.
+fn directives(level: &str) -> String {
+    let mut d = (if level == "error" { "error" } else { "warn" }).to_owned();
+    for target in DEWY_TARGETS {
+        d.push_str(&format!(",{target}={level}"));
+    }
+    d
+}
+
 /// Installs the global subscriber writing to stderr.
 pub(crate) fn init(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DEWY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},hyper=warn,reqwest=warn,rustls=warn")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directives(level)));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

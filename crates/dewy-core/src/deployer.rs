@@ -250,6 +250,7 @@ impl Deployer {
             tokio::spawn(forward_app_events(app.subscribe(), self.clone()));
         }
         let mut shutdown = self.shutdown.subscribe();
+        let mut failures = FailureLog::default();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -258,11 +259,14 @@ impl Deployer {
             self.record_tick(&result);
             match result {
                 Ok(TickOutcome::KnownBad { .. }) => {}
-                Ok(_) => self.notify.success(),
+                Ok(_) => {
+                    failures.recovered();
+                    self.notify.success();
+                }
                 Err(Error::Cancelled { .. }) => {}
                 Err(err) => {
                     let text = chain(&err);
-                    tracing::error!(error = %text, "Dewy run failure");
+                    failures.failed(&text);
                     self.notify.send_error(text);
                 }
             }
@@ -477,7 +481,8 @@ impl Deployer {
                 }))
             }
             Err(err) => {
-                tracing::error!(error = %chain(&err), "Current failure");
+                // Logged once per tick, as `Dewy run failure`.
+                tracing::debug!(error = %chain(&err), "Current failure");
                 Err(Error::Registry(err))
             }
         }
@@ -792,5 +797,49 @@ async fn forward_app_events(mut events: tokio::sync::broadcast::Receiver<Event>,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(_) => return,
         }
+    }
+}
+
+/// How often an unchanged failure is logged again at ERROR.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(600);
+
+/// The ERROR lines of failed ticks: one per failure, an unchanged failure
+/// again only every [`FAILURE_LOG_EVERY`] with how often it repeated (DEBUG
+/// in between), a new failure at once.
+#[derive(Debug, Default)]
+struct FailureLog {
+    /// The failure, when it was last logged at ERROR, and the ticks it
+    /// failed since then.
+    last: Option<(String, std::time::Instant, u64)>,
+    /// Failed ticks in a row.
+    count: u64,
+}
+
+impl FailureLog {
+    fn failed(&mut self, error: &str) {
+        self.count += 1;
+        let count = self.count;
+        match &mut self.last {
+            Some((last, logged, repeats)) if last == error && logged.elapsed() < FAILURE_LOG_EVERY => {
+                *repeats += 1;
+                tracing::debug!(error, count, "Dewy run failure (unchanged)");
+            }
+            Some((last, logged, repeats)) if last == error => {
+                tracing::error!(error, count, repeated = *repeats + 1, since = ?logged.elapsed(), "Dewy run failure");
+                *logged = std::time::Instant::now();
+                *repeats = 0;
+            }
+            _ => {
+                tracing::error!(error, count, "Dewy run failure");
+                self.last = Some((error.to_owned(), std::time::Instant::now(), 0));
+            }
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.last.take().is_some() {
+            tracing::info!(failed_ticks = self.count, "Dewy run recovered");
+        }
+        self.count = 0;
     }
 }

@@ -117,7 +117,9 @@ impl Notify {
     pub fn send_error(&self, error: impl std::fmt::Display) {
         let mut e = self.errors.lock().expect("error count");
         e.count = (e.count + 1).min(1000);
-        tracing::error!(count = e.count, error = %error, "Error count");
+        // The failure itself is logged by the caller (one ERROR line per
+        // failure, not three).
+        tracing::debug!(count = e.count, error = %error, "Error count");
         let text = match e.count {
             n if n < ERROR_LIMIT => format!("Error occurred (count: {n}): {error}"),
             ERROR_LIMIT => format!(

@@ -17,6 +17,9 @@ use crate::{FileSink, Listing, ObjectInfo, ObjectRequest, ObjectStore, Precondit
 
 const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
 
+/// Attempts of a JSON API request with transient failures.
+const ATTEMPTS: u32 = 4;
+
 /// A GCS bucket. With an emulator endpoint (`STORAGE_EMULATOR_HOST`) access
 /// is anonymous; otherwise Application Default Credentials apply.
 pub struct GcsStore {
@@ -26,6 +29,8 @@ pub struct GcsStore {
     storage: tokio::sync::OnceCell<Storage>,
     credentials: tokio::sync::OnceCell<google_cloud_auth::credentials::Credentials>,
     http: reqwest::Client,
+    /// The bucket answered once (so a 404 is an absent object).
+    bucket_seen: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GcsStore {
@@ -98,6 +103,7 @@ impl GcsStore {
                 .read_timeout(std::time::Duration::from_secs(60))
                 .build()
                 .unwrap_or_default(),
+            bucket_seen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -185,8 +191,72 @@ impl GcsStore {
     ) -> Result<Option<google_cloud_storage::read_object::ReadObjectResponse>, Error> {
         match self.storage().await?.read_object(self.resource(), name).send().await {
             Ok(r) => Ok(Some(r)),
-            Err(e) if e.http_status_code() == Some(404) => Ok(None),
+            // An absent object, unless the bucket is what is missing.
+            Err(e) if e.http_status_code() == Some(404) => match self.bucket_missing(op, name).await? {
+                Some(err) => Err(err),
+                None => Ok(None),
+            },
             Err(e) => Err(self.remote(op, name, e)),
+        }
+    }
+
+    /// After a 404 on an object: the error when the bucket itself does not
+    /// exist (a missing bucket is a failure, not an absent object). Once
+    /// the bucket was seen, later 404s are taken as absent objects without
+    /// asking again.
+    async fn bucket_missing(&self, op: &'static str, name: &str) -> Result<Option<Error>, Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.bucket_seen.load(Relaxed) {
+            return Ok(None);
+        }
+        let url = format!("{}/storage/v1/b/{}", self.endpoint, enc(&self.bucket));
+        let resp = self
+            .send(op, name, |auth| Ok(self.http.get(&url).headers(auth)))
+            .await?;
+        let status = resp.status();
+        if status.is_success() {
+            self.bucket_seen.store(true, Relaxed);
+            return Ok(None);
+        }
+        let body = resp.text().await.unwrap_or_default();
+        let message = match status.as_u16() {
+            404 => format!("the bucket does not exist ({})", http_error(status, &body)),
+            _ => http_error(status, &body),
+        };
+        Ok(Some(self.remote(op, name, message)))
+    }
+
+    /// Sends a JSON API request that `build` makes (again for each attempt,
+    /// with fresh credentials), retrying what is transient as the S3 SDK
+    /// does: connection failures, timeouts, 408, 429 and 5xx answers, up
+    /// to [`ATTEMPTS`] times with jittered exponential backoff. Conditional
+    /// writes are safe to repeat (GCS documents them as idempotent).
+    async fn send(
+        &self,
+        op: &'static str,
+        name: &str,
+        build: impl Fn(reqwest::header::HeaderMap) -> Result<reqwest::RequestBuilder, Error> + Send + Sync,
+    ) -> Result<reqwest::Response, Error> {
+        let mut delay = std::time::Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            let result = build(self.auth_headers().await?)?.send().await;
+            let transient = match &result {
+                Ok(r) => matches!(r.status().as_u16(), 408 | 429 | 500..=599),
+                Err(e) => e.is_connect() || e.is_timeout() || e.is_request(),
+            };
+            if !transient || attempt == ATTEMPTS {
+                return result.map_err(|e| self.remote(op, name, e));
+            }
+            let why = match &result {
+                Ok(r) => format!("HTTP {}", r.status()),
+                Err(e) => e.to_string(),
+            };
+            tracing::debug!(op, object = %format!("{}/{name}", self.location()), why, attempt, "Retrying a GCS request");
+            let jitter = rand_u64() % (delay.as_millis() as u64 / 2 + 1);
+            tokio::time::sleep(delay + std::time::Duration::from_millis(jitter)).await;
+            delay *= 4;
+            attempt += 1;
         }
     }
 
@@ -247,32 +317,33 @@ impl ObjectStore for GcsStore {
             Precondition::Matches(g) => query.push(("ifGenerationMatch", g)),
         }
         let resp = self
-            .http
-            .post(self.objects_url(true))
-            .headers(self.auth_headers().await?)
-            .header("content-type", format!("multipart/related; boundary={boundary}"))
-            .query(&query)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.remote("write", name, e))?;
+            .send("write", name, |auth| {
+                Ok(self
+                    .http
+                    .post(self.objects_url(true))
+                    .headers(auth)
+                    .header("content-type", format!("multipart/related; boundary={boundary}"))
+                    .query(&query)
+                    .body(body.clone()))
+            })
+            .await?;
         self.generation_of(name, "write", resp).await
     }
 
     async fn upload(&self, name: &str, src: &Path) -> Result<(), Error> {
-        let file = tokio::fs::File::open(src)
-            .await
-            .map_err(|e| Error::io("open", src, e))?;
         let resp = self
-            .http
-            .post(self.objects_url(true))
-            .headers(self.auth_headers().await?)
-            .header("content-type", "application/octet-stream")
-            .query(&[("uploadType", "media"), ("name", name)])
-            .body(reqwest::Body::from(file))
-            .send()
-            .await
-            .map_err(|e| self.remote("upload", name, e))?;
+            .send("upload", name, |auth| {
+                let file = std::fs::File::open(src).map_err(|e| Error::io("open", src, e))?;
+                let file = tokio::fs::File::from_std(file);
+                Ok(self
+                    .http
+                    .post(self.objects_url(true))
+                    .headers(auth)
+                    .header("content-type", "application/octet-stream")
+                    .query(&[("uploadType", "media"), ("name", name)])
+                    .body(reqwest::Body::from(file)))
+            })
+            .await?;
         self.generation_of(name, "upload", resp).await.map(drop)
     }
 
@@ -289,13 +360,10 @@ impl ObjectStore for GcsStore {
                 query.push(("pageToken", t));
             }
             let resp = self
-                .http
-                .get(&url)
-                .headers(self.auth_headers().await?)
-                .query(&query)
-                .send()
-                .await
-                .map_err(|e| self.remote("list", prefix, e))?;
+                .send("list", prefix, |auth| {
+                    Ok(self.http.get(&url).headers(auth).query(&query))
+                })
+                .await?;
             let status = resp.status();
             let body = resp.text().await.map_err(|e| self.remote("list", prefix, e))?;
             if !status.is_success() {
@@ -320,12 +388,8 @@ impl ObjectStore for GcsStore {
     async fn delete(&self, name: &str) -> Result<(), Error> {
         let url = format!("{}/{}", self.objects_url(false), enc(name));
         let resp = self
-            .http
-            .delete(&url)
-            .headers(self.auth_headers().await?)
-            .send()
-            .await
-            .map_err(|e| self.remote("delete", name, e))?;
+            .send("delete", name, |auth| Ok(self.http.delete(&url).headers(auth)))
+            .await?;
         match resp.status().as_u16() {
             200..=299 | 404 => Ok(()),
             s => Err(self.remote("delete", name, format!("HTTP {s}"))),

@@ -153,8 +153,10 @@ impl S3Store {
         }
     }
 
-    fn not_found<E>(err: &aws_sdk_s3::error::SdkError<E>) -> bool {
-        err.raw_response().is_some_and(|r| r.status().as_u16() == 404)
+    /// A 404 for an absent object; a missing bucket is a failure.
+    fn not_found<E: aws_sdk_s3::error::ProvideErrorMetadata>(err: &aws_sdk_s3::error::SdkError<E>) -> bool {
+        use aws_sdk_s3::error::ProvideErrorMetadata as _;
+        err.raw_response().is_some_and(|r| r.status().as_u16() == 404) && err.code() != Some("NoSuchBucket")
     }
 }
 

@@ -154,13 +154,65 @@ pub struct S3Server {
     _process: ServerProcess,
 }
 
+/// Credentials of an IAM user that [`S3Server::start_with_auth`] created.
+#[derive(Debug, Clone)]
+pub struct S3User {
+    /// Access key id.
+    pub key_id: String,
+    /// Secret access key.
+    pub secret: String,
+}
+
 impl S3Server {
-    /// Starts moto server on a free port.
+    /// Starts moto server on a free port. Any access key is accepted.
     pub fn start() -> Self {
+        Self::spawn(None)
+    }
+
+    /// Starts moto server checking credentials as AWS does, with bucket
+    /// `bucket` and an IAM user that has no permission: its keys get
+    /// `AccessDenied`, unknown keys `InvalidAccessKeyId`.
+    pub fn start_with_auth(bucket: &str) -> (Self, S3User) {
+        // Unauthenticated until the setup below says that its three
+        // requests are the last ones (the readiness probes count too).
+        let server = Self::spawn(Some(1_000_000));
+        let script = format!(
+            "import boto3, urllib.request\n\
+             urllib.request.urlopen(urllib.request.Request('{ep}/moto-api/reset-auth', data=b'3', method='POST', headers={{'content-type': 'text/plain'}}))\n\
+             kw = dict(endpoint_url='{ep}', aws_access_key_id='setup', aws_secret_access_key='setup', region_name='us-east-1')\n\
+             boto3.client('s3', **kw).create_bucket(Bucket='{bucket}')\n\
+             iam = boto3.client('iam', **kw)\n\
+             iam.create_user(UserName='nobody')\n\
+             k = iam.create_access_key(UserName='nobody')['AccessKey']\n\
+             print(k['AccessKeyId'], k['SecretAccessKey'])\n",
+            ep = server.endpoint
+        );
+        let out = Command::new(venv_bin("python"))
+            .args(["-c", &script])
+            .output()
+            .expect("run python for the moto setup");
+        assert!(
+            out.status.success(),
+            "moto IAM setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut words = text.split_whitespace();
+        let user = S3User {
+            key_id: words.next().expect("key id").to_owned(),
+            secret: words.next().expect("secret").to_owned(),
+        };
+        (server, user)
+    }
+
+    fn spawn(unauthenticated_requests: Option<u32>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let mut cmd = Command::new(venv_bin("moto_server"));
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(n) = unauthenticated_requests {
+            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+        }
         let mut process = ServerProcess::spawn("moto S3 server", cmd, dir.path().join("server.log"));
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         process.wait_until(Duration::from_secs(60), || http_status(addr, "/").is_some());
@@ -808,5 +860,64 @@ impl Load {
             self.failed.load(Ordering::Relaxed),
             self.errors.lock().unwrap().clone(),
         )
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 in front of an HTTP server that answers the
+/// first connections itself with the given statuses (`503`, `429`, …,
+/// `Connection: close`), then forwards every later connection unchanged:
+/// transient failures on demand, in front of a real server.
+#[derive(Debug)]
+pub struct FlakyProxy {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FlakyProxy {
+    /// Proxies `upstream` (`http://host:port`), failing the first
+    /// connections with `failures` in order.
+    pub fn start(upstream: &str, failures: Vec<u16>) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let endpoint = format!("http://{}", listener.local_addr().expect("proxy address"));
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = connections.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut client) = conn else { continue };
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                if let Some(status) = failures.get(n) {
+                    // Read the request head, then fail it.
+                    let mut buf = [0u8; 8192];
+                    let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = std::io::Read::read(&mut client, &mut buf);
+                    let _ = write!(
+                        client,
+                        "HTTP/1.1 {status} Injected\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().expect("clone"), server.try_clone().expect("clone")),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Self { endpoint, connections }
+    }
+
+    /// Connections accepted so far (failed ones included).
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
