@@ -928,6 +928,59 @@ fn assets_from_github_releases_with_a_token_that_never_leaks() {
 }
 
 #[test]
+fn a_denied_bucket_is_one_error_line_and_no_credential_is_logged_even_at_debug() {
+    let (s3, user) = dewy_testkit::S3Server::start_with_auth("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dewy.log");
+    let mut child = dewy(dir.path())
+        .args([
+            "assets",
+            "--registry",
+            &format!("s3://us-east-1/fleet/releases?endpoint={}", s3.endpoint),
+            "--cache",
+            &format!("s3://us-east-1/fleet/cache?endpoint={}", s3.endpoint),
+            "-i",
+            "1",
+            "--log-level",
+            "debug",
+        ])
+        .env("AWS_ACCESS_KEY_ID", &user.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &user.secret)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("five failed checks", Duration::from_secs(60), || {
+        read().matches("Dewy run failure").count() >= 5
+    });
+    terminate(&mut child);
+    let log = read();
+    for secret in [&user.key_id, &user.secret] {
+        assert!(!log.contains(secret.as_str()), "a credential is in the log:\n{log}");
+    }
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("level=ERROR")).collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "one ERROR line for an unchanged failure:\n{}",
+        errors.join("\n")
+    );
+    assert!(
+        errors[0].contains("Dewy run failure") && errors[0].contains("AccessDenied") && errors[0].len() < 600,
+        "{}",
+        errors[0]
+    );
+    assert!(
+        log.contains("Dewy run failure (unchanged)"),
+        "later ticks at DEBUG:\n{log}"
+    );
+}
+
+#[test]
 fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let s3 = dewy_testkit::S3Server::start();

@@ -808,30 +808,46 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(600);
 /// in between), a new failure at once.
 #[derive(Debug, Default)]
 struct FailureLog {
-    /// The failure, when it was last logged at ERROR, and the ticks it
-    /// failed since then.
+    /// The failure's fingerprint, when it was last logged at ERROR, and
+    /// the ticks it failed since then.
     last: Option<(String, std::time::Instant, u64)>,
     /// Failed ticks in a row.
     count: u64,
 }
 
 impl FailureLog {
+    /// What makes two failures the same: the text without request ids,
+    /// which differ on every attempt.
+    fn fingerprint(error: &str) -> String {
+        let mut out = String::with_capacity(error.len());
+        let mut rest = error;
+        while let Some(i) = rest.find("request id ") {
+            out.push_str(&rest[..i + "request id ".len()]);
+            rest = &rest[i + "request id ".len()..];
+            let end = rest.find([' ', ',', ')', ';']).unwrap_or(rest.len());
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out
+    }
+
     fn failed(&mut self, error: &str) {
         self.count += 1;
         let count = self.count;
+        let key = Self::fingerprint(error);
         match &mut self.last {
-            Some((last, logged, repeats)) if last == error && logged.elapsed() < FAILURE_LOG_EVERY => {
+            Some((last, logged, repeats)) if *last == key && logged.elapsed() < FAILURE_LOG_EVERY => {
                 *repeats += 1;
                 tracing::debug!(error, count, "Dewy run failure (unchanged)");
             }
-            Some((last, logged, repeats)) if last == error => {
+            Some((last, logged, repeats)) if *last == key => {
                 tracing::error!(error, count, repeated = *repeats + 1, since = ?logged.elapsed(), "Dewy run failure");
                 *logged = std::time::Instant::now();
                 *repeats = 0;
             }
             _ => {
                 tracing::error!(error, count, "Dewy run failure");
-                self.last = Some((error.to_owned(), std::time::Instant::now(), 0));
+                self.last = Some((key, std::time::Instant::now(), 0));
             }
         }
     }
@@ -841,5 +857,27 @@ impl FailureLog {
             tracing::info!(failed_ticks = self.count, "Dewy run recovered");
         }
         self.count = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailureLog;
+
+    #[test]
+    fn failures_differing_only_in_request_ids_are_the_same() {
+        let a = "list `s3://r/b/`: AccessDenied: Access Denied (HTTP 403, request id AAA111)";
+        let b = "list `s3://r/b/`: AccessDenied: Access Denied (HTTP 403, request id BBB222)";
+        assert_eq!(FailureLog::fingerprint(a), FailureLog::fingerprint(b));
+        assert_ne!(
+            FailureLog::fingerprint(a),
+            FailureLog::fingerprint("list `s3://r/b/`: NoSuchBucket (HTTP 404, request id AAA111)")
+        );
+        let mut log = FailureLog::default();
+        log.failed(a);
+        log.failed(b);
+        assert_eq!(log.last.as_ref().map(|l| l.2), Some(1), "the second is a repeat");
+        log.recovered();
+        assert!(log.last.is_none() && log.count == 0);
     }
 }

@@ -19,41 +19,49 @@ pub trait DeployProgress: Send + Sync + std::fmt::Debug {
     fn finished(&self, _tag: &str) {}
 }
 
-/// The default [`DeployProgress`]: a log line every three seconds.
-#[derive(Debug)]
+/// The default [`DeployProgress`]: while a download or an extraction runs,
+/// a progress line every three seconds (none for work that ends sooner; the
+/// start and the end have their own lines).
+#[derive(Debug, Default)]
 pub struct LogProgress {
-    last: std::sync::Mutex<std::time::Instant>,
-}
-
-impl Default for LogProgress {
-    fn default() -> Self {
-        Self {
-            last: std::sync::Mutex::new(std::time::Instant::now()),
-        }
-    }
+    /// The work being reported (`download`/`extract` and the tag) and when
+    /// its last line (or its start) was.
+    last: std::sync::Mutex<Option<(&'static str, String, std::time::Instant)>>,
 }
 
 impl LogProgress {
-    fn due(&self) -> bool {
-        let mut last = self.last.lock().expect("progress clock");
-        let due = last.elapsed() >= Duration::from_secs(3);
-        if due {
-            *last = std::time::Instant::now();
+    fn due(&self, kind: &'static str, tag: &str) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        match last.as_mut() {
+            Some((k, t, at)) if *k == kind && t == tag => {
+                let due = at.elapsed() >= Duration::from_secs(3);
+                if due {
+                    *at = now;
+                }
+                due
+            }
+            _ => {
+                *last = Some((kind, tag.to_owned(), now));
+                false
+            }
         }
-        due
     }
 }
 
 impl DeployProgress for LogProgress {
     fn downloading(&self, tag: &str, done: u64, total: Option<u64>) {
-        if self.due() {
-            tracing::info!(tag, bytes = done, total = total.unwrap_or(0), "Downloading artifact");
+        if self.due("download", tag) {
+            tracing::info!(tag, bytes = done, total = total.unwrap_or(0), "Download progress");
         }
     }
     fn extracting(&self, tag: &str, unpacked: u64) {
-        if self.due() {
-            tracing::info!(tag, bytes = unpacked, "Extracting archive");
+        if self.due("extract", tag) {
+            tracing::info!(tag, bytes = unpacked, "Extract progress");
         }
+    }
+    fn finished(&self, _tag: &str) {
+        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 }
 
@@ -73,5 +81,25 @@ impl DownloadProgress for ForRelease {
 impl dewy_archive::Progress for ForRelease {
     fn on_entry(&self, _path: &Path, unpacked: u64) {
         self.progress.extracting(&self.tag, unpacked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogProgress;
+
+    #[test]
+    fn no_progress_line_at_the_start_of_a_download_or_an_extraction() {
+        let p = LogProgress::default();
+        assert!(!p.due("download", "v1"), "the start has its own line");
+        assert!(!p.due("download", "v1"), "not before three seconds");
+        assert!(!p.due("extract", "v1"), "a new step starts its own clock");
+        *p.last.lock().unwrap() = Some((
+            "extract",
+            "v1".into(),
+            std::time::Instant::now() - std::time::Duration::from_secs(4),
+        ));
+        assert!(p.due("extract", "v1"));
+        assert!(!p.due("extract", "v1"));
     }
 }

@@ -265,6 +265,7 @@ impl Downloader {
             .user_agent(concat!("dewy/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Transport {
+                op: "download of",
                 url: "(client)".into(),
                 source: Box::new(e),
             })?;
@@ -418,6 +419,7 @@ impl Downloader {
         let url = request.url.as_str();
         let safe = || SafeUrl(url).to_string();
         let transport = |e: reqwest::Error| Error::Transport {
+            op: "download of",
             url: SafeUrl(url).to_string(),
             source: Box::new(e),
         };
@@ -452,6 +454,7 @@ impl Downloader {
                     self.restart(partial, url).await?;
                     *validator = None;
                     return Err(Error::Transport {
+                        op: "download of",
                         url: safe(),
                         source: format!("unexpected Content-Range `{range}`").into(),
                     });
@@ -494,6 +497,7 @@ impl Downloader {
             && partial.size != t
         {
             return Err(Error::Transport {
+                op: "download of",
                 url: safe(),
                 source: format!("body ended after {} of {t} bytes", partial.size).into(),
             });

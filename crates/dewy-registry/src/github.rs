@@ -104,6 +104,8 @@ pub struct GithubRegistry {
     /// Parsed pages by route, reused on 304.
     pages: Mutex<HashMap<String, Page>>,
     report_off: AtomicBool,
+    /// Recording deployments failed last time (warned once).
+    report_failing: AtomicBool,
     /// Checksum files already read, by asset URL (a published asset does
     /// not change; one download per release, not per tick).
     sums: Mutex<HashMap<String, String>>,
@@ -233,6 +235,7 @@ impl GithubRegistry {
             api,
             pages: Mutex::new(HashMap::new()),
             report_off: AtomicBool::new(false),
+            report_failing: AtomicBool::new(false),
             sums: Mutex::new(HashMap::new()),
             downloader: std::sync::OnceLock::new(),
         })
@@ -379,10 +382,48 @@ impl Registry for GithubRegistry {
         self.asset_request(&release.artifact_url).await
     }
 
+    /// Records a deployment and its status. The audit trail never fails a
+    /// deploy: a refusal (403/404) turns it off with one warning; other
+    /// failures (5xx, network) are one warning per outage and one INFO line
+    /// when it works again.
     async fn report(&self, report: &Report) -> Result<(), Error> {
         if self.report_off.load(Ordering::Relaxed) {
             return Ok(());
         }
+        match self.record_deployment(report).await {
+            Ok(()) => {
+                if self.report_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(registry = %self.location, "GitHub records deployments again");
+                }
+            }
+            Err(Error::Api { status, message, .. }) if matches!(status, 403 | 404) => {
+                self.report_off.store(true, Ordering::Relaxed);
+                tracing::warn!(registry = %self.location, status, message, "GitHub refused to record deployments; the audit trail is off (the token needs deployments:write)");
+            }
+            Err(err) => {
+                if self.report_failing.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(registry = %self.location, error = %err, "GitHub could not record the deployment");
+                } else {
+                    tracing::warn!(registry = %self.location, error = %err, "GitHub could not record the deployment; the deploy itself is unaffected (said once until it works again)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            requests: self.api.requests.load(Ordering::Relaxed),
+            not_modified: self.api.not_modified.load(Ordering::Relaxed),
+            rate_limited: self.api.rate_limited.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl GithubRegistry {
+    /// A GitHub deployment of the tag in the environment `dewy`, and its
+    /// `success` or `failure` status.
+    async fn record_deployment(&self, report: &Report) -> Result<(), Error> {
         let description = format!("dewy {} on {}", report.command, report.hostname);
         let deployment = serde_json::json!({
             "ref": report.tag,
@@ -393,15 +434,7 @@ impl Registry for GithubRegistry {
             "payload": {"hostname": report.hostname, "command": report.command, "at": report.at.to_string()},
         });
         let route = format!("{}/deployments", self.repo_route);
-        let created: Created = match self.api.post(&self.location, &route, &deployment).await {
-            Ok(c) => c,
-            Err(Error::Api { status, message, .. }) if matches!(status, 403 | 404) => {
-                self.report_off.store(true, Ordering::Relaxed);
-                tracing::warn!(registry = %self.location, status, message, "GitHub refused to record deployments; the audit trail is off (the token needs deployments:write)");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
+        let created: Created = self.api.post(&self.location, &route, &deployment).await?;
         let mut text = report.error.clone().unwrap_or(description);
         text.truncate(text.floor_char_boundary(140));
         let status = serde_json::json!({
@@ -416,16 +449,6 @@ impl Registry for GithubRegistry {
         Ok(())
     }
 
-    fn stats(&self) -> RegistryStats {
-        RegistryStats {
-            requests: self.api.requests.load(Ordering::Relaxed),
-            not_modified: self.api.not_modified.load(Ordering::Relaxed),
-            rate_limited: self.api.rate_limited.load(Ordering::Relaxed),
-        }
-    }
-}
-
-impl GithubRegistry {
     /// The releases that may be deployed: drafts never are; GitHub's
     /// pre-release flag is honoured as well as the tag's pre-release part
     /// (the Go original looked at the name only).
@@ -689,7 +712,19 @@ impl Api {
         let message = serde_json::from_str::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| body.chars().take(200).collect());
+            .unwrap_or_else(|| {
+                // An HTML error page (a proxy, a GitHub outage) says nothing
+                // a log line needs: its status reason does.
+                if body.trim_start().starts_with('<') {
+                    let reason = http::StatusCode::from_u16(status)
+                        .ok()
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("error");
+                    format!("{reason} (an HTML page, not the API's JSON)")
+                } else {
+                    body.lines().next().unwrap_or_default().chars().take(200).collect()
+                }
+            });
         let message = match status {
             401 => format!(
                 "GitHub refused the credentials ({message}); check GH_TOKEN/GITHUB_TOKEN or the GitHub App settings"
@@ -708,6 +743,7 @@ impl Api {
 
     fn transport(registry: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
         Error::Transport {
+            op: "GitHub API request for",
             url: registry.to_owned(),
             source: Box::new(e),
         }

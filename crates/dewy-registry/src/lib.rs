@@ -181,8 +181,10 @@ pub enum Error {
         status: u16,
     },
     /// The connection failed or timed out.
-    #[error("download of `{url}` failed")]
+    #[error("{op} `{url}` failed")]
     Transport {
+        /// What was asked: `download of`, `GitHub API request for`.
+        op: &'static str,
         /// The URL (redacted).
         url: String,
         /// The cause.

@@ -222,6 +222,11 @@ async fn missing_or_rejected_credentials_are_clear_errors() {
         .to_string();
     assert!(err.contains("401") && err.contains("refused the credentials"), "{err}");
     assert!(!err.contains("bad"), "the token is not echoed: {err}");
+    // With the API down, the error says what failed: the API, not a download.
+    let reg = open("ghr://o/r", &options(&gh, Some("good")));
+    drop(gh);
+    let err = reg.latest().await.unwrap_err().to_string();
+    assert!(err.contains("GitHub API request for `ghr://o/r` failed"), "{err}");
 }
 
 #[tokio::test]
@@ -315,6 +320,31 @@ async fn deployments_are_the_audit_trail() {
     assert_eq!(deployments[0]["payload"]["hostname"], "web-1");
     let states: Vec<_> = gh.deployment_statuses().iter().map(|s| s["state"].clone()).collect();
     assert_eq!(states, ["success", "failure"]);
+
+    // GitHub down while recording: the deploy is not failed by it, and an
+    // HTML error page never reaches a message.
+    gh.fail_next(1000, 502);
+    let report = Report {
+        tag: "v1.0.0".into(),
+        command: "server".into(),
+        hostname: "web-1".into(),
+        at: jiff::Timestamp::now(),
+        error: None,
+    };
+    reg.report(&report).await.unwrap();
+    reg.report(&report).await.unwrap();
+    let err = open("ghr://o/r", &options(&gh, Some("t")))
+        .latest()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("502") && err.contains("Bad Gateway") && !err.contains('<'),
+        "{err}"
+    );
+    gh.fail_next(0, 502);
+    reg.report(&report).await.unwrap();
+    assert_eq!(gh.deployments().len(), 3, "recorded again once GitHub answers");
 }
 
 /// A publisher's `SHA256SUMS` asset is verified with and without GitHub's
