@@ -46,7 +46,7 @@ struct Ctx {
 }
 
 /// Dewy's default admin port.
-const DEWY_ADMIN_PORT: u16 = 17539;
+pub(crate) const DEWY_ADMIN_PORT: u16 = 17539;
 
 fn router(admin: Arc<Admin>, trusted: bool) -> Router {
     Router::new()

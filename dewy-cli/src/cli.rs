@@ -44,6 +44,20 @@ pub enum Command {
     /// Forget the releases recorded as bad (failed to start or failed their
     /// health checks), so they are tried again.
     ClearBad(ClearBadArgs),
+    /// Print the shell completion script for SHELL (bash, zsh, fish,
+    /// elvish, powershell): `dewy completions bash >
+    /// /etc/bash_completion.d/dewy`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff): `dewy man | man -l -`.
+    Man,
+}
+
+/// `dewy completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
 }
 
 /// `dewy clear-bad`.
@@ -252,11 +266,26 @@ pub struct CommonArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_port: Option<String>,
 
-    /// Push the metrics of `/metrics` over OTLP/HTTP to this collector URL
-    /// (`http://collector:4318/v1/metrics`). Off by default.
-    #[arg(long = "otlp-endpoint", value_name = "URL")]
+    /// Push the metrics of `/metrics` to an OpenTelemetry collector:
+    /// `HOST:PORT` over OTLP/gRPC as Dewy does (`localhost:4317`, TLS with
+    /// the system's roots unless `--otlp-insecure`), or an `http(s)://` URL
+    /// over OTLP/HTTP (`http://collector:4318/v1/metrics`). Turns
+    /// `--telemetry` on. Off by default.
+    #[arg(long = "otlp-endpoint", value_name = "HOST:PORT|URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+
+    /// Plaintext gRPC to a `HOST:PORT` `--otlp-endpoint` (no TLS).
+    #[arg(long = "otlp-insecure")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub otlp_insecure: bool,
+
+    /// Dewy's telemetry switch: also serve the admin API with `/metrics` on
+    /// 127.0.0.1:17539 (the first free port up to 17548), or on
+    /// `--admin-port`. The unix socket always serves it.
+    #[arg(long = "telemetry")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub telemetry: bool,
 
     /// How often metrics are pushed with `--otlp-endpoint`. Default 60s.
     #[arg(long = "otlp-interval", value_name = "DURATION")]
@@ -291,9 +320,29 @@ pub(crate) fn parse() -> Result<Cli, ExitCode> {
         Some("help") if args.len() == 2 => vec![args[0].clone(), "--help".into()],
         _ => args,
     };
+    let asks_version = args.iter().skip(1).any(|a| a == "-v" || a == "--version");
+    let json = args
+        .windows(2)
+        .any(|w| matches!(w[0].as_str(), "-f" | "--log-format") && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json" || a == "-fjson");
+    if asks_version && json {
+        // Dewy's JSON form: one log record on stderr.
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "time": jiff::Timestamp::now().to_string(),
+                "level": "INFO",
+                "msg": "Dewy version",
+                "version": env!("CARGO_PKG_VERSION"),
+                "commit": env!("DEWY_COMMIT"),
+                "date": env!("DEWY_DATE"),
+            })
+        );
+        return Err(ExitCode::SUCCESS);
+    }
     match Cli::try_parse_from(args) {
         Ok(cli) if cli.version => {
-            println!("dewy version: {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", version_line());
             Err(ExitCode::SUCCESS)
         }
         Ok(cli) if cli.command.is_none() => {
@@ -306,4 +355,14 @@ pub(crate) fn parse() -> Result<Cli, ExitCode> {
             Err(ExitCode::from(if e.use_stderr() { 2 } else { 0 }))
         }
     }
+}
+
+/// `dewy version: 0.1.0 [abc1234, 2026-11-29T06:00:00Z]`, as Dewy prints it.
+pub(crate) fn version_line() -> String {
+    format!(
+        "dewy version: {} [{}, {}]",
+        env!("CARGO_PKG_VERSION"),
+        env!("DEWY_COMMIT"),
+        env!("DEWY_DATE")
+    )
 }

@@ -230,3 +230,23 @@ pub(crate) fn status(args: &crate::cli::ReleasesArgs) -> std::process::ExitCode 
     }
     std::process::ExitCode::SUCCESS
 }
+
+/// `dewy completions SHELL`: the completion script on stdout.
+pub(crate) fn completions(shell: clap_complete::Shell) -> std::process::ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = crate::Cli::command();
+    clap_complete::generate(shell, &mut cmd, "dewy", &mut std::io::stdout());
+    std::process::ExitCode::SUCCESS
+}
+
+/// `dewy man`: the man page (roff) on stdout.
+pub(crate) fn man() -> std::process::ExitCode {
+    use clap::CommandFactory;
+    match clap_mangen::Man::new(crate::Cli::command()).render(&mut std::io::stdout()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: cannot write the man page: {err}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

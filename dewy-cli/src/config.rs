@@ -171,10 +171,25 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// GitHub webhook secret.
     pub webhook_secret: Option<String>,
-    /// OTLP/HTTP metrics collector URL.
-    pub otlp_endpoint: Option<String>,
+    /// Where metrics are pushed over OTLP.
+    pub otlp: Option<Otlp>,
     /// How often metrics are pushed over OTLP.
     pub otlp_interval: Duration,
+}
+
+/// An OpenTelemetry collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Otlp {
+    /// OTLP/gRPC to `host:port` (Dewy's spelling), with TLS unless
+    /// `insecure`.
+    Grpc {
+        /// `host:port`.
+        target: String,
+        /// Plaintext (`--otlp-insecure`).
+        insecure: bool,
+    },
+    /// OTLP/HTTP to this URL.
+    Http(String),
 }
 
 /// A configuration value that is wrong: names the flag or key, the value,
@@ -551,16 +566,31 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             "assets mode only; in server mode use --health-path",
         ));
     }
-    let otlp_endpoint = text(&raw.scalar("otlp_endpoint"));
-    if let Some(url) = &otlp_endpoint
-        && !(url.starts_with("http://") || url.starts_with("https://"))
-    {
-        return Err(invalid(
-            "otlp_endpoint",
-            url,
-            "an http(s) URL such as http://collector:4318/v1/metrics",
-        ));
-    }
+    let otlp_insecure = boolean("otlp_insecure", &raw.scalar("otlp_insecure"))?;
+    let otlp = match text(&raw.scalar("otlp_endpoint")) {
+        None => None,
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(Otlp::Http(url)),
+        Some(target) => {
+            let valid = target.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !valid {
+                return Err(invalid(
+                    "otlp_endpoint",
+                    &target,
+                    "HOST:PORT for OTLP/gRPC (localhost:4317) or an http(s) URL for OTLP/HTTP (http://collector:4318/v1/metrics)",
+                ));
+            }
+            Some(Otlp::Grpc {
+                target,
+                insecure: otlp_insecure,
+            })
+        }
+    };
+    // Dewy's telemetry serves `/metrics` on the admin port 17539 (moving
+    // up when taken); an OTLP endpoint turns it on too.
+    let telemetry = boolean("telemetry", &raw.scalar("telemetry"))? || otlp.is_some();
+    let admin_port = admin_port.or(telemetry.then_some(crate::admin::DEWY_ADMIN_PORT));
     let otlp_interval = duration_or(
         "otlp_interval",
         &raw.scalar("otlp_interval"),
@@ -589,7 +619,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         admin_port,
         admin_token: text(&raw.scalar("admin_token")),
         webhook_secret: text(&raw.scalar("webhook_secret")),
-        otlp_endpoint,
+        otlp,
         otlp_interval,
         readiness,
         stop_timeout,

@@ -41,6 +41,8 @@ pub fn main() -> ExitCode {
         Some(cli::Command::Pin(args)) => return commands::rollback(args.workdir.as_deref(), Some(&args.release)),
         Some(cli::Command::Unpin(args)) => return commands::unpin(args.workdir.as_deref()),
         Some(cli::Command::ClearBad(args)) => return commands::clear_bad(args),
+        Some(cli::Command::Completions(args)) => return commands::completions(args.shell),
+        Some(cli::Command::Man) => return commands::man(),
         _ => {}
     }
     let settings = match config::load(&cli) {

@@ -5,14 +5,15 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
-/// One metric family: name, kind (`counter` or `gauge`), help, and samples
-/// (labels, value).
+/// One metric family: name, kind (`counter`, `gauge` or `histogram`), help,
+/// and samples (labels, value), or for a histogram its labels and reading.
 #[derive(Debug, Clone)]
 pub(crate) struct Family {
     pub(crate) name: &'static str,
     pub(crate) kind: &'static str,
     pub(crate) help: &'static str,
     pub(crate) samples: Vec<(Vec<(&'static str, String)>, u64)>,
+    pub(crate) histogram: Option<(Vec<(&'static str, String)>, dewy_core::HistogramSnapshot)>,
 }
 
 /// Every metric dewy exports, read now: the scrape endpoint renders them as
@@ -28,6 +29,7 @@ pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
                 kind,
                 help,
                 samples: samples.to_vec(),
+                histogram: None,
             });
         };
     let cmd = vec![("command", st.mode.to_owned())];
@@ -42,12 +44,6 @@ pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
         "counter",
         "Failed deploys.",
         &[(cmd.clone(), m.deployment_errors.load(Relaxed))],
-    );
-    family(
-        "dewy_deployment_duration_seconds_sum",
-        "counter",
-        "Total time of successful deploys.",
-        &[(cmd.clone(), m.deployment_millis.load(Relaxed) / 1000)],
     );
     family(
         "dewy_server_restarts_total",
@@ -175,6 +171,13 @@ pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
         "dewy and the version it runs.",
         &[(vec![("dewy_version", st.dewy_version.clone()), ("version", version)], 1)],
     );
+    out.push(Family {
+        name: "dewy_deployment_duration_seconds",
+        kind: "histogram",
+        help: "Durations of successful deploys, in seconds (Dewy's buckets).",
+        samples: Vec::new(),
+        histogram: Some((cmd, m.deployment_duration.snapshot())),
+    });
     out
 }
 
@@ -184,22 +187,35 @@ pub(crate) async fn prometheus_text(d: &dewy_core::Deployer) -> String {
     for f in families(d).await {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
         for (labels, v) in &f.samples {
-            let labels: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{k}=\"{}\"",
-                        v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-                    )
-                })
-                .collect();
-            let labels = if labels.is_empty() {
-                String::new()
-            } else {
-                format!("{{{}}}", labels.join(","))
-            };
-            let _ = writeln!(out, "{}{labels} {v}", f.name);
+            let _ = writeln!(out, "{}{} {v}", f.name, render_labels(labels, None));
+        }
+        if let Some((labels, h)) = &f.histogram {
+            for (bound, n) in &h.buckets {
+                let le = if bound.is_infinite() {
+                    "+Inf".to_owned()
+                } else {
+                    bound.to_string()
+                };
+                let _ = writeln!(out, "{}_bucket{} {n}", f.name, render_labels(labels, Some(&le)));
+            }
+            let _ = writeln!(out, "{}_sum{} {}", f.name, render_labels(labels, None), h.sum_seconds);
+            let _ = writeln!(out, "{}_count{} {}", f.name, render_labels(labels, None), h.count);
         }
     }
     out
+}
+
+/// `{k="v",…}` with values escaped, and `le` last when given; empty when
+/// there is no label.
+fn render_labels(labels: &[(&'static str, String)], le: Option<&str>) -> String {
+    let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let mut parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+    if let Some(le) = le {
+        parts.push(format!("le=\"{le}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
 }

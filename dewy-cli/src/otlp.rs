@@ -1,6 +1,6 @@
-//! `--otlp-endpoint`: pushes the metrics of `/metrics` over OTLP/HTTP
-//! (protobuf) with the opentelemetry SDK. The scrape endpoint does not
-//! depend on it.
+//! `--otlp-endpoint`: pushes the metrics of `/metrics` over OTLP/gRPC
+//! (`host:port`, as Dewy) or OTLP/HTTP (protobuf, an `http(s)://` URL) with
+//! the opentelemetry SDK. The scrape endpoint does not depend on it.
 //!
 //! The SDK's periodic reader runs on its own thread and the exporter uses a
 //! blocking HTTP client, which must be built and dropped outside the tokio
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 
 use crate::metrics::{Family, families};
 
@@ -25,9 +25,12 @@ pub(crate) struct Otlp {
     refresh: tokio::task::JoinHandle<()>,
 }
 
-/// Starts pushing every `interval` to `endpoint`
-/// (`http://collector:4318/v1/metrics`).
-pub(crate) async fn start(endpoint: &str, interval: Duration, deployer: Arc<dewy_core::Deployer>) -> Otlp {
+/// Starts pushing every `interval` to `target`.
+pub(crate) async fn start(
+    target: &crate::config::Otlp,
+    interval: Duration,
+    deployer: Arc<dewy_core::Deployer>,
+) -> Otlp {
     let first = families(&deployer).await;
     let snapshot: Arc<Mutex<Vec<Family>>> = Arc::new(Mutex::new(first.clone()));
     let refresh = {
@@ -42,14 +45,36 @@ pub(crate) async fn start(endpoint: &str, interval: Duration, deployer: Arc<dewy
         })
     };
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let endpoint = endpoint.to_owned();
+    let target = target.clone();
+    let endpoint = match &target {
+        crate::config::Otlp::Grpc { target, insecure } => {
+            format!("{}://{target}", if *insecure { "http" } else { "https" })
+        }
+        crate::config::Otlp::Http(url) => url.clone(),
+    };
+    // The gRPC client's connection task runs on dewy's runtime; the SDK's
+    // exports block on it from the thread below.
+    let runtime = tokio::runtime::Handle::current();
     let thread = std::thread::spawn(move || {
-        let exporter = match opentelemetry_otlp::MetricExporter::builder()
-            .with_http()
-            .with_endpoint(endpoint.clone())
-            .with_timeout(Duration::from_secs(10))
-            .build()
-        {
+        let built = match &target {
+            crate::config::Otlp::Grpc { insecure, .. } => {
+                let _entered = runtime.enter();
+                let mut builder = opentelemetry_otlp::MetricExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint.clone())
+                    .with_timeout(Duration::from_secs(10));
+                if !insecure {
+                    builder = builder.with_tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots());
+                }
+                builder.build()
+            }
+            crate::config::Otlp::Http(_) => opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_endpoint(endpoint.clone())
+                .with_timeout(Duration::from_secs(10))
+                .build(),
+        };
+        let exporter = match built {
             Ok(e) => e,
             Err(err) => {
                 tracing::error!(endpoint, error = %err, "Cannot set up the OTLP exporter; metrics are not pushed");
@@ -80,7 +105,9 @@ pub(crate) async fn start(endpoint: &str, interval: Duration, deployer: Arc<dewy
         };
         let mut counters = Vec::new();
         let mut gauges = Vec::new();
-        for f in &first {
+        // Histograms are scraped only: OpenTelemetry has no observable
+        // histogram to feed from a reading.
+        for f in first.iter().filter(|f| f.kind != "histogram") {
             if f.kind == "counter" {
                 counters.push(
                     meter

@@ -380,8 +380,8 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         webhook_secret: s.webhook_secret.clone(),
     });
     crate::admin::serve(admin, s.admin_port, admin_rx).await?;
-    let otlp = match &s.otlp_endpoint {
-        Some(url) => Some(crate::otlp::start(url, s.otlp_interval, deployer.clone()).await),
+    let otlp = match &s.otlp {
+        Some(target) => Some(crate::otlp::start(target, s.otlp_interval, deployer.clone()).await),
         None => None,
     };
 

@@ -58,9 +58,44 @@ fn help_and_version() {
     }
     let (code, out, _) = run(dewy(dir.path()).arg("--version"));
     assert_eq!(code, 0);
-    assert_eq!(out.trim(), format!("dewy version: {}", env!("CARGO_PKG_VERSION")));
+    // Dewy's shape: `dewy version: X [commit, date]`, the commit and its
+    // date embedded at build time.
+    let rest = out
+        .trim()
+        .strip_prefix(&format!("dewy version: {} [", env!("CARGO_PKG_VERSION")))
+        .unwrap_or_else(|| panic!("{out}"));
+    let (commit, date) = rest.trim_end_matches(']').split_once(", ").unwrap();
+    assert!(commit.len() == 7 || commit == "unknown", "{out}");
+    assert!(date.parse::<jiff::Timestamp>().is_ok() || date == "unknown", "{out}");
     let (code, out2, _) = run(dewy(dir.path()).arg("-v"));
-    assert_eq!((code, out2), (0, out));
+    assert_eq!((code, out2.as_str()), (0, out.as_str()));
+    let (code, stdout, stderr) = run(dewy(dir.path()).args(["--version", "-f", "json"]));
+    assert_eq!((code, stdout.as_str()), (0, ""));
+    let record: serde_json::Value = serde_json::from_str(stderr.trim()).unwrap();
+    assert_eq!(record["msg"], "Dewy version");
+    assert_eq!(record["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(record["commit"].as_str().unwrap(), commit);
+}
+
+#[test]
+fn completions_and_man_page_are_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, bash, _) = run(dewy(dir.path()).args(["completions", "bash"]));
+    assert_eq!(code, 0);
+    assert!(bash.contains("--registry") && bash.contains("clear-bad"), "{bash}");
+    let script = dir.path().join("dewy.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let (code, _, err) = run(Command::new("bash").arg("-n").arg(&script));
+    assert_eq!(code, 0, "bash -n: {err}");
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let (code, out, _) = run(dewy(dir.path()).args(["completions", shell]));
+        assert!(code == 0 && out.contains("registry"), "{shell}");
+    }
+    let (code, _, err) = run(dewy(dir.path()).args(["completions", "tcsh"]));
+    assert_eq!(code, 2, "{err}");
+    let (code, man, _) = run(dewy(dir.path()).arg("man"));
+    assert_eq!(code, 0);
+    assert!(man.contains(".TH dewy 1") && man.contains("registry"), "{man}");
 }
 
 #[test]
@@ -81,6 +116,14 @@ fn every_bad_value_is_a_usage_error_naming_the_flag() {
         (&[&base[..], &["--cache", "/tmp/cache"]].concat(), "--cache"),
         (&[&base[..], &["--notifier", "slack"]].concat(), "--notifier"),
         (&[&base[..], &["--workdir", "/nonexistent/dir"]].concat(), "--workdir"),
+        (
+            &[&base[..], &["--otlp-endpoint", "collector"]].concat(),
+            "--otlp-endpoint",
+        ),
+        (
+            &[&base[..], &["--otlp-endpoint", "host:99999"]].concat(),
+            "--otlp-endpoint",
+        ),
         (
             &["server", "--registry", "file:///x", "-p", "70000", "--", "sh"],
             "--port",
@@ -528,6 +571,9 @@ fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
                 ),
                 "{line}"
             );
+            if line.ends_with(" histogram") {
+                typed.insert(format!("{name} histogram"));
+            }
             typed.insert(name);
             continue;
         }
@@ -552,7 +598,12 @@ fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
                 );
             }
         }
-        assert!(typed.contains(name), "sample before its # TYPE: {line}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|base| typed.contains(&format!("{base} histogram")))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "sample before its # TYPE: {line}");
         samples.insert(
             series.to_owned(),
             value.parse::<f64>().unwrap_or_else(|_| panic!("bad value: {line}")),
@@ -678,6 +729,9 @@ fn admin_api_status_metrics_and_webhook() {
         after["dewy_deployments_total{command=\"assets\"}"] == 2.0
             && after["dewy_downloads_total"] == 2.0
             && after["dewy_ticks_total{outcome=\"deployed\"}"] == 2.0
+            && after["dewy_deployment_duration_seconds_count{command=\"assets\"}"] == 2.0
+            && after["dewy_deployment_duration_seconds_bucket{command=\"assets\",le=\"+Inf\"}"] == 2.0
+            && after["dewy_deployment_duration_seconds_bucket{command=\"assets\",le=\"600\"}"] == 2.0
     });
 
     terminate(&mut child);
@@ -1205,6 +1259,99 @@ fn metrics_are_pushed_over_otlp() {
     ] {
         assert!(contains(body, name), "{name} missing from the export");
     }
+}
+
+/// An OTLP/gRPC collector (the protocol's own service, served by tonic):
+/// the metric names of every export, and the port.
+fn otlp_grpc_collector() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    struct Collector(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+    #[tonic::async_trait]
+    impl MetricsService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportMetricsServiceRequest>,
+        ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            let mut names = self.0.lock().unwrap();
+            for rm in &request.get_ref().resource_metrics {
+                for sm in &rm.scope_metrics {
+                    names.extend(sm.metrics.iter().map(|m| m.name.clone()));
+                }
+            }
+            Ok(tonic::Response::new(ExportMetricsServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+    let port = dewy_testkit::free_port();
+    let names = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let service = MetricsServiceServer::new(Collector(names.clone()));
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve(([127, 0, 0, 1], port).into()),
+        )
+        .unwrap();
+    });
+    (port, names)
+}
+
+/// A Dewy user's unit line: `--telemetry --otlp-endpoint localhost:PORT
+/// --otlp-insecure` starts, pushes over OTLP/gRPC and serves `/metrics` on
+/// the admin port 17539 or the next free one.
+#[test]
+fn dewy_telemetry_flags_push_over_otlp_grpc_and_serve_metrics() {
+    let (port, names) = otlp_grpc_collector();
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("registry"));
+    std::fs::create_dir_all(&app).unwrap();
+    dewy_testkit::publish(
+        &reg,
+        "v1.0.0",
+        "site_linux_amd64.tar.gz",
+        &dewy_testkit::targz(&[("index.html", b"one", 0o644)]),
+    );
+    let log = dir.path().join("dewy.log");
+    let mut child = dewy(&app)
+        .args(["assets", "--registry", &format!("file://{}", reg.display()), "-i", "1"])
+        .args([
+            "--telemetry",
+            "--otlp-endpoint",
+            &format!("localhost:{port}"),
+            "--otlp-insecure",
+            "--otlp-interval",
+            "1s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("an OTLP/gRPC export", Duration::from_secs(30), || {
+        names.lock().unwrap().iter().any(|n| n == "dewy_deployments_total")
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let admin: u16 = text
+        .lines()
+        .find(|l| l.contains("Admin API port bound successfully"))
+        .and_then(|l| l.split("port=").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no admin port in the log:\n{text}"));
+    assert!((17539..17549).contains(&admin), "{admin}");
+    let (status, body) = http(([127, 0, 0, 1], admin).into(), "GET /metrics HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(body.contains("dewy_deployments_total{"), "{body}");
+    terminate(&mut child);
 }
 
 #[test]

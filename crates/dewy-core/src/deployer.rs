@@ -579,7 +579,9 @@ impl Deployer {
             use std::sync::atomic::Ordering::Relaxed;
             if result.is_ok() {
                 self.metrics.deployments.fetch_add(1, Relaxed);
-                self.metrics.deployment_millis.fetch_add(entry.duration_ms, Relaxed);
+                self.metrics
+                    .deployment_duration
+                    .observe(Duration::from_millis(entry.duration_ms));
             } else {
                 self.metrics.deployment_errors.fetch_add(1, Relaxed);
             }

@@ -81,6 +81,6 @@ pub use error::Error;
 pub use history::{Entry as HistoryEntry, read as read_history};
 pub use hooks::HookOutcome;
 pub use layout::{ReleaseInfo, Releases, pinned, set_pin};
-pub use metrics::Metrics;
+pub use metrics::{DEPLOYMENT_BUCKETS, Histogram, HistogramSnapshot, Metrics};
 pub use progress::{DeployProgress, LogProgress};
 pub use status::Status;
