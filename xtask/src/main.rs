@@ -10,6 +10,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod soak;
 
 use std::path::PathBuf;
@@ -23,12 +24,12 @@ fn main() -> std::process::ExitCode {
         Some("test") => test(),
         Some("install-test-servers") => install_test_servers(),
         Some("demo") => demo::demo(),
-        Some("completions") => completions(args.get(1).map(String::as_str).unwrap_or("target/dist")),
+        Some("dist") => dist::dist(&args[1..]),
         Some("bench") => bench::run_bench(args.get(1).map(String::as_str), &args[2.min(args.len())..]),
         Some("soak") => soak::soak(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo | test | install-test-servers | completions [DIR] | bench NAME | soak [--minutes N]>\n\nbenches: {}",
+                "usage: cargo xtask <demo | test | install-test-servers | dist [--binary PATH] [--out DIR] | bench NAME | soak [--minutes N]>\n\nbenches: {}",
                 bench::NAMES.join(", ")
             );
             return std::process::ExitCode::from(2);
@@ -184,40 +185,4 @@ fn test() -> Result<()> {
         "bans",
     ]))?;
     Ok(())
-}
-
-/// Writes shell completions (bash, zsh, fish) and the man page `dewy.1`
-/// into `dir`, generated from dewy-cli's clap definitions.
-fn completions(dir: &str) -> Result<()> {
-    use clap::CommandFactory;
-    let dir = workspace_root().join(dir);
-    std::fs::create_dir_all(&dir)?;
-    let mut cmd = dewy_cli::Cli::command();
-    for shell in [
-        clap_complete::Shell::Bash,
-        clap_complete::Shell::Zsh,
-        clap_complete::Shell::Fish,
-    ] {
-        let path = clap_complete::generate_to(shell, &mut cmd, "dewy", &dir)?;
-        eprintln!("wrote {}", path.display());
-    }
-    let mut page = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
-    std::fs::write(dir.join("dewy.1"), page)?;
-    eprintln!("wrote {}", dir.join("dewy.1").display());
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn completions_and_man_page_are_generated() {
-        let dir = tempfile::tempdir().unwrap();
-        super::completions(dir.path().to_str().unwrap()).unwrap();
-        let bash = std::fs::read_to_string(dir.path().join("dewy.bash")).unwrap();
-        assert!(bash.contains("--registry") && bash.contains("server"));
-        let man = std::fs::read_to_string(dir.path().join("dewy.1")).unwrap();
-        assert!(man.contains(".TH dewy") && man.contains("registry"), "{man}");
-        assert!(dir.path().join("_dewy").exists() && dir.path().join("dewy.fish").exists());
-    }
 }
