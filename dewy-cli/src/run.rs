@@ -251,7 +251,9 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         github: dewy_registry::GithubEnv {
             // GH_TOKEN wins over GITHUB_TOKEN, as in Dewy.
             token: var("GH_TOKEN").or_else(|| var("GITHUB_TOKEN")),
-            api_url: var("GITHUB_API_URL"),
+            // GITHUB_ENDPOINT is Dewy's name for it.
+            api_url: var("GITHUB_API_URL").or_else(|| var("GITHUB_ENDPOINT")),
+            artifact: var("GITHUB_ARTIFACT"),
             app_id: var("GITHUB_APP_ID"),
             app_installation_id: var("GITHUB_APP_INSTALLATION_ID"),
             app_private_key: var("GITHUB_APP_PRIVATE_KEY"),

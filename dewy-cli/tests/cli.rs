@@ -915,6 +915,35 @@ fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
     }
 }
 
+/// Dewy's spellings of the GitHub settings: `GITHUB_ENDPOINT` for the API
+/// base and `GITHUB_ARTIFACT` for the artifact name.
+#[test]
+fn github_endpoint_and_artifact_variables_are_read_as_dewy_reads_them() {
+    let gh = dewy_testkit::github::FakeGithub::start();
+    let site = |v: &str| dewy_testkit::targz(&[("index.html", v.as_bytes(), 0o644)]);
+    gh.add_release(
+        "v1.0.0",
+        &[
+            ("site_linux_amd64.tar.gz", &site("site")),
+            ("docs_linux_amd64.tar.gz", &site("docs")),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = dewy(dir.path())
+        .args(["assets", "--registry", "ghr://o/r", "-i", "1"])
+        .env("GITHUB_ENDPOINT", gh.api_url())
+        .env("GITHUB_ARTIFACT", "docs_linux_amd64.tar.gz")
+        .env_remove("GITHUB_API_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the artifact GITHUB_ARTIFACT names", Duration::from_secs(30), || {
+        std::fs::read_to_string(dir.path().join("current/index.html")).is_ok_and(|v| v == "docs")
+    });
+    terminate(&mut child);
+}
+
 #[test]
 fn assets_from_github_releases_with_a_token_that_never_leaks() {
     let gh = dewy_testkit::github::FakeGithub::start();

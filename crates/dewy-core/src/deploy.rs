@@ -97,6 +97,9 @@ impl<'d> Deployment<'d> {
             tracing::info!(version = %self.release.tag, path = %self.dir.display(), "Reusing the release folder on disk");
         }
         self.check_cancelled()?;
+        // Slack `thread=true`: messages from here on reply in the new
+        // release's thread (Dewy calls it between extraction and switch).
+        d.notify.on_deploy(&self.dir);
         tracing::info!(from = %self.dir.display(), to = %d.releases.current_link().display(), "Create symlink");
         d.releases.switch(&self.dir).map_err(|source| Error::Io {
             op: "switch the current symlink to",
@@ -270,7 +273,8 @@ impl<'d> Deployment<'d> {
             match (&back, &self.previous) {
                 (Err(e), _) => tracing::error!(error = %e, "Switching current back failed"),
                 (Ok(()), Some(prev)) => {
-                    tracing::info!(to = %prev.display(), "Switched current back to the previous release")
+                    tracing::info!(to = %prev.display(), "Switched current back to the previous release");
+                    d.notify.on_deploy(prev);
                 }
                 (Ok(()), None) => tracing::info!("Removed current: no release was in place before this one"),
             }

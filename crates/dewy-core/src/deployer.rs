@@ -241,6 +241,7 @@ impl Deployer {
     /// that overruns delays the next one, never overlaps it.
     pub async fn run(self: &Arc<Self>) {
         tracing::info!(version = %self.config.dewy_version, mode = self.config.mode.as_str(), "Dewy started");
+        self.notify.on_deploy(&self.releases.current_link());
         self.notify.send(format!(
             "Automatic shipping started by *Dewy* (v{}: {})",
             self.config.dewy_version,

@@ -53,6 +53,7 @@ impl Deployer {
         self.releases
             .switch(release_dir)
             .map_err(|e| io("switch the current symlink to", e))?;
+        self.notify.on_deploy(release_dir);
         {
             let mut state = self.state();
             state.current_tag = Some(version.to_owned());

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 pub use mail::MailNotifier;
 pub use queue::{Notify, NotifyStats};
-pub use slack::SlackNotifier;
+pub use slack::{SlackNotifier, THREAD_TS_FILE};
 
 /// How much a notification matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +191,11 @@ pub trait Notifier: Send + Sync + std::fmt::Debug {
 
     /// A short name for logs (`slack`, `mail`, `null`).
     fn name(&self) -> &'static str;
+
+    /// The release in `dir` is about to be (or is) the one in place; Slack
+    /// with `thread=true` reads its `.slack-thread-ts` so later messages
+    /// reply in that thread. The default does nothing.
+    fn on_deploy(&self, _dir: &std::path::Path) {}
 }
 
 /// Sends nothing.

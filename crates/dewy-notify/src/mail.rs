@@ -40,10 +40,13 @@ impl std::fmt::Debug for MailNotifier {
 }
 
 impl MailNotifier {
-    const OPTIONS: &'static [&'static str] = &["username", "password", "from", "subject", "tls", "quiet"];
+    const OPTIONS: &'static [&'static str] = &[
+        "username", "password", "from", "subject", "tls", "quiet", "host", "port", "to",
+    ];
 
     /// From `mail://host[:port]/recipient?username=&password=&from=&subject=&tls=&quiet=`
-    /// (`smtp://` too). Missing `username`, `password` and `from` fall back to
+    /// (`smtp://` too); `host=`, `port=` and `to=` may give the server and
+    /// the recipient instead (and win over the URL's). Missing `username`, `password` and `from` fall back to
     /// `MAIL_USERNAME`, `MAIL_PASSWORD` and `MAIL_FROM`; `from` then to the
     /// user name. `tls` is `starttls`, `implicit` or `none`; by default port
     /// 465 means implicit TLS and any other port STARTTLS.
@@ -53,20 +56,9 @@ impl MailNotifier {
             reason,
         };
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        let host = parsed
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| bad("mail host is required".into()))?
-            .to_owned();
-        let port = parsed.port().unwrap_or(587);
-        let to = percent_encoding::percent_decode_str(parsed.path().trim_matches('/'))
-            .decode_utf8_lossy()
-            .into_owned();
-        if to.is_empty() {
-            return Err(bad("mail recipient is required (mail://host:port/recipient)".into()));
-        }
         let (mut username, mut password, mut from, mut subject, mut tls, mut quiet) =
             (None, None, None, None, None, false);
+        let (mut host_opt, mut port_opt, mut to_opt) = (None, None, None);
         for (k, v) in parsed.query_pairs() {
             let v = v.into_owned();
             match k.as_ref() {
@@ -74,6 +66,17 @@ impl MailNotifier {
                 "password" => password = Some(v),
                 "from" => from = Some(v),
                 "subject" => subject = Some(v),
+                // Dewy's spellings of the server and the recipient.
+                "host" => host_opt = Some(v).filter(|h| !h.is_empty()),
+                "port" => {
+                    port_opt = Some(
+                        v.parse::<u16>()
+                            .ok()
+                            .filter(|p| *p > 0)
+                            .ok_or_else(|| bad(format!("`port={v}` is not a port number")))?,
+                    )
+                }
+                "to" => to_opt = Some(v).filter(|t| !t.is_empty()),
                 "tls" => {
                     tls = Some(match v.as_str() {
                         "starttls" | "true" | "" => MailTls::StartTls,
@@ -90,6 +93,20 @@ impl MailNotifier {
                     )));
                 }
             }
+        }
+        let host = host_opt
+            .or_else(|| parsed.host_str().filter(|h| !h.is_empty()).map(str::to_owned))
+            .ok_or_else(|| bad("mail host is required (mail://host:port/recipient or host=)".into()))?;
+        let port = port_opt.or(parsed.port()).unwrap_or(587);
+        let to = to_opt.unwrap_or_else(|| {
+            percent_encoding::percent_decode_str(parsed.path().trim_matches('/'))
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+        if to.is_empty() {
+            return Err(bad(
+                "mail recipient is required (mail://host:port/recipient or to=)".into()
+            ));
         }
         let username = username.or_else(|| env.mail_username.clone()).filter(|u| !u.is_empty());
         let password = password.or_else(|| env.mail_password.clone()).filter(|p| !p.is_empty());

@@ -41,6 +41,7 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct Notify {
     shared: Arc<Shared>,
+    notifier: Arc<dyn Notifier>,
     errors: Arc<Mutex<ErrorCount>>,
     quiet: bool,
 }
@@ -61,12 +62,19 @@ impl Notify {
             closed: std::sync::atomic::AtomicBool::new(false),
             stats: NotifyStats::default(),
         });
-        tokio::spawn(sender(shared.clone(), notifier, context));
+        tokio::spawn(sender(shared.clone(), notifier.clone(), context));
         Self {
             shared,
+            notifier,
             errors: Arc::new(Mutex::new(ErrorCount::default())),
             quiet,
         }
+    }
+
+    /// The release in `dir` is (about to be) in place: see
+    /// [`Notifier::on_deploy`].
+    pub fn on_deploy(&self, dir: &std::path::Path) {
+        self.notifier.on_deploy(dir);
     }
 
     /// Delivery counters.

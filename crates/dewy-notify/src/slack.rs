@@ -26,7 +26,14 @@ pub struct SlackNotifier {
     title: Option<String>,
     link: Option<String>,
     client: reqwest::Client,
+    /// `thread=true`: replies go to the thread whose timestamp the release
+    /// in place holds in `.slack-thread-ts`.
+    thread: bool,
+    thread_ts: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
+
+/// The file of a release that names its Slack thread (Dewy's).
+pub const THREAD_TS_FILE: &str = ".slack-thread-ts";
 
 impl std::fmt::Debug for SlackNotifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,7 +51,7 @@ impl std::fmt::Debug for SlackNotifier {
 impl SlackNotifier {
     const OPTIONS: &'static [&'static str] = &["title", "url", "quiet", "thread"];
 
-    /// From `slack://<channel>?title=&url=&quiet=`: a bot token from
+    /// From `slack://<channel>?title=&url=&quiet=&thread=`: a bot token from
     /// `SLACK_TOKEN`, or without one an incoming webhook from
     /// `SLACK_WEBHOOK_URL`. `slack://hooks.slack.com/services/...` names the
     /// webhook in the URL itself.
@@ -53,15 +60,13 @@ impl SlackNotifier {
             url: redact(url),
             reason: e.to_string(),
         })?;
-        let (mut title, mut link, mut quiet) = (None, None, false);
+        let (mut title, mut link, mut quiet, mut thread) = (None, None, false, false);
         for (k, v) in parsed.query_pairs() {
             match k.as_ref() {
                 "title" => title = Some(v.into_owned()),
                 "url" => link = Some(v.into_owned()),
                 "quiet" => quiet = parse_bool(url, "quiet", &v)?,
-                "thread" => {
-                    parse_bool(url, "thread", &v)?;
-                }
+                "thread" => thread = parse_bool(url, "thread", &v)?,
                 other => {
                     return Err(Error::Config {
                         url: redact(url),
@@ -109,9 +114,23 @@ impl SlackNotifier {
                 title,
                 link,
                 client,
+                thread,
+                thread_ts: std::sync::Arc::default(),
             }),
             quiet,
         })
+    }
+
+    /// The thread replies go to, with `thread=true` and a release that
+    /// names one.
+    fn thread(&self) -> Option<String> {
+        if !self.thread {
+            return None;
+        }
+        self.thread_ts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn footer(&self, context: &Context) -> String {
@@ -200,12 +219,22 @@ impl Notifier for SlackNotifier {
                 .client
                 .post(format!("{}/chat.postMessage", api.trim_end_matches('/')))
                 .bearer_auth(token)
-                .json(&serde_json::json!({
-                    "channel": channel,
-                    "username": "Dewy",
-                    "icon_url": ICON,
-                    "attachments": [attachment],
-                })),
+                .json(&{
+                    let mut body = serde_json::json!({
+                        "channel": channel,
+                        "username": "Dewy",
+                        "icon_url": ICON,
+                        "attachments": [attachment],
+                    });
+                    if let Some(ts) = self.thread() {
+                        body["thread_ts"] = ts.into();
+                        // Errors also show in the channel, as Dewy does.
+                        if n.level == Level::Error {
+                            body["reply_broadcast"] = true.into();
+                        }
+                    }
+                    body
+                }),
             Target::Webhook { url } => self.client.post(url).json(&serde_json::json!({
                 "username": "Dewy",
                 "icon_url": ICON,
@@ -250,5 +279,17 @@ impl Notifier for SlackNotifier {
 
     fn name(&self) -> &'static str {
         "slack"
+    }
+
+    fn on_deploy(&self, dir: &std::path::Path) {
+        if !self.thread {
+            return;
+        }
+        let ts = std::fs::read_to_string(dir.join(THREAD_TS_FILE))
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        tracing::debug!(thread_ts = ?ts, dir = %dir.display(), "Slack thread of the release");
+        *self.thread_ts.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = ts;
     }
 }

@@ -145,6 +145,48 @@ async fn slack_bot_token_posts_the_message_with_auth() {
     assert!(!err.to_string().contains("xoxb"), "{err}");
 }
 
+/// `thread=true`: messages reply in the thread the release in place names
+/// in `.slack-thread-ts`; errors are also broadcast to the channel.
+#[tokio::test]
+async fn slack_thread_replies_follow_the_release_in_place() {
+    provider();
+    let server = slack_server(Reply::SlackOk).await;
+    let env = NotifierEnv {
+        slack_token: Some("xoxb-secret".into()),
+        slack_api_url: Some(server.url.clone()),
+        ..NotifierEnv::default()
+    };
+    let c = from_url("slack://deploys?thread=true", &env).unwrap();
+    let release = tempfile::tempdir().unwrap();
+    std::fs::write(release.path().join(dewy_notify::THREAD_TS_FILE), "1700000000.123456\n").unwrap();
+    c.notifier.on_deploy(release.path());
+    c.notifier.deliver(&note("Server restarted"), &context()).await.unwrap();
+    let mut failed = note("Error occurred (count: 1): boom");
+    failed.level = dewy_notify::Level::Error;
+    c.notifier.deliver(&failed, &context()).await.unwrap();
+    // A release without a thread: back to the channel.
+    let plain = tempfile::tempdir().unwrap();
+    c.notifier.on_deploy(plain.path());
+    c.notifier.deliver(&note("Server restarted"), &context()).await.unwrap();
+    let reqs = server.requests.lock().unwrap().clone();
+    assert_eq!(reqs.len(), 3);
+    assert!(reqs[0].contains(r#""thread_ts":"1700000000.123456""#), "{}", reqs[0]);
+    assert!(!reqs[0].contains("reply_broadcast"), "{}", reqs[0]);
+    assert!(reqs[1].contains(r#""reply_broadcast":true"#), "{}", reqs[1]);
+    assert!(!reqs[2].contains("thread_ts"), "{}", reqs[2]);
+
+    // Without thread=true the file is ignored.
+    let server = slack_server(Reply::SlackOk).await;
+    let env = NotifierEnv {
+        slack_api_url: Some(server.url.clone()),
+        ..env
+    };
+    let c = from_url("slack://deploys", &env).unwrap();
+    c.notifier.on_deploy(release.path());
+    c.notifier.deliver(&note("x"), &context()).await.unwrap();
+    assert!(!server.requests.lock().unwrap()[0].contains("thread_ts"));
+}
+
 #[tokio::test]
 async fn slack_webhook_form() {
     provider();
@@ -357,6 +399,28 @@ async fn mail_arrives_over_starttls_with_auth() {
         .await
         .unwrap();
     assert_eq!(plain.wait_for(1, Duration::from_secs(10)).len(), 1);
+    // Dewy's option spellings: the server and the recipient as options.
+    let url = format!(
+        "mail://?host=127.0.0.1&port={}&to=oncall@example.com&from=dewy@example.com&tls=none",
+        plain.port
+    );
+    from_url(&url, &NotifierEnv::default())
+        .unwrap()
+        .notifier
+        .deliver(&note("options"), &context())
+        .await
+        .unwrap();
+    let got = plain.wait_for(2, Duration::from_secs(10));
+    assert!(
+        got[1].rcpt_tos.iter().any(|t| t.contains("oncall@example.com")),
+        "{:?}",
+        got[1].rcpt_tos
+    );
+    let Err(err) = from_url("mail://?host=h&port=x&to=a@b", &NotifierEnv::default()) else {
+        panic!("a bad port is refused");
+    };
+    let err = err.to_string();
+    assert!(err.contains("port=x"), "{err}");
     let url = format!("smtp://127.0.0.1:{}/ops@example.com?from=dewy@example.com", plain.port);
     let err = from_url(&url, &NotifierEnv::default())
         .unwrap()

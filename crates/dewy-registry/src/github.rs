@@ -65,9 +65,12 @@ const SECONDARY_WAIT: Duration = Duration::from_secs(60);
 pub struct GithubEnv {
     /// `GH_TOKEN` or `GITHUB_TOKEN` (`GH_TOKEN` wins, as in Dewy).
     pub token: Option<String>,
-    /// `GITHUB_API_URL`: the API base for GitHub Enterprise Server
-    /// (`https://ghe.example.com/api/v3`).
+    /// `GITHUB_API_URL` (else `GITHUB_ENDPOINT`, Dewy's name): the API base
+    /// for GitHub Enterprise Server (`https://ghe.example.com/api/v3`).
     pub api_url: Option<String>,
+    /// `GITHUB_ARTIFACT`: the artifact name when the URL has no
+    /// `artifact=`, as in Dewy.
+    pub artifact: Option<String>,
     /// `GITHUB_APP_ID`.
     pub app_id: Option<String>,
     /// `GITHUB_APP_INSTALLATION_ID`.
@@ -84,6 +87,7 @@ impl std::fmt::Debug for GithubEnv {
         f.debug_struct("GithubEnv")
             .field("token", &set(&self.token))
             .field("api_url", &self.api_url)
+            .field("artifact", &self.artifact)
             .field("app_id", &self.app_id)
             .field("app_installation_id", &self.app_installation_id)
             .field("app_private_key", &set(&self.app_private_key))
@@ -230,7 +234,7 @@ impl GithubRegistry {
             location: format!("ghr://{owner}/{repo}"),
             repo_route: format!("/repos/{owner}/{repo}"),
             selection,
-            artifact: common.artifact,
+            artifact: common.artifact.or_else(|| opts.github.artifact.clone()),
             platform: opts.platform.clone(),
             api,
             pages: Mutex::new(HashMap::new()),
