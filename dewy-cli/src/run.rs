@@ -237,6 +237,30 @@ fn lock_app_folder(root: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::
     Ok(lock)
 }
 
+/// A host switching from Dewy with a shared cache directory: Dewy recorded
+/// the release in place under the cache's single `current` key, dewy under
+/// a key per app. When this app has no record yet but a release is in place
+/// and Dewy's record exists, it is copied (never moved: another app may
+/// read it), so switching binaries does not redeploy the same release.
+async fn adopt_dewy_current(cache: &dyn dewy_cache::Cache, key: &dewy_cache::Key, workdir: &std::path::Path) {
+    if std::fs::read_link(workdir.join("current")).is_err() {
+        return;
+    }
+    let ours = cache.read(key).await;
+    let theirs = cache.read(&dewy_cache::Key::current()).await;
+    if let (Ok(None), Ok(Some(value))) = (ours, theirs) {
+        match cache.write(key, &value).await {
+            Ok(()) => tracing::info!(
+                from = "current",
+                to = %key,
+                value = %String::from_utf8_lossy(&value),
+                "Adopted Dewy's record of the release in place"
+            ),
+            Err(err) => tracing::warn!(error = %err, "Could not adopt Dewy's record of the release in place"),
+        }
+    }
+}
+
 /// Runs dewy until a shutdown signal.
 pub(crate) async fn run(s: Settings) -> Result<()> {
     std::env::set_current_dir(&s.workdir)
@@ -335,6 +359,7 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         let digest = hex::encode(sha2::Sha256::digest(s.workdir.as_os_str().as_encoded_bytes()));
         config.current_key =
             dewy_cache::Key::new(format!("current-{}", &digest[..16])).context("per-app current key")?;
+        adopt_dewy_current(cache.as_ref(), &config.current_key, &s.workdir).await;
     }
     if let (dewy_starter::Readiness::Http { path, .. }, Some(spec)) = (&s.readiness, s.ports.first()) {
         // Where a client reaches the app's first port from this host.

@@ -859,6 +859,54 @@ fn a_fresh_host_deploys_the_previous_release_while_the_newest_is_incomplete() {
     );
 }
 
+/// A host switching from Dewy with `DEWY_CACHEDIR`: Dewy's `current`
+/// record is adopted, so the release in place is not deployed again.
+#[test]
+fn switching_from_dewy_with_a_shared_cache_dir_does_not_redeploy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg, cache) = (dir.path().join("app"), dir.path().join("reg"), dir.path().join("cache"));
+    let artifact = dewy_testkit::targz(&[("index.html", b"one", 0o644)]);
+    dewy_testkit::publish(&reg, "v1.0.0", "site.tar.gz", &artifact);
+    // What Dewy left: a release folder, `current`, and its cache.
+    let release = app.join("releases/20250101T000000Z");
+    std::fs::create_dir_all(&release).unwrap();
+    std::fs::write(release.join("index.html"), "one").unwrap();
+    std::os::unix::fs::symlink(&release, app.join("current")).unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join("v1.0.0--site.tar.gz"), &artifact).unwrap();
+    std::fs::write(cache.join("current"), "v1.0.0--site.tar.gz").unwrap();
+    let log = dir.path().join("dewy.log");
+    let mut child = dewy(&app)
+        .args([
+            "assets",
+            "--registry",
+            &format!("file://{}", reg.display()),
+            "-i",
+            "1",
+            "-l",
+            "debug",
+        ])
+        .env("DEWY_CACHEDIR", &cache)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("three checks", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.matches("Deploy skipped").count() >= 3 || l.contains("Create symlink"))
+    });
+    terminate(&mut child);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("Adopted Dewy's record of the release in place"), "{log}");
+    assert!(!log.contains("Create symlink"), "redeployed:\n{log}");
+    assert_eq!(std::fs::read_link(app.join("current")).unwrap(), release);
+    assert_eq!(
+        std::fs::read_to_string(cache.join("current")).unwrap(),
+        "v1.0.0--site.tar.gz",
+        "Dewy's record is left as it was"
+    );
+}
+
 #[test]
 fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
     let dir = tempfile::tempdir().unwrap();
