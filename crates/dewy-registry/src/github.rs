@@ -43,7 +43,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue};
-use octocrab::Octocrab;
 use serde::Deserialize;
 
 use crate::artifact::{Platform, pick_artifact};
@@ -149,8 +148,9 @@ struct GhAsset {
 
 struct Api {
     base: String,
-    /// Built on first use: octocrab needs a running tokio runtime.
-    client: Mutex<Option<Octocrab>>,
+    /// reqwest, so `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` apply as for
+    /// every other request dewy sends (octocrab's client ignores them).
+    http: reqwest::Client,
     auth: Auth,
     /// `ETag` and `Last-Modified` of the last fresh answer, by route.
     validators: Mutex<HashMap<String, Validators>>,
@@ -190,9 +190,8 @@ impl std::fmt::Debug for Auth {
 struct App {
     app_id: u64,
     installation_id: u64,
+    /// Signs the App's JWTs (octocrab's JWT support).
     key: octocrab::EncodingKey,
-    /// Signs JWTs as the App (octocrab's JWT support); built on first use.
-    client: Mutex<Option<Octocrab>>,
     token: tokio::sync::Mutex<Option<(String, jiff::Timestamp)>>,
 }
 
@@ -539,38 +538,7 @@ impl GithubRegistry {
     }
 }
 
-/// The octocrab client for `base`, signing as `app` when given.
-fn client(
-    slot: &Mutex<Option<Octocrab>>,
-    base: &str,
-    app: Option<(u64, &octocrab::EncodingKey)>,
-) -> Result<Octocrab, Error> {
-    let mut slot = slot.lock().expect("client lock");
-    if let Some(c) = slot.as_ref() {
-        return Ok(c.clone());
-    }
-    let cred = |e: octocrab::Error| Error::Credentials {
-        reason: format!("cannot set up the GitHub client for `{base}`: {e}"),
-    };
-    let builder = Octocrab::builder()
-        .base_uri(base)
-        .map_err(cred)?
-        .set_connect_timeout(Some(Duration::from_secs(10)))
-        .set_read_timeout(Some(Duration::from_secs(30)));
-    let built = match app {
-        Some((id, key)) => builder.app(octocrab::models::AppId(id), key.clone()).build(),
-        None => builder.build(),
-    }
-    .map_err(cred)?;
-    *slot = Some(built.clone());
-    Ok(built)
-}
-
 impl Api {
-    fn client(&self) -> Result<Octocrab, Error> {
-        client(&self.client, &self.base, None)
-    }
-
     fn new(env: &GithubEnv) -> Result<Self, Error> {
         let base = env
             .api_url
@@ -612,7 +580,6 @@ impl Api {
                 app_id,
                 installation_id,
                 key,
-                client: Mutex::new(None),
                 token: tokio::sync::Mutex::new(None),
             }))
         } else {
@@ -621,9 +588,14 @@ impl Api {
                 _ => Auth::Anonymous,
             }
         };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| cred(format!("cannot set up the GitHub client for `{base}`: {e}")))?;
         Ok(Self {
             base,
-            client: Mutex::new(None),
+            http,
             auth,
             validators: Mutex::new(HashMap::new()),
             blocked_until: Mutex::new(None),
@@ -651,7 +623,7 @@ impl Api {
         match &self.auth {
             Auth::Anonymous => Ok(None),
             Auth::Token(t) => Ok(Some(t.clone())),
-            Auth::App(app) => app.token(registry, &self.base).await.map(Some),
+            Auth::App(app) => app.token(registry, &self.base, &self.http).await.map(Some),
         }
     }
 
@@ -785,25 +757,26 @@ impl Api {
         self.check_blocked(registry)?;
         let mut headers = self.headers(registry).await?;
         headers.extend(extra);
-        let mut builder = http::Request::builder().method(method).uri(route);
-        for (k, v) in &headers {
-            builder = builder.header(k, v);
+        let url = if route.starts_with("http://") || route.starts_with("https://") {
+            route.to_owned()
+        } else {
+            format!("{}{route}", self.base)
+        };
+        let mut request = self.http.request(method, &url).headers(headers);
+        if let Some(body) = body {
+            request = request.json(body);
         }
-        let client = self.client()?;
-        let request = client
-            .build_request(builder, body)
-            .map_err(|e| Self::transport(registry, e))?;
-        let resp = client
-            .execute(request)
+        let resp = request
+            .send()
             .await
-            .map_err(|e| Self::transport(registry, e))?;
+            .map_err(|e| Self::transport(registry, e.without_url()))?;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let status = resp.status().as_u16();
         let head = resp.headers().clone();
-        let text = client
-            .body_to_string(resp)
+        let text = resp
+            .text()
             .await
-            .map_err(|e| Self::transport(registry, e))?;
+            .map_err(|e| Self::transport(registry, e.without_url()))?;
         match self.observe(registry, status, &head, &text) {
             Some(err) => Err(err),
             None => Ok((status, head, text)),
@@ -872,7 +845,7 @@ impl Api {
 }
 
 impl App {
-    async fn token(&self, registry: &str, base: &str) -> Result<String, Error> {
+    async fn token(&self, registry: &str, base: &str, http: &reqwest::Client) -> Result<String, Error> {
         let mut slot = self.token.lock().await;
         let now = jiff::Timestamp::now();
         let margin = jiff::SignedDuration::try_from(TOKEN_MARGIN).unwrap_or_default();
@@ -881,25 +854,41 @@ impl App {
         {
             return Ok(token.clone());
         }
-        let route = format!("/app/installations/{}/access_tokens", self.installation_id);
-        let client = client(&self.client, base, Some((self.app_id, &self.key)))?;
-        let answer: Result<InstallationToken, _> = client.post(&route, None::<&()>).await;
-        let token = answer.map_err(|e| match e {
-            octocrab::Error::GitHub { source, .. } => Error::Api {
+        let failed = |reason: String| Error::Credentials {
+            reason: format!(
+                "GitHub App {} could not get a token for installation {}: {reason}",
+                self.app_id, self.installation_id
+            ),
+        };
+        let jwt = octocrab::auth::create_jwt(octocrab::models::AppId(self.app_id), &self.key)
+            .map_err(|e| failed(e.to_string()))?;
+        let url = format!("{base}/app/installations/{}/access_tokens", self.installation_id);
+        let resp = http
+            .post(&url)
+            .bearer_auth(jwt)
+            .header(ACCEPT, "application/vnd.github+json")
+            .header(http::header::USER_AGENT, concat!("dewy/", env!("CARGO_PKG_VERSION")))
+            .send()
+            .await
+            .map_err(|e| failed(e.without_url().to_string()))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| failed(e.without_url().to_string()))?;
+        if !(200..300).contains(&status) {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            return Err(Error::Api {
                 registry: registry.to_owned(),
-                status: source.status_code.as_u16(),
+                status,
                 message: format!(
-                    "GitHub App {} could not get a token for installation {}: {}",
-                    self.app_id, self.installation_id, source.message
-                ),
-            },
-            other => Error::Credentials {
-                reason: format!(
-                    "GitHub App {} could not get a token for installation {}: {other}",
+                    "GitHub App {} could not get a token for installation {}: {message}",
                     self.app_id, self.installation_id
                 ),
-            },
-        })?;
+            });
+        }
+        let token: InstallationToken =
+            serde_json::from_str(&text).map_err(|e| failed(format!("unexpected answer: {e}")))?;
         // Without an expiry, assume GitHub's one hour.
         let expires = parse_time(token.expires_at.as_deref()).unwrap_or(now + jiff::SignedDuration::from_secs(3600));
         let verb = if slot.is_some() { "refreshed" } else { "acquired" };

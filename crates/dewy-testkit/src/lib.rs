@@ -921,3 +921,51 @@ impl FlakyProxy {
         self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// A forward HTTP proxy (Debian's tinyproxy) on 127.0.0.1, for the proxy
+/// settings of dewy's clients (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`).
+#[derive(Debug)]
+pub struct ForwardProxy {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    dir: tempfile::TempDir,
+    _process: ServerProcess,
+}
+
+impl ForwardProxy {
+    /// Starts tinyproxy on a free port, logging every request.
+    pub fn start() -> Self {
+        let bin = which("tinyproxy").unwrap_or_else(|| panic!("tinyproxy is not installed: {INSTALL_HINT}"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogLevel Info\nMaxClients 100\nAllow 127.0.0.1\nLogFile \"{}\"\n",
+                dir.path().join("requests.log").display()
+            ),
+        )
+        .expect("write tinyproxy.conf");
+        let mut cmd = Command::new(bin);
+        cmd.arg("-d").arg("-c").arg(&conf);
+        let mut process = ServerProcess::spawn("tinyproxy", cmd, dir.path().join("server.log"));
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        process.wait_until(Duration::from_secs(20), || TcpStream::connect(addr).is_ok());
+        Self {
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            _process: process,
+        }
+    }
+
+    /// The request lines tinyproxy logged (`GET http://host:port/path`).
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("requests.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once("): ").map(|(_, r)| r.to_owned()))
+            .filter(|r| r.contains("http://") || r.starts_with("CONNECT"))
+            .collect()
+    }
+}
