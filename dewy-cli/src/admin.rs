@@ -11,7 +11,7 @@
 //! | `POST /api/rollback[?to=VERSION]` | back to the previous (or named) release on disk, restart, pin |
 //! | `POST /api/unpin` | release the pin and check now |
 //! | `POST /webhook/github` | a GitHub `release` event (signed) checks now |
-//! | `GET /metrics` | Prometheus text |
+//! | `GET /metrics` | OpenMetrics text (Prometheus scrapes it) |
 //!
 //! Callers on the unix socket are trusted (its mode is 0600). On the TCP
 //! port, `POST /api/*` needs `Authorization: Bearer <--admin-token>` and is
@@ -255,5 +255,12 @@ async fn webhook(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Res
 /// Prometheus text exposition of the metrics.
 async fn metrics(State(ctx): State<Ctx>) -> Response {
     let out = crate::metrics::prometheus_text(&ctx.admin.deployer).await;
-    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }

@@ -2,7 +2,6 @@
 //! API's `/metrics` renders them as Prometheus text and `--otlp-endpoint`
 //! pushes the same set.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// One metric family: name, kind (`counter`, `gauge` or `histogram`), help,
@@ -181,41 +180,86 @@ pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
     out
 }
 
-/// Prometheus text exposition of [`families`].
+/// The OpenMetrics text exposition of [`families`], rendered by
+/// prometheus-client (counters as `NAME_total`, histograms with `_bucket`,
+/// `_sum`, `_count`, and the closing `# EOF`).
 pub(crate) async fn prometheus_text(d: &dewy_core::Deployer) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(Snapshot(families(d).await)));
     let mut out = String::new();
-    for f in families(d).await {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
-        for (labels, v) in &f.samples {
-            let _ = writeln!(out, "{}{} {v}", f.name, render_labels(labels, None));
-        }
-        if let Some((labels, h)) = &f.histogram {
-            for (bound, n) in &h.buckets {
-                let le = if bound.is_infinite() {
-                    "+Inf".to_owned()
-                } else {
-                    bound.to_string()
-                };
-                let _ = writeln!(out, "{}_bucket{} {n}", f.name, render_labels(labels, Some(&le)));
-            }
-            let _ = writeln!(out, "{}_sum{} {}", f.name, render_labels(labels, None), h.sum_seconds);
-            let _ = writeln!(out, "{}_count{} {}", f.name, render_labels(labels, None), h.count);
-        }
+    if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        tracing::warn!(error = %err, "Rendering the metrics failed");
     }
     out
 }
 
-/// `{k="v",…}` with values escaped, and `le` last when given; empty when
-/// there is no label.
-fn render_labels(labels: &[(&'static str, String)], le: Option<&str>) -> String {
-    let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-    let mut parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
-    if let Some(le) = le {
-        parts.push(format!("le=\"{le}\""));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
+/// A reading of every family, for prometheus-client's encoder.
+#[derive(Debug)]
+struct Snapshot(Vec<Family>);
+
+impl prometheus_client::collector::Collector for Snapshot {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        for f in &self.0 {
+            let labels =
+                |l: &[(&'static str, String)]| l.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<Vec<_>>();
+            match f.kind {
+                "counter" => {
+                    // The encoder adds `_total` to a counter's name.
+                    let name = f.name.strip_suffix("_total").unwrap_or(f.name);
+                    let mut family = encoder.encode_descriptor(name, f.help, None, MetricType::Counter)?;
+                    match f.samples.as_slice() {
+                        // No label: `NAME_total 3`, not `NAME_total{} 3`.
+                        [(l, v)] if l.is_empty() => ConstCounter::new(*v).encode(family)?,
+                        samples => {
+                            for (l, v) in samples {
+                                ConstCounter::new(*v).encode(family.encode_family(&labels(l))?)?;
+                            }
+                        }
+                    }
+                }
+                "histogram" => {
+                    let mut family = encoder.encode_descriptor(f.name, f.help, None, MetricType::Histogram)?;
+                    if let Some((l, h)) = &f.histogram {
+                        // The encoder sums the buckets itself.
+                        let mut before = 0;
+                        let buckets: Vec<(f64, u64)> = h
+                            .buckets
+                            .iter()
+                            .map(|(bound, cumulative)| {
+                                let n = cumulative - before;
+                                before = *cumulative;
+                                // The encoder writes `+Inf` for f64::MAX.
+                                (if bound.is_infinite() { f64::MAX } else { *bound }, n)
+                            })
+                            .collect();
+                        family
+                            .encode_family(&labels(l))?
+                            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                                h.sum_seconds,
+                                h.count,
+                                &buckets,
+                                None,
+                            )?;
+                    }
+                }
+                _ => {
+                    let mut family = encoder.encode_descriptor(f.name, f.help, None, MetricType::Gauge)?;
+                    let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+                    match f.samples.as_slice() {
+                        [(l, v)] if l.is_empty() => gauge(*v).encode(family)?,
+                        samples => {
+                            for (l, v) in samples {
+                                gauge(*v).encode(family.encode_family(&labels(l))?)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }

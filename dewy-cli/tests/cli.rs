@@ -577,7 +577,7 @@ fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
             typed.insert(name);
             continue;
         }
-        if line.starts_with("# HELP ") {
+        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") || line == "# EOF" {
             continue;
         }
         let (series, value) = line
@@ -598,10 +598,13 @@ fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
                 );
             }
         }
+        // OpenMetrics: a counter `NAME` has samples `NAME_total`, a
+        // histogram `NAME_bucket`, `NAME_sum` and `NAME_count`.
         let family = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|suffix| name.strip_suffix(suffix))
             .filter(|base| typed.contains(&format!("{base} histogram")))
+            .or_else(|| name.strip_suffix("_total").filter(|base| typed.contains(*base)))
             .unwrap_or(name);
         assert!(typed.contains(family), "sample before its # TYPE: {line}");
         samples.insert(
@@ -730,8 +733,8 @@ fn admin_api_status_metrics_and_webhook() {
             && after["dewy_downloads_total"] == 2.0
             && after["dewy_ticks_total{outcome=\"deployed\"}"] == 2.0
             && after["dewy_deployment_duration_seconds_count{command=\"assets\"}"] == 2.0
-            && after["dewy_deployment_duration_seconds_bucket{command=\"assets\",le=\"+Inf\"}"] == 2.0
-            && after["dewy_deployment_duration_seconds_bucket{command=\"assets\",le=\"600\"}"] == 2.0
+            && after["dewy_deployment_duration_seconds_bucket{le=\"+Inf\",command=\"assets\"}"] == 2.0
+            && after["dewy_deployment_duration_seconds_bucket{le=\"600.0\",command=\"assets\"}"] == 2.0
     });
 
     terminate(&mut child);

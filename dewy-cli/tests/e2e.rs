@@ -124,11 +124,14 @@ impl World {
     }
 
     /// Release folders on disk.
+    /// The release folders (not the hidden staging folder of an extraction
+    /// in progress, which a retry every second may have open right now).
     fn release_dirs(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.app().join("releases"))
             .map(|rd| {
                 rd.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| !name.starts_with('.'))
                     .collect()
             })
             .unwrap_or_default();
