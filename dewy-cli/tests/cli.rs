@@ -966,14 +966,16 @@ fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
     }
 }
 
-/// `HTTP_PROXY`/`HTTPS_PROXY` reach dewy's HTTP clients: the GitHub API
-/// and the asset download go through a real forward proxy.
+/// `HTTP_PROXY`/`HTTPS_PROXY` reach dewy's HTTP clients: the GitHub API,
+/// the asset download and the S3 cache go through a real forward proxy.
 #[test]
-fn github_requests_go_through_the_proxy_from_the_environment() {
+fn requests_go_through_the_proxy_from_the_environment() {
     let proxy = dewy_testkit::ForwardProxy::start();
     let gh = dewy_testkit::github::FakeGithub::start();
     let site = dewy_testkit::targz(&[("index.html", b"one", 0o644)]);
     gh.add_release("v1.0.0", &[("site_linux_amd64.tar.gz", &site)]);
+    let s3 = dewy_testkit::S3Server::start();
+    s3.create_bucket("cache");
     let dir = tempfile::tempdir().unwrap();
     let mut child = dewy(dir.path())
         .args([
@@ -983,11 +985,17 @@ fn github_requests_go_through_the_proxy_from_the_environment() {
             "-i",
             "1",
         ])
+        .args(["--cache", &format!("s3://us-east-1/cache/c?endpoint={}", s3.endpoint)])
         .env("GITHUB_API_URL", gh.api_url())
         .env("HTTP_PROXY", &proxy.url)
         .env("HTTPS_PROXY", &proxy.url)
         .env_remove("NO_PROXY")
         .env_remove("no_proxy")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -1009,6 +1017,7 @@ fn github_requests_go_through_the_proxy_from_the_environment() {
         through(format!("http://{}/", gh.storage_addr())),
         "asset download: {seen:#?}"
     );
+    assert!(through(format!("{}/cache/c/", s3.endpoint)), "S3 cache: {seen:#?}");
     // The fake GitHub saw the proxy's Via header on the API requests.
     assert!(
         gh.requests()

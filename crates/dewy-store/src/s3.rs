@@ -33,6 +33,40 @@ impl std::fmt::Debug for S3Store {
     }
 }
 
+/// The SDK's HTTPS client (rustls with aws-lc-rs) with the proxy settings
+/// of the environment (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`), which the
+/// SDK's default client ignores.
+fn https_client() -> impl aws_sdk_s3::config::HttpClient + 'static {
+    use aws_smithy_http_client::{Connector, proxy::ProxyConfig, tls};
+    let proxied = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+    aws_smithy_http_client::Builder::new().build_with_connector_fn(move |settings, components| {
+        let mut connector = Connector::builder().proxy_config(ProxyConfig::from_env());
+        if proxied {
+            // Some proxies (tinyproxy) ignore a second request on a client
+            // connection without closing it: never reuse one.
+            connector = connector.pool_max_idle_per_host(0);
+        }
+        if let Some(settings) = settings {
+            connector = connector.connector_settings(settings.clone());
+        }
+        if let Some(sleep) = components.and_then(|c| c.sleep_impl()) {
+            connector = connector.sleep_impl(sleep);
+        }
+        connector
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
+            .build()
+    })
+}
+
 impl S3Store {
     /// A store for `bucket` in `region`; the client is built on first use.
     pub fn new(
@@ -54,7 +88,8 @@ impl S3Store {
         self.client
             .get_or_init(|| async {
                 let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                    .region(aws_config::Region::new(self.region.clone()));
+                    .region(aws_config::Region::new(self.region.clone()))
+                    .http_client(https_client());
                 if let Some(ep) = &self.endpoint {
                     loader = loader.endpoint_url(ep);
                 }
