@@ -105,8 +105,8 @@ pub(crate) async fn start(
         };
         let mut counters = Vec::new();
         let mut gauges = Vec::new();
-        // Histograms are scraped only: OpenTelemetry has no observable
-        // histogram to feed from a reading.
+        // Histograms are not observable in OpenTelemetry: the deploy
+        // durations are recorded one by one below instead.
         for f in first.iter().filter(|f| f.kind != "histogram") {
             if f.kind == "counter" {
                 counters.push(
@@ -126,12 +126,32 @@ pub(crate) async fn start(
                 );
             }
         }
+        // The deploy-duration histogram: each deploy's duration recorded as
+        // it is taken from dewy-core, with Dewy's buckets.
+        let duration = meter
+            .f64_histogram("dewy_deployment_duration_seconds")
+            .with_description("Durations of successful deploys, in seconds (Dewy's buckets).")
+            .with_unit("s")
+            .with_boundaries(dewy_core::DEPLOYMENT_BUCKETS.iter().map(|b| *b as f64).collect())
+            .build();
+        let command: Vec<KeyValue> = first
+            .iter()
+            .find_map(|f| f.histogram.as_ref())
+            .map(|(labels, _)| labels.iter().map(|(k, v)| KeyValue::new(*k, v.clone())).collect())
+            .unwrap_or_default();
+        let record_durations = || {
+            for secs in deployer.metrics().deployment_duration.take_new() {
+                duration.record(secs, &command);
+            }
+        };
+        record_durations();
         tracing::info!(endpoint, interval = %humantime::format_duration(interval), "Pushing metrics over OTLP");
         // One WARN when pushes start failing (then every 10 minutes while
         // they fail), one INFO when they work again.
         let mut failing_since: Option<std::time::Instant> = None;
         let mut warned_at: Option<std::time::Instant> = None;
         while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+            record_durations();
             match provider.force_flush() {
                 Ok(()) => {
                     if failing_since.take().is_some() {
@@ -148,6 +168,7 @@ pub(crate) async fn start(
                 }
             }
         }
+        record_durations();
         if let Err(err) = provider.shutdown() {
             tracing::warn!(error = %err, "OTLP exporter shutdown");
         }

@@ -1476,8 +1476,10 @@ fn dewy_telemetry_flags_push_over_otlp_grpc_and_serve_metrics() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_for("an OTLP/gRPC export", Duration::from_secs(30), || {
-        names.lock().unwrap().iter().any(|n| n == "dewy_deployments_total")
+    wait_for("an OTLP/gRPC export with the deploy", Duration::from_secs(30), || {
+        let names = names.lock().unwrap();
+        names.iter().any(|n| n == "dewy_deployments_total")
+            && names.iter().any(|n| n == "dewy_deployment_duration_seconds")
     });
     let text = std::fs::read_to_string(&log).unwrap();
     let admin: u16 = text

@@ -68,7 +68,13 @@ pub struct Histogram {
     buckets: [std::sync::atomic::AtomicU64; DEPLOYMENT_BUCKETS.len() + 1],
     sum_millis: std::sync::atomic::AtomicU64,
     count: std::sync::atomic::AtomicU64,
+    /// Observations (seconds) not yet taken by [`Histogram::take_new`]; the
+    /// newest [`PENDING_MAX`] are kept.
+    pending: std::sync::Mutex<std::collections::VecDeque<f64>>,
 }
+
+/// Observations kept for [`Histogram::take_new`].
+const PENDING_MAX: usize = 1024;
 
 /// A reading of a [`Histogram`].
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +99,21 @@ impl Histogram {
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_millis.fetch_add(d.as_millis() as u64, Relaxed);
         self.count.fetch_add(1, Relaxed);
+        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.len() == PENDING_MAX {
+            pending.pop_front();
+        }
+        pending.push_back(d.as_secs_f64());
+    }
+
+    /// The observations (in seconds) since the last call, for an exporter
+    /// that records them into its own histogram (OTLP). One consumer only.
+    pub fn take_new(&self) -> Vec<f64> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+            .collect()
     }
 
     /// The cumulative buckets, the sum and the count now.
@@ -132,5 +153,7 @@ mod tests {
         assert_eq!(s.buckets[7], (600.0, 3));
         assert_eq!(s.buckets[8], (f64::INFINITY, 4));
         assert!((s.sum_seconds - 706.5).abs() < 0.01);
+        assert_eq!(h.take_new(), [0.5, 3.0, 3.0, 700.0]);
+        assert!(h.take_new().is_empty(), "taken once");
     }
 }
