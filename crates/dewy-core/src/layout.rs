@@ -56,17 +56,28 @@ impl Releases {
     }
 
     /// A fresh, unused release path for `now`: `releases/<ts>`, or
-    /// `releases/<ts>-N` when that exists already.
+    /// `releases/<ts>-N` after the highest `N` of that second, so the new
+    /// folder always sorts newest, even when older ones of the same second
+    /// were pruned (reusing a freed `<ts>` would sort it oldest).
     pub fn new_release_path(&self, now: jiff::Timestamp) -> PathBuf {
         let base = now.strftime("%Y%m%dT%H%M%SZ").to_string();
         let dir = self.dir();
-        let mut path = dir.join(&base);
-        let mut n = 1;
-        while path.symlink_metadata().is_ok() {
-            path = dir.join(format!("{base}-{n}"));
-            n += 1;
+        let taken = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let (b, n) = release_order(&name);
+                        (b == base).then_some(n)
+                    })
+                    .max()
+            })
+            .unwrap_or(None);
+        match taken {
+            None => dir.join(&base),
+            Some(n) => dir.join(format!("{base}-{}", n + 1)),
         }
-        path
     }
 
     /// Points `current` at `release` atomically: a temporary symlink is
@@ -229,6 +240,12 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["20240115T103045Z", "20240115T103045Z-1", "20240115T103045Z-2"]);
+        // A pruned name of the same second is not reused: the next folder
+        // must still sort newest.
+        std::fs::remove_dir(&made[0]).unwrap();
+        let next = r.new_release_path(now);
+        assert_eq!(next.file_name().unwrap(), "20240115T103045Z-3");
+        std::fs::create_dir_all(&made[0]).unwrap();
         r.switch(&made[0]).unwrap();
         assert_eq!(r.current_target().unwrap(), made[0]);
         r.switch(&made[2]).unwrap();
