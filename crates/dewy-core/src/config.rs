@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dewy_archive::Limits;
 use dewy_cache::Key;
-use dewy_registry::DownloadPolicy;
+use dewy_registry::{DownloadPolicy, TrustedKeys};
 
 /// `dewy server` or `dewy assets`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +89,11 @@ pub struct Config {
     pub current_key: Key,
     /// Download limits and timeouts.
     pub download: DownloadPolicy,
+    /// Publisher keys (`--verify-key`). When not empty, every artifact must
+    /// carry a valid minisign signature by one of them, checked before it
+    /// enters the cache and again before a cached copy is deployed; a
+    /// release refused for its signature is recorded as bad.
+    pub verify_keys: TrustedKeys,
 }
 
 impl Config {
@@ -109,6 +114,7 @@ impl Config {
             dewy_version: env!("CARGO_PKG_VERSION").to_owned(),
             limits: Limits::default(),
             download: DownloadPolicy::default(),
+            verify_keys: TrustedKeys::default(),
             soak: None,
             port_health: None,
             current_key: Key::current(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use dewy_cache::{Cache, Key};
 use dewy_notify::{HookReport, Notify};
-use dewy_registry::{Downloader, Registry, Release, Report, SafeUrl};
+use dewy_registry::{Downloader, Registry, Release, Report, SafeUrl, SignatureCheck};
 use dewy_starter::{Event, Supervisor};
 
 use crate::config::{Clock, Config, Mode, SystemClock};
@@ -421,6 +421,16 @@ impl Deployer {
             }
             return Ok(TickOutcome::KnownBad { tag: release.tag });
         }
+        if !self.config.verify_keys.is_empty()
+            && release.signature_url.is_none()
+            && self.within_grace_period(release.published_at)
+        {
+            // Publishers upload the signature after the artifact: wait for
+            // it as for a missing artifact, then refuse the release.
+            resumed?;
+            tracing::debug!(version = %release.tag, artifact = %release.artifact_name, "The release's signature is not published yet (within the grace period)");
+            return Ok(TickOutcome::WithinGracePeriod);
+        }
         if let Err(err) = resumed {
             // The newer release may fix it: deploy it, but say why nothing ran.
             tracing::warn!(error = %chain(&err), "The release in place is not running; deploying the newer one");
@@ -463,10 +473,7 @@ impl Deployer {
                 wanted,
                 published_at: Some(published),
             }) => {
-                let age = self.clock.now().duration_since(published);
-                let grace =
-                    jiff::SignedDuration::try_from(self.config.grace_period).unwrap_or(jiff::SignedDuration::MAX);
-                if age < grace {
+                if self.within_grace_period(Some(published)) {
                     tracing::debug!(
                         tag,
                         message = "artifact not found",
@@ -525,29 +532,14 @@ impl Deployer {
         key: &Key,
         previous_tag: Option<String>,
     ) -> Result<PathBuf, Error> {
-        let artifact = match self.cache.local_path(key).await.map_err(Error::Cache)? {
-            Some(path) => {
-                self.metrics
-                    .cache_hits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                path
+        // A checksum or signature that the artifact fails is the
+        // publisher's fault: recorded bad, not downloaded again every tick.
+        let artifact = match self.cached_or_downloaded(release, key).await {
+            Err(err) if err.blames_release() => {
+                self.mark_bad(release, &chain(&err)).await;
+                return Err(err);
             }
-            None => match self.cache.begin_download(key).await.map_err(Error::Cache)? {
-                // Another host of the fleet downloaded it meanwhile.
-                Some(path) => path,
-                None => {
-                    // A shutdown does not wait for a long download.
-                    let downloaded = tokio::select! {
-                        r = self.download(release, key) => r,
-                        () = self.cancelled() => Err(Error::Cancelled {
-                            tag: release.tag.clone(),
-                            why: "dewy is shutting down",
-                        }),
-                    };
-                    self.cache.end_download(key).await;
-                    downloaded?
-                }
-            },
+            other => other?,
         };
         self.notify.send(format!("Downloaded artifact for `{}`", release.tag));
         // A folder on disk that already holds this version (an operator's
@@ -557,6 +549,82 @@ impl Deployer {
         Deployment::begin(self, release, previous_tag, reuse)
             .run(&artifact)
             .await
+    }
+
+    /// The artifact in the cache, downloaded into it when missing; with
+    /// `--verify-key`, its signature checked on the way in (and again for a
+    /// copy already cached, which another host or a hand may have put).
+    async fn cached_or_downloaded(&self, release: &Release, key: &Key) -> Result<PathBuf, Error> {
+        let signature = self.signature_of(release).await?;
+        let cached = match self.cache.local_path(key).await.map_err(Error::Cache)? {
+            Some(path) => {
+                self.metrics
+                    .cache_hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Some(path)
+            }
+            // Another host of the fleet downloaded it meanwhile.
+            None => self.cache.begin_download(key).await.map_err(Error::Cache)?,
+        };
+        if let Some(path) = cached {
+            if let Some(check) = signature {
+                let file = path.clone();
+                let verified = tokio::task::spawn_blocking(move || check.verify_file(&file).map(|()| check))
+                    .await
+                    .map_err(|e| Error::Io {
+                        op: "verify the signature of",
+                        path: path.clone(),
+                        source: std::io::Error::other(e),
+                    })?;
+                let check = verified.map_err(|source| Error::Refused {
+                    tag: release.tag.clone(),
+                    source,
+                })?;
+                log_verified(release, &check);
+            }
+            return Ok(path);
+        }
+        // A shutdown does not wait for a long download.
+        let downloaded = tokio::select! {
+            r = self.download(release, key, signature.as_ref()) => r,
+            () = self.cancelled() => Err(Error::Cancelled {
+                tag: release.tag.clone(),
+                why: "dewy is shutting down",
+            }),
+        };
+        self.cache.end_download(key).await;
+        downloaded
+    }
+
+    /// With `--verify-key`: the release's signature, read and matched to a
+    /// trusted key before anything is downloaded.
+    async fn signature_of(&self, release: &Release) -> Result<Option<SignatureCheck>, Error> {
+        let keys = &self.config.verify_keys;
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        match self.downloader.signature(&*self.registry, release, keys).await {
+            Ok(check) => Ok(Some(check)),
+            Err(dewy_registry::Error::Signature { source, .. }) => Err(Error::Refused {
+                tag: release.tag.clone(),
+                source,
+            }),
+            Err(source) => Err(Error::Download {
+                tag: release.tag.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Whether a release published at `published_at` is inside the grace
+    /// period (an unknown time counts as outside).
+    fn within_grace_period(&self, published_at: Option<jiff::Timestamp>) -> bool {
+        let Some(published) = published_at else {
+            return false;
+        };
+        let age = self.clock.now().duration_since(published);
+        let grace = jiff::SignedDuration::try_from(self.config.grace_period).unwrap_or(jiff::SignedDuration::MAX);
+        age < grace
     }
 
     /// Writes the attempt to the history and the metrics; drops a cached
@@ -601,7 +669,12 @@ impl Deployer {
         }
     }
 
-    async fn download(&self, release: &Release, key: &Key) -> Result<PathBuf, Error> {
+    async fn download(
+        &self,
+        release: &Release,
+        key: &Key,
+        signature: Option<&SignatureCheck>,
+    ) -> Result<PathBuf, Error> {
         tracing::info!(tag = %release.tag, url = %SafeUrl(&release.artifact_url), "Downloading artifact");
         let progress = ForRelease {
             tag: release.tag.clone(),
@@ -615,13 +688,30 @@ impl Deployer {
         let started = std::time::Instant::now();
         let downloaded = self
             .downloader
-            .fetch_request(&request, release.checksum.as_ref(), self.cache.staging_dir(), &progress)
-            .await
-            .map_err(download_error);
+            .fetch_verified(
+                &request,
+                release.checksum.as_ref(),
+                signature,
+                self.cache.staging_dir(),
+                &progress,
+            )
+            .await;
         self.progress.finished(&release.tag);
         add_millis(&self.metrics.phase_download_millis, started);
-        let downloaded = downloaded?;
+        let downloaded = match downloaded {
+            Ok(d) => d,
+            Err(dewy_registry::Error::Signature { source, .. }) => {
+                return Err(Error::Refused {
+                    tag: release.tag.clone(),
+                    source,
+                });
+            }
+            Err(err) => return Err(download_error(err)),
+        };
         tracing::info!(tag = %release.tag, bytes = downloaded.size, sha256 = %downloaded.sha256, "Artifact downloaded");
+        if let Some(check) = signature {
+            log_verified(release, check);
+        }
         self.metrics
             .downloads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -765,6 +855,11 @@ impl Deployer {
             tracing::error!(error = %chain(&err), "Cache eviction failure");
         }
     }
+}
+
+/// The INFO line of an artifact whose signature was verified.
+fn log_verified(release: &Release, check: &SignatureCheck) {
+    tracing::info!(version = %release.tag, key_id = %check.key_id(), trusted_comment = check.trusted_comment(), "Signature verified");
 }
 
 /// Turns the supervisor's events into notifications and metrics.

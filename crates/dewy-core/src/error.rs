@@ -28,6 +28,16 @@ pub enum Error {
         #[source]
         source: dewy_registry::Error,
     },
+    /// The artifact's publisher signature failed a check (`--verify-key`):
+    /// nothing was cached or deployed.
+    #[error("refused the artifact of `{tag}`")]
+    Refused {
+        /// The release.
+        tag: String,
+        /// Which check failed.
+        #[source]
+        source: dewy_registry::SignatureError,
+    },
     /// The artifact could not be extracted.
     #[error("failed to extract the artifact of `{tag}`")]
     Extract {
@@ -99,7 +109,7 @@ pub enum Error {
 
 impl Error {
     /// Whether the release itself is at fault (it failed to start, to become
-    /// healthy, does not match its published checksum, or holds an archive
+    /// healthy, does not match its published checksum or signature, or holds an archive
     /// entry that is refused as unsafe or too large), so
     /// that it is recorded as bad. Failures of the host (disk, network,
     /// hooks, shutdown) are retried instead.
@@ -112,6 +122,9 @@ impl Error {
             ),
             // The publisher's checksum disagrees with what it published.
             Self::Download { source, .. } => matches!(source, dewy_registry::Error::ChecksumMismatch { .. }),
+            // Its signature is missing, malformed or not by a trusted key
+            // (not: the cached copy could not be read).
+            Self::Refused { source, .. } => !matches!(source, dewy_registry::SignatureError::Unreadable { .. }),
             Self::Extract { source, .. } => matches!(
                 source,
                 dewy_archive::Error::UnsafeEntry { .. } | dewy_archive::Error::LimitExceeded { .. }

@@ -65,6 +65,7 @@ impl Registry for Scripted {
                 published_at: None,
                 slot: None,
                 checksum: None,
+                signature_url: None,
             }),
             Answer::NotFound { minutes_ago } => Err(dewy_registry::Error::ArtifactNotFound {
                 tag: "v9.0.0".into(),

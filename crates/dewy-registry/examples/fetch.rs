@@ -33,6 +33,7 @@ async fn main() -> std::process::ExitCode {
             sha256: s.clone(),
             source: "command line".into(),
         }),
+        signature_url: None,
     };
     let d = Downloader::new(DownloadPolicy {
         max_bytes: u64::MAX,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use crate::signature::{SIGNATURE_MAX_BYTES, SIGNATURE_SUFFIX, SignatureCheck, SignatureError, TrustedKeys};
 use crate::{ArtifactRequest, Checksum, Error, Release, SafeUrl};
 
 /// Limits and timeouts of a download.
@@ -82,7 +83,14 @@ struct Workers {
     to_writer: tokio::sync::mpsc::Sender<Block>,
     to_hasher: tokio::sync::mpsc::Sender<Block>,
     writer: std::thread::JoinHandle<std::io::Result<u64>>,
-    hasher: std::thread::JoinHandle<String>,
+    hasher: std::thread::JoinHandle<Digests>,
+}
+
+/// What the hashing thread computed: the SHA-256 and, when a signature was
+/// to be checked, its verdict.
+struct Digests {
+    sha256: String,
+    signature: Option<Result<(), SignatureError>>,
 }
 
 #[derive(Clone)]
@@ -134,20 +142,36 @@ fn write_blocks(mut file: std::fs::File, mut rx: tokio::sync::mpsc::Receiver<Blo
     Err(std::io::Error::other("download abandoned"))
 }
 
-fn hash_blocks(mut rx: tokio::sync::mpsc::Receiver<Block>) -> String {
+/// Hashes the blocks, and feeds them to the signature's verifier in the
+/// same pass: the artifact is read once.
+fn hash_blocks(mut rx: tokio::sync::mpsc::Receiver<Block>, signature: Option<SignatureCheck>) -> Digests {
     let mut hasher = Sha256::new();
+    let mut verifier = signature.as_ref().map(SignatureCheck::verifier);
     while let Some(block) = rx.blocking_recv() {
         match block {
-            Block::Data(chunks) => chunks.iter().for_each(|c| hasher.update(c)),
-            Block::Reset => hasher = Sha256::new(),
+            Block::Data(chunks) => {
+                for c in chunks.iter() {
+                    hasher.update(c);
+                    if let Some(Ok(v)) = &mut verifier {
+                        v.update(c);
+                    }
+                }
+            }
+            Block::Reset => {
+                hasher = Sha256::new();
+                verifier = signature.as_ref().map(SignatureCheck::verifier);
+            }
             Block::Finish => break,
         }
     }
-    hex::encode(hasher.finalize())
+    Digests {
+        sha256: hex::encode(hasher.finalize()),
+        signature: signature.as_ref().zip(verifier).map(|(s, v)| s.finish(v?)),
+    }
 }
 
 impl Partial {
-    fn new(file: std::fs::File) -> Self {
+    fn new(file: std::fs::File, signature: Option<SignatureCheck>) -> Self {
         let (to_writer, writer_rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
         let (to_hasher, hasher_rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
         Self {
@@ -157,7 +181,7 @@ impl Partial {
                 to_writer,
                 to_hasher,
                 writer: std::thread::spawn(move || write_blocks(file, writer_rx)),
-                hasher: std::thread::spawn(move || hash_blocks(hasher_rx)),
+                hasher: std::thread::spawn(move || hash_blocks(hasher_rx, signature)),
             }),
             size: 0,
         }
@@ -179,8 +203,8 @@ impl Partial {
         )))
     }
 
-    /// Ends the workers and returns the SHA-256 and the size written.
-    async fn join(&mut self) -> std::io::Result<(String, u64)> {
+    /// Ends the workers and returns the digests and the size written.
+    async fn join(&mut self) -> std::io::Result<(Digests, u64)> {
         let Workers {
             to_writer,
             to_hasher,
@@ -194,8 +218,8 @@ impl Partial {
         tokio::task::spawn_blocking(move || {
             let panicked = |_| std::io::Error::other("download worker panicked");
             let size = writer.join().map_err(panicked)??;
-            let sha256 = hasher.join().map_err(panicked)?;
-            Ok((sha256, size))
+            let digests = hasher.join().map_err(panicked)?;
+            Ok((digests, size))
         })
         .await
         .map_err(std::io::Error::other)?
@@ -227,8 +251,8 @@ impl Partial {
         self.send(Block::Reset).await
     }
 
-    /// Writes what is left, syncs, and returns the SHA-256 and size.
-    async fn finish(&mut self) -> std::io::Result<(String, u64)> {
+    /// Writes what is left, syncs, and returns the digests and size.
+    async fn finish(&mut self) -> std::io::Result<(Digests, u64)> {
         self.flush().await?;
         self.send(Block::Finish).await?;
         self.join().await
@@ -296,13 +320,27 @@ impl Downloader {
         staging: &Path,
         progress: &dyn DownloadProgress,
     ) -> Result<Downloaded, Error> {
+        self.fetch_verified(request, checksum, None, staging, progress).await
+    }
+
+    /// [`Downloader::fetch_request`], and verifies the publisher's
+    /// `signature` in the same pass that computes the SHA-256: a file that
+    /// does not match is removed and [`Error::Signature`] returned.
+    pub async fn fetch_verified(
+        &self,
+        request: &ArtifactRequest,
+        checksum: Option<&Checksum>,
+        signature: Option<&SignatureCheck>,
+        staging: &Path,
+        progress: &dyn DownloadProgress,
+    ) -> Result<Downloaded, Error> {
         let url = request.url.as_str();
         let tmp = tempfile::Builder::new()
             .prefix(".download-")
             .tempfile_in(staging)
             .map_err(|e| Error::io("create download file in", staging, e))?;
         let (std_file, path) = tmp.into_parts();
-        let mut partial = Partial::new(std_file);
+        let mut partial = Partial::new(std_file, signature.cloned());
         if let Some(rest) = url.strip_prefix("file://") {
             let src = url::Url::parse(url)
                 .ok()
@@ -317,7 +355,8 @@ impl Downloader {
                 reason: "artifact URLs must be file://, http:// or https://".into(),
             });
         }
-        let (sha256, written) = partial.finish().await.map_err(|e| Error::io("write", &*path, e))?;
+        let (Digests { sha256, signature }, written) =
+            partial.finish().await.map_err(|e| Error::io("write", &*path, e))?;
         debug_assert_eq!(written, partial.size);
         if let Some(expected) = checksum
             && !expected.sha256.eq_ignore_ascii_case(&sha256)
@@ -329,10 +368,82 @@ impl Downloader {
                 source_name: expected.source.clone(),
             });
         }
+        if let Some(Err(source)) = signature {
+            return Err(Error::Signature {
+                url: SafeUrl(url).to_string(),
+                source,
+            });
+        }
         Ok(Downloaded {
             path,
             sha256,
             size: partial.size,
+        })
+    }
+
+    /// The publisher's signature of `release`'s artifact, fetched from
+    /// `registry` and matched to one of `keys`, before the artifact is
+    /// downloaded. A signature that is missing, malformed, legacy or by an
+    /// unknown key is [`Error::Signature`]; other errors (network) are
+    /// worth retrying.
+    pub async fn signature(
+        &self,
+        registry: &dyn crate::Registry,
+        release: &Release,
+        keys: &TrustedKeys,
+    ) -> Result<SignatureCheck, Error> {
+        let Some(request) = registry.signature_request(release).await? else {
+            let expected = format!("{}{SIGNATURE_SUFFIX}", release.artifact_name);
+            return Err(Error::Signature {
+                url: SafeUrl(&release.artifact_url).to_string(),
+                source: SignatureError::Missing { file: expected },
+            });
+        };
+        let text = self.fetch_signature(&request).await?;
+        let url = SafeUrl(request.url.as_str()).to_string();
+        keys.check(&text, &url)
+            .map_err(|source| Error::Signature { url, source })
+    }
+
+    /// A signature file: its text, or [`SignatureError::Missing`] when the
+    /// server says it does not exist (HTTP 404, no such file). Small
+    /// (at most 64 KiB), retried like downloads.
+    async fn fetch_signature(&self, request: &ArtifactRequest) -> Result<String, Error> {
+        let url = request.url.as_str();
+        let missing = || Error::Signature {
+            url: SafeUrl(url).to_string(),
+            source: SignatureError::Missing {
+                file: SafeUrl(url).to_string(),
+            },
+        };
+        let staging = std::env::temp_dir();
+        let small = Self {
+            client: self.client.clone(),
+            policy: DownloadPolicy {
+                max_bytes: SIGNATURE_MAX_BYTES,
+                ..self.policy.clone()
+            },
+        };
+        let fetched = small.fetch_request(request, None, &staging, &NoProgress).await;
+        let file = match fetched {
+            Ok(file) => file,
+            Err(Error::HttpStatus { status: 404, .. }) => return Err(missing()),
+            Err(Error::Io {
+                op: "open artifact",
+                source,
+                ..
+            }) if source.kind() == std::io::ErrorKind::NotFound => return Err(missing()),
+            Err(err) => return Err(err),
+        };
+        let text = tokio::fs::read(&file.path)
+            .await
+            .map_err(|e| Error::io("read signature", &*file.path, e))?;
+        String::from_utf8(text).map_err(|_| Error::Signature {
+            url: SafeUrl(url).to_string(),
+            source: SignatureError::Malformed {
+                file: SafeUrl(url).to_string(),
+                reason: "not text".into(),
+            },
         })
     }
 

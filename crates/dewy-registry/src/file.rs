@@ -201,6 +201,8 @@ impl FileRegistry {
             published_at,
         )?;
         let checksum = self.checksum_for(&dir, &artifact).await;
+        let signature = format!("{artifact}{}", crate::SIGNATURE_SUFFIX);
+        let signature_url = files.contains(&signature).then(|| file_url(&dir.join(&signature)));
         let path = dir.join(&artifact);
         Ok(Release {
             id: file_url(&dir),
@@ -211,6 +213,7 @@ impl FileRegistry {
             artifact_name: artifact,
             published_at,
             checksum,
+            signature_url,
         })
     }
 }

@@ -385,6 +385,13 @@ impl Registry for GithubRegistry {
         self.asset_request(&release.artifact_url).await
     }
 
+    async fn signature_request(&self, release: &Release) -> Result<Option<ArtifactRequest>, Error> {
+        match &release.signature_url {
+            Some(url) => Ok(Some(self.asset_request(url).await?)),
+            None => Ok(None),
+        }
+    }
+
     /// Records a deployment and its status. The audit trail never fails a
     /// deploy: a refusal (403/404) turns it off with one warning; other
     /// failures (5xx, network) are one warning per outage and one INFO line
@@ -525,6 +532,8 @@ impl GithubRegistry {
             (_, Some(p)) => Some(p),
             (d, None) => d,
         };
+        let signature = format!("{name}{}", crate::SIGNATURE_SUFFIX);
+        let signature_url = uploaded.iter().find(|a| a.name == signature).map(|a| a.url.clone());
         Ok(Release {
             id: release.id.to_string(),
             tag: version.tag.clone(),
@@ -534,6 +543,7 @@ impl GithubRegistry {
             artifact_url: asset.url.clone(),
             published_at,
             checksum,
+            signature_url,
         })
     }
 }

@@ -43,6 +43,7 @@ mod file;
 mod github;
 mod object;
 mod shared;
+mod signature;
 mod version;
 
 use std::path::PathBuf;
@@ -61,6 +62,7 @@ pub use file::FileRegistry;
 pub use github::{GithubEnv, GithubRegistry};
 pub use object::ObjectRegistry;
 pub use shared::{SharedRegistry, SharedScope, SharedStats};
+pub use signature::{KeyError, KeyId, SIGNATURE_SUFFIX, SignatureCheck, SignatureError, TrustedKeys};
 pub use version::{CalVerFormat, Scheme, Selection, Version, choose_latest, parse_semver};
 
 /// A SHA-256 digest that an artifact must match.
@@ -91,6 +93,9 @@ pub struct Release {
     pub slot: Option<String>,
     /// The checksum the artifact must match, when the registry knows one.
     pub checksum: Option<Checksum>,
+    /// Where the publisher's minisign signature of the artifact is
+    /// (`<artifact>.minisig` beside it), when one is published.
+    pub signature_url: Option<String>,
 }
 
 /// A deployment to record in the registry's audit trail.
@@ -203,6 +208,15 @@ pub enum Error {
         /// Where the expected digest came from.
         source_name: String,
     },
+    /// The artifact's publisher signature was refused; nothing was cached.
+    #[error("signature check of `{url}` failed")]
+    Signature {
+        /// The artifact or signature URL (redacted).
+        url: String,
+        /// Which check failed.
+        #[source]
+        source: SignatureError,
+    },
     /// A registry API answered with an error.
     #[error("`{registry}` answered HTTP {status}: {message}")]
     Api {
@@ -296,6 +310,13 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     /// the release's URL with no headers.
     async fn artifact_request(&self, release: &Release) -> Result<ArtifactRequest, Error> {
         Ok(ArtifactRequest::plain(&release.artifact_url))
+    }
+
+    /// How to fetch the publisher's signature of `release`'s artifact;
+    /// `None` when none is published. The default: the release's
+    /// `signature_url` with no headers.
+    async fn signature_request(&self, release: &Release) -> Result<Option<ArtifactRequest>, Error> {
+        Ok(release.signature_url.as_deref().map(ArtifactRequest::plain))
     }
 
     /// Counters of the requests this backend made (zero for backends that

@@ -91,6 +91,15 @@ impl Registry for ObjectRegistry {
             .map_err(|e| self.error(e))
     }
 
+    async fn signature_request(&self, release: &Release) -> Result<Option<ArtifactRequest>, Error> {
+        if release.signature_url.is_none() {
+            return Ok(None);
+        }
+        let object = format!("{}{}", self.object(release), crate::SIGNATURE_SUFFIX);
+        let request = self.store.request(&object).await.map_err(|e| self.error(e))?;
+        Ok(Some(request))
+    }
+
     /// Writes an empty `<prefix><tag>/shipped_to_<host>_<command>_at_<time>.txt`
     /// object, as the Go original does.
     async fn report(&self, report: &Report) -> Result<(), Error> {
@@ -136,6 +145,10 @@ impl ObjectRegistry {
             &self.platform,
             published_at,
         )?;
+        let signature = format!("{artifact}{}", crate::SIGNATURE_SUFFIX);
+        let signature_url = names
+            .contains(&signature.as_str())
+            .then(|| format!("{}/{dir}{signature}", self.store.location()));
         let checksum = find_checksum(&artifact, |name| {
             let present = names.contains(&name.as_str());
             let object = format!("{dir}{name}");
@@ -157,6 +170,7 @@ impl ObjectRegistry {
             artifact_name: artifact,
             published_at,
             checksum,
+            signature_url,
         })
     }
 }

@@ -60,6 +60,8 @@ struct Answer {
     sha256: Option<String>,
     #[serde(default)]
     sha256_source: Option<String>,
+    #[serde(default, rename = "SignatureURL", skip_serializing_if = "Option::is_none")]
+    signature_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,6 +184,7 @@ impl SharedRegistry {
                     .clone()
                     .unwrap_or_else(|| "the shared registry answer".into()),
             }),
+            signature_url: a.signature_url.clone(),
         }))
     }
 
@@ -197,6 +200,7 @@ impl SharedRegistry {
                     artifact_name: r.artifact_name.clone(),
                     sha256: r.checksum.as_ref().map(|c| c.sha256.clone()),
                     sha256_source: r.checksum.as_ref().map(|c| c.source.clone()),
+                    signature_url: r.signature_url.clone(),
                 });
                 entry.not_found = None;
                 true
@@ -361,6 +365,10 @@ impl Registry for SharedRegistry {
 
     async fn artifact_request(&self, release: &Release) -> Result<ArtifactRequest, Error> {
         self.inner.artifact_request(release).await
+    }
+
+    async fn signature_request(&self, release: &Release) -> Result<Option<ArtifactRequest>, Error> {
+        self.inner.signature_request(release).await
     }
 
     fn stats(&self) -> RegistryStats {

@@ -211,6 +211,7 @@ impl Registry for Upstream {
             published_at: Some(jiff::Timestamp::now()),
             slot: None,
             checksum: None,
+            signature_url: None,
         })
     }
 }

@@ -286,6 +286,7 @@ fn http_release(server: &Server, checksum: Option<&str>) -> Release {
             sha256: s.into(),
             source: "test".into(),
         }),
+        signature_url: None,
     }
 }
 

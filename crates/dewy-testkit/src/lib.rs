@@ -969,3 +969,76 @@ impl ForwardProxy {
             .collect()
     }
 }
+
+/// A minisign key pair made with Debian's `minisign` tool, to sign test
+/// artifacts as a publisher's CI would.
+#[derive(Debug)]
+pub struct MinisignKey {
+    /// The `minisign.pub` file (untrusted comment line, then the key).
+    pub public_file: PathBuf,
+    /// The public key's base64 line (`RWQ…`).
+    pub public: String,
+    secret_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl MinisignKey {
+    /// Generates a key pair without a password.
+    pub fn generate() -> Self {
+        let bin = which("minisign").unwrap_or_else(|| panic!("minisign is not installed: {INSTALL_HINT}"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (public_file, secret_file) = (dir.path().join("k.pub"), dir.path().join("k.key"));
+        let out = Command::new(bin)
+            .args(["-G", "-W", "-p"])
+            .arg(&public_file)
+            .arg("-s")
+            .arg(&secret_file)
+            .output()
+            .expect("run minisign -G");
+        assert!(
+            out.status.success(),
+            "minisign -G: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&public_file).expect("read the public key");
+        let public = text.lines().nth(1).expect("a key line").trim().to_owned();
+        Self {
+            public_file,
+            public,
+            secret_file,
+            _dir: dir,
+        }
+    }
+
+    /// Signs `file` into `file.minisig` (pre-hashed, minisign's default, or
+    /// the legacy format) with `trusted_comment`.
+    pub fn sign(&self, file: &Path, trusted_comment: &str, legacy: bool) {
+        let mut cmd = Command::new("minisign");
+        cmd.args(["-S", "-W", "-s"]).arg(&self.secret_file);
+        if legacy {
+            cmd.arg("-l");
+        }
+        let out = cmd
+            .arg("-t")
+            .arg(trusted_comment)
+            .arg("-m")
+            .arg(file)
+            .output()
+            .expect("run minisign -S");
+        assert!(
+            out.status.success(),
+            "minisign -S: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The signature of `data` (signed in a scratch file), as the text of
+    /// a `.minisig` file.
+    pub fn signature_of(&self, data: &[u8], trusted_comment: &str) -> Vec<u8> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("artifact");
+        std::fs::write(&file, data).expect("write the artifact");
+        self.sign(&file, trusted_comment, false);
+        std::fs::read(dir.path().join("artifact.minisig")).expect("read the signature")
+    }
+}

@@ -50,12 +50,14 @@ impl Registry for InHouseRegistry {
         Ok(Release {
             id: tag.clone(),
             artifact_name: url.rsplit('/').next().unwrap_or("artifact").to_owned(),
-            artifact_url: url,
+            artifact_url: url.clone(),
             slot: version.build.clone(),
             version,
             tag,
             published_at: None,
             checksum: None,
+            // `<url>.minisig`, for hosts that run with `--verify-key`.
+            signature_url: Some(format!("{url}.minisig")),
         })
     }
 }
