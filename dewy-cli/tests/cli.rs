@@ -134,6 +134,12 @@ fn every_bad_value_is_a_usage_error_naming_the_flag() {
             "COMMAND",
         ),
         (&["assets", "--bogus"], "--bogus"),
+        (&[&base[..], &["--verify-key", "RWQnot-a-key"]].concat(), "--verify-key"),
+        (
+            &[&base[..], &["--verify-key", "@/nonexistent.pub"]].concat(),
+            "--verify-key",
+        ),
+        (&[&base[..], &["--require-signature"]].concat(), "--require-signature"),
         (
             &[
                 "server",
@@ -199,6 +205,10 @@ fn every_bad_value_is_a_usage_error_naming_the_flag() {
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains(flag), "{args:?}: message does not name {flag}: {err}");
     }
+    // DEWY_VERIFY_KEY: one key, or several separated by commas.
+    let (code, _, err) = run(dewy(dir.path()).args(base).env("DEWY_VERIFY_KEY", "RWQgood,garbage"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--verify-key") && err.contains("`RWQgood`"), "{err}");
 }
 
 #[test]
@@ -1537,5 +1547,101 @@ fn an_unreachable_otlp_collector_is_logged_once_and_no_notification_counts_as_se
     assert!(
         metrics.contains("dewy_notifications_total{result=\"sent\"} 0"),
         "no notifier, nothing sent: {metrics}"
+    );
+}
+
+/// `--verify-key`: only releases signed by a trusted key are deployed; a
+/// refused one is recorded bad and not downloaded again; a signature
+/// published after the artifact is waited for; two keys during a rotation.
+#[test]
+fn only_signed_releases_are_deployed() {
+    use dewy_testkit::MinisignKey;
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("reg"));
+    std::fs::create_dir_all(&app).unwrap();
+    let (old, new) = (MinisignKey::generate(), MinisignKey::generate());
+    let site = |v: &str| dewy_testkit::targz(&[("index.html", v.as_bytes(), 0o644)]);
+    let publish = |tag: &str, data: &[u8], key: Option<&MinisignKey>| {
+        dewy_testkit::publish(&reg, tag, "site.tar.gz", data);
+        if let Some(key) = key {
+            key.sign(&reg.join(tag).join("site.tar.gz"), &format!("site {tag}"), false);
+        }
+    };
+    publish("v1.0.0", &site("v1.0.0"), Some(&old));
+    let log = dir.path().join("dewy.log");
+    let mut child = dewy(&app)
+        .args(["assets", "--registry", &format!("file://{}", reg.display()), "-i", "1"])
+        .args(["--grace-period", "4s", "--require-signature"])
+        .arg("--verify-key")
+        .arg(format!("@{}", old.public_file.display()))
+        .args(["--verify-key", &new.public])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log).unwrap();
+    let served = |v: &str| std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|x| x == v);
+    wait_for("v1.0.0, signed", Duration::from_secs(30), || served("v1.0.0"));
+    let verified = log();
+    let line = verified
+        .lines()
+        .find(|l| l.contains("Signature verified"))
+        .expect("a verified line");
+    assert!(
+        line.contains("version=v1.0.0") && line.contains("site v1.0.0"),
+        "{line}"
+    );
+
+    // Replaced after signing: refused once, recorded bad, never fetched again.
+    publish("v1.1.0", &site("v1.1.0"), Some(&old));
+    std::fs::write(reg.join("v1.1.0/site.tar.gz"), site("v1.1.0 from an attacker")).unwrap();
+    wait_for("v1.1.0 refused", Duration::from_secs(30), || {
+        log().contains("recorded as bad")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let text = log();
+    assert!(served("v1.0.0"), "the running release stays");
+    assert!(
+        text.contains("refused the artifact of `v1.1.0`") && text.contains("bad signature"),
+        "{text}"
+    );
+    let fetched = text
+        .lines()
+        .filter(|l| l.contains("Downloading artifact") && l.contains("v1.1.0"))
+        .count();
+    assert_eq!(fetched, 1, "refused once, not downloaded every tick: {text}");
+
+    // Unsigned: waited for within the grace period, then refused.
+    publish("v1.2.0", &site("v1.2.0"), None);
+    wait_for("v1.2.0 refused without a signature", Duration::from_secs(30), || {
+        log().contains("no signature: `site.tar.gz.minisig`")
+    });
+    assert!(served("v1.0.0"));
+
+    // Signed with the next key: deployed.
+    publish("v1.3.0", &site("v1.3.0"), Some(&new));
+    wait_for("v1.3.0, signed by the new key", Duration::from_secs(30), || {
+        served("v1.3.0")
+    });
+    terminate(&mut child);
+    let text = log();
+    let unsigned_refusals = text
+        .lines()
+        .filter(|l| l.contains("level=ERROR") && l.contains("v1.2.0"))
+        .count();
+    assert_eq!(unsigned_refusals, 1, "{text}");
+    // Nothing refused ever reached the cache.
+    let cache = std::fs::read_dir(app.join(".dewy/cache"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    assert!(
+        cache
+            .iter()
+            .all(|n| !n.starts_with("v1.1.0--") && !n.starts_with("v1.2.0--")),
+        "{cache:?}"
     );
 }

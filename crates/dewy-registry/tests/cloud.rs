@@ -171,6 +171,74 @@ async fn registry_end_to_end(kind: &str, versions: usize) {
     assert!(err.to_string().contains("`bogus`"), "{err}");
 }
 
+/// Signatures beside the artifact in the bucket: verified, or refused when
+/// the artifact was replaced or the signature is missing.
+async fn signed_releases_in_a_bucket(kind: &str) {
+    use dewy_registry::{SignatureError, TrustedKeys};
+    let key = dewy_testkit::MinisignKey::generate();
+    let trusted = TrustedKeys::parse(&[key.public.as_str()]).unwrap();
+    let server = Server::start(kind).await;
+    let (store, _) = server.store("signed/");
+    let put = |name: String, data: Vec<u8>| {
+        let store = store.clone();
+        async move { store.put(&name, data, Precondition::Any).await.unwrap() }
+    };
+    let reg = dewy_registry::open(&server.url("signed", ""), &server.options()).unwrap();
+    let downloader = Downloader::new(Default::default()).unwrap();
+    let staging = tempfile::tempdir().unwrap();
+    let fetch = || async {
+        let release = reg.latest().await?;
+        let check = downloader.signature(&*reg, &release, &trusted).await?;
+        let request = reg.artifact_request(&release).await?;
+        downloader
+            .fetch_verified(&request, None, Some(&check), staging.path(), &NoProgress)
+            .await
+            .map(|_| check)
+    };
+    let data = b"artifact in a bucket".to_vec();
+    put(format!("signed/v1.0.0/{ART}"), data.clone()).await;
+    put(
+        format!("signed/v1.0.0/{ART}.minisig"),
+        key.signature_of(&data, "bucket"),
+    )
+    .await;
+    assert_eq!(fetch().await.unwrap().trusted_comment(), "bucket");
+
+    put(format!("signed/v1.1.0/{ART}"), b"replaced".to_vec()).await;
+    put(
+        format!("signed/v1.1.0/{ART}.minisig"),
+        key.signature_of(&data, "bucket"),
+    )
+    .await;
+    match fetch().await {
+        Err(Error::Signature {
+            source: SignatureError::Invalid { .. },
+            ..
+        }) => {}
+        other => panic!("{kind}: {other:?}"),
+    }
+    assert_eq!(std::fs::read_dir(staging.path()).unwrap().count(), 0);
+
+    put(format!("signed/v1.2.0/{ART}"), data.clone()).await;
+    match fetch().await {
+        Err(Error::Signature {
+            source: SignatureError::Missing { .. },
+            ..
+        }) => {}
+        other => panic!("{kind}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn s3_signed_releases() {
+    signed_releases_in_a_bucket("s3").await;
+}
+
+#[tokio::test]
+async fn gcs_signed_releases() {
+    signed_releases_in_a_bucket("gcs").await;
+}
+
 #[tokio::test]
 async fn s3_registry_pages_versions_verifies_and_reports() {
     registry_end_to_end("s3", 1005).await;

@@ -400,3 +400,79 @@ async fn published_checksum_files_are_verified_with_and_without_a_digest() {
         "checksum file read again"
     );
 }
+
+#[tokio::test]
+async fn signatures_are_release_assets_fetched_with_the_token() {
+    use dewy_registry::{SignatureError, TrustedKeys};
+    use dewy_testkit::MinisignKey;
+    let (key, stranger) = (MinisignKey::generate(), MinisignKey::generate());
+    let trusted = TrustedKeys::parse(&[key.public.as_str()]).unwrap();
+    let gh = FakeGithub::start();
+    gh.add_token("ghp_test");
+    gh.set_private(true);
+    let reg = open("ghr://o/r", &options(&gh, Some("ghp_test")));
+    let downloader = Downloader::new(Default::default()).unwrap();
+    let staging = tempfile::tempdir().unwrap();
+    let sig = format!("{ART}.minisig");
+    let fetch = |release: dewy_registry::Release| {
+        let (reg, downloader, trusted, dir) = (
+            reg.clone(),
+            downloader.clone(),
+            trusted.clone(),
+            staging.path().to_path_buf(),
+        );
+        async move {
+            let check = downloader.signature(&*reg, &release, &trusted).await?;
+            let request = reg.artifact_request(&release).await?;
+            downloader
+                .fetch_verified(
+                    &request,
+                    release.checksum.as_ref(),
+                    Some(&check),
+                    &dir,
+                    &dewy_registry::NoProgress,
+                )
+                .await
+                .map(|_| check)
+        }
+    };
+    let refusal = |r: Result<_, Error>| match r {
+        Err(Error::Signature { source, .. }) => source,
+        other => panic!("expected a refused signature, got {other:?}"),
+    };
+
+    // Signed: the .minisig asset is found (never taken for the artifact)
+    // and downloaded through the asset API with the token.
+    let data = b"signed artifact".to_vec();
+    gh.add_release("v1.0.0", &[(ART, &data), (&sig, &key.signature_of(&data, "ci run 42"))]);
+    let release = reg.latest().await.unwrap();
+    assert_eq!(release.artifact_name, ART);
+    assert!(release.signature_url.is_some(), "{release:?}");
+    gh.clear_requests();
+    let check = fetch(release).await.unwrap();
+    assert_eq!(check.trusted_comment(), "ci run 42");
+    let sig_reads: Vec<_> = gh
+        .requests()
+        .into_iter()
+        .filter(|r| r.uri.contains("/releases/assets/"))
+        .collect();
+    assert_eq!(sig_reads.len(), 2, "the signature, then the artifact: {sig_reads:#?}");
+    assert!(
+        sig_reads
+            .iter()
+            .all(|r| r.header("authorization") == Some("Bearer ghp_test"))
+    );
+
+    // The artifact replaced after signing.
+    gh.add_release("v1.1.0", &[(ART, b"replaced"), (&sig, &key.signature_of(&data, "ci"))]);
+    let err = refusal(fetch(reg.latest().await.unwrap()).await);
+    assert!(matches!(err, SignatureError::Invalid { .. }), "{err}");
+    // Signed by a key nobody trusts.
+    gh.add_release("v1.2.0", &[(ART, &data), (&sig, &stranger.signature_of(&data, "ci"))]);
+    let err = refusal(fetch(reg.latest().await.unwrap()).await);
+    assert!(matches!(err, SignatureError::UnknownKey { .. }), "{err}");
+    // No signature asset.
+    gh.add_release("v1.3.0", &[(ART, &data)]);
+    let err = refusal(fetch(reg.latest().await.unwrap()).await);
+    assert!(matches!(err, SignatureError::Missing { .. }), "{err}");
+}
