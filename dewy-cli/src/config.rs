@@ -718,7 +718,7 @@ mod tests {
     fn every_key_is_a_flag_and_lists_are_marked() {
         let keys = keys();
         let many: Vec<&str> = keys.iter().filter(|k| k.many).map(|k| k.name.as_str()).collect();
-        assert_eq!(many, ["pass_env", "port", "command"]);
+        assert_eq!(many, ["pass_env", "verify_key", "port", "command"]);
         assert!(
             keys.iter()
                 .any(|k| k.name == "keep_releases" && k.flag == "--keep-releases")
