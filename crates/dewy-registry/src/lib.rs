@@ -41,6 +41,8 @@ mod download;
 mod file;
 #[cfg(feature = "github")]
 mod github;
+#[cfg(feature = "grpc")]
+mod grpc;
 mod object;
 mod shared;
 mod signature;
@@ -60,6 +62,8 @@ pub use download::{DownloadPolicy, DownloadProgress, Downloaded, Downloader, NoP
 pub use file::FileRegistry;
 #[cfg(feature = "github")]
 pub use github::{GithubEnv, GithubRegistry};
+#[cfg(feature = "grpc")]
+pub use grpc::GrpcRegistry;
 pub use object::ObjectRegistry;
 pub use shared::{SharedRegistry, SharedScope, SharedStats};
 pub use signature::{KeyError, KeyId, SIGNATURE_SUFFIX, SignatureCheck, SignatureError, TrustedKeys};
@@ -101,6 +105,8 @@ pub struct Release {
 /// A deployment to record in the registry's audit trail.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// The release's identifier in its registry ([`Release::id`]).
+    pub release_id: String,
     /// The release deployed.
     pub tag: String,
     /// `server` or `assets`.
@@ -217,6 +223,16 @@ pub enum Error {
         #[source]
         source: SignatureError,
     },
+    /// A gRPC registry answered with an error status.
+    #[error("`{registry}` answered {code}: {message}")]
+    Grpc {
+        /// The registry (`grpc://host:port`).
+        registry: String,
+        /// The status code's name (`UNAUTHENTICATED`).
+        code: &'static str,
+        /// The status message.
+        message: String,
+    },
     /// A registry API answered with an error.
     #[error("`{registry}` answered HTTP {status}: {message}")]
     Api {
@@ -274,6 +290,10 @@ impl Error {
         match self {
             Self::Transport { .. } | Self::RateLimited { .. } | Self::Store { .. } => true,
             Self::Api { status, .. } => *status == 429 || *status >= 500,
+            Self::Grpc { code, .. } => matches!(
+                *code,
+                "UNAVAILABLE" | "DEADLINE_EXCEEDED" | "RESOURCE_EXHAUSTED" | "ABORTED"
+            ),
             Self::HttpStatus { status, .. } => *status == 429 || *status == 408 || *status >= 500,
             _ => false,
         }
@@ -303,6 +323,12 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     /// nothing.
     async fn report(&self, _report: &Report) -> Result<(), Error> {
         Ok(())
+    }
+
+    /// Whether [`Registry::report`] wants failed deploy attempts too (with
+    /// [`Report::error`] set); otherwise only deployments are reported.
+    fn reports_failures(&self) -> bool {
+        false
     }
 
     /// How to fetch the artifact of `release` (a `file://` or `http(s)://`
@@ -351,6 +377,8 @@ pub struct OpenOptions {
     pub github: GithubEnv,
     /// S3 and GCS credentials and endpoints (`s3://`, `gs://`).
     pub cloud: CloudOptions,
+    /// Bearer token for `grpc://` (`DEWY_GRPC_TOKEN`); never logged.
+    pub grpc_token: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -362,6 +390,7 @@ impl Default for OpenOptions {
             #[cfg(feature = "github")]
             github: GithubEnv::default(),
             cloud: CloudOptions::default(),
+            grpc_token: None,
         }
     }
 }
@@ -419,6 +448,8 @@ const SCHEMES: &[(&str, Constructor)] = &[
     ("s3", |url, opts| Ok(Arc::new(ObjectRegistry::from_url(url, opts)?))),
     #[cfg(feature = "gcs")]
     ("gs", |url, opts| Ok(Arc::new(ObjectRegistry::from_url(url, opts)?))),
+    #[cfg(feature = "grpc")]
+    ("grpc", |url, opts| Ok(Arc::new(GrpcRegistry::from_url(url, opts)?))),
 ];
 
 /// Opens the registry named by `url`, choosing the backend by scheme.

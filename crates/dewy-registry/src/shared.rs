@@ -371,6 +371,10 @@ impl Registry for SharedRegistry {
         self.inner.signature_request(release).await
     }
 
+    fn reports_failures(&self) -> bool {
+        self.inner.reports_failures()
+    }
+
     fn stats(&self) -> RegistryStats {
         self.inner.stats()
     }

@@ -127,6 +127,7 @@ async fn registry_end_to_end(kind: &str, versions: usize) {
     assert_eq!(std::fs::read(&got.path).unwrap(), data);
 
     reg.report(&Report {
+        release_id: "1".into(),
         tag: release.tag.clone(),
         command: "server".into(),
         hostname: "Web-1".into(),

@@ -305,6 +305,7 @@ async fn deployments_are_the_audit_trail() {
     let reg = open("ghr://o/r", &options(&gh, Some("t")));
     for error in [None, Some("before deploy hook failed".to_owned())] {
         reg.report(&Report {
+            release_id: "1".into(),
             tag: "v1.0.0".into(),
             command: "server".into(),
             hostname: "web-1".into(),
@@ -325,6 +326,7 @@ async fn deployments_are_the_audit_trail() {
     // HTML error page never reaches a message.
     gh.fail_next(1000, 502);
     let report = Report {
+        release_id: "1".into(),
         tag: "v1.0.0".into(),
         command: "server".into(),
         hostname: "web-1".into(),

@@ -1042,3 +1042,218 @@ impl MinisignKey {
         std::fs::read(dir.path().join("artifact.minisig")).expect("read the signature")
     }
 }
+
+/// The `dewy.RegistryService` of Dewy's .proto, served by grpcio (Python):
+/// a registry service written by someone else, as dewy's users run them.
+#[derive(Debug)]
+pub struct GrpcRegistry {
+    /// `127.0.0.1:PORT`.
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    _process: ServerProcess,
+}
+
+/// How a [`GrpcRegistry`] is reached.
+#[derive(Debug, Default)]
+pub enum GrpcTransport {
+    /// Plaintext (`no-tls=true`).
+    #[default]
+    Plain,
+    /// TLS with a server certificate from `ca`.
+    Tls,
+    /// TLS, and clients must present a certificate signed by `ca`.
+    MutualTls,
+}
+
+impl GrpcRegistry {
+    /// Starts the service on a free port; with TLS, its certificate (for
+    /// `localhost` and 127.0.0.1) is signed by `ca`.
+    pub fn start(transport: GrpcTransport, ca: Option<&TestCa>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("grpc_registry.py");
+        std::fs::write(&script, include_str!("peers/grpc_registry.py")).expect("write the service");
+        let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../dewy-registry/proto");
+        let port = free_port();
+        write_state(dir.path(), &serde_json::json!({"release": null}));
+        let mut cmd = Command::new(venv_bin("python"));
+        cmd.arg(&script).arg(proto).arg(dir.path()).arg(port.to_string());
+        let ca_needed = || ca.expect("a TestCa for TLS");
+        match transport {
+            GrpcTransport::Plain => {}
+            GrpcTransport::Tls => {
+                let ca = ca_needed();
+                cmd.arg(&ca.server_cert).arg(&ca.server_key);
+            }
+            GrpcTransport::MutualTls => {
+                let ca = ca_needed();
+                cmd.arg(&ca.server_cert).arg(&ca.server_key).arg(&ca.cert);
+            }
+        }
+        let log = dir.path().join("server.log");
+        let mut process = ServerProcess::spawn("grpcio registry", cmd, log.clone());
+        process.wait_until(Duration::from_secs(60), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("ready"))
+        });
+        Self {
+            addr: ([127, 0, 0, 1], port).into(),
+            dir,
+            _process: process,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut serde_json::Value)) {
+        let path = self.dir.path().join("state.json");
+        let mut state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read state")).expect("state is JSON");
+        f(&mut state);
+        write_state(self.dir.path(), &state);
+    }
+
+    /// Answers `Current` with this release (`created_at` in RFC 3339).
+    pub fn set_release(&self, id: &str, tag: &str, url: &str, created_at: Option<&str>) {
+        self.update(|s| {
+            s["release"] = serde_json::json!({"id": id, "tag": tag, "url": url, "created_at": created_at});
+            s["not_found"] = serde_json::Value::Null;
+        });
+    }
+
+    /// Answers `Current` with NOT_FOUND, with a `created-at` trailer when
+    /// given.
+    pub fn set_not_found(&self, created_at: Option<&str>) {
+        self.update(|s| s["not_found"] = serde_json::json!({"created_at": created_at}));
+    }
+
+    /// Answers the next `n` calls of `Current` with UNAVAILABLE.
+    pub fn set_unavailable(&self, n: u32) {
+        self.update(|s| s["unavailable"] = n.into());
+    }
+
+    /// Requires `authorization: Bearer TOKEN` (or nothing, with `None`).
+    pub fn set_token(&self, token: Option<&str>) {
+        self.update(|s| s["token"] = token.into());
+    }
+
+    fn lines(&self, name: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join(name))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
+    /// The `Current` requests received: `arch`, `os`, `artifact_name`,
+    /// `authorization`.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.lines("requests.jsonl")
+    }
+
+    /// The reports received: `id`, `tag`, `command`, `err`.
+    pub fn reports(&self) -> Vec<serde_json::Value> {
+        self.lines("reports.jsonl")
+    }
+}
+
+fn write_state(dir: &Path, state: &serde_json::Value) {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, state.to_string()).expect("write state");
+    std::fs::rename(&tmp, dir.join("state.json")).expect("replace state");
+}
+
+/// A certificate authority made with `openssl` for a test, with a server
+/// certificate for `localhost` and 127.0.0.1 and a client certificate.
+#[derive(Debug)]
+pub struct TestCa {
+    /// The CA certificate (PEM).
+    pub cert: PathBuf,
+    /// The server's certificate and key.
+    pub server_cert: PathBuf,
+    /// The server's key.
+    pub server_key: PathBuf,
+    /// A client certificate signed by the CA.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    /// Makes the CA and its certificates.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| dir.path().join(n);
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap_or_else(|e| panic!("openssl: {e}; {INSTALL_HINT}"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=dewy test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        std::fs::write(p("server.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").expect("write ext");
+        std::fs::write(p("client.ext"), "extendedKeyUsage=clientAuth\n").expect("write ext");
+        for who in ["server", "client"] {
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={}", if who == "server" { "localhost" } else { "dewy host" }),
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{who}.ext"),
+                "-out",
+                &format!("{who}.pem"),
+            ]);
+        }
+        Self {
+            cert: p("ca.pem"),
+            server_cert: p("server.pem"),
+            server_key: p("server.key"),
+            client_cert: p("client.pem"),
+            client_key: p("client.key"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
