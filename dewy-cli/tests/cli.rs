@@ -1645,3 +1645,87 @@ fn only_signed_releases_are_deployed() {
         "{cache:?}"
     );
 }
+
+/// `grpc://` end to end: a grpcio service answers, dewy deploys and reports
+/// each attempt (a corrupt artifact with its error), waits out NOT_FOUND in
+/// the grace period, and keeps the token out of logs and the hooks.
+#[test]
+fn assets_from_a_grpc_registry_service() {
+    use dewy_testkit::{GrpcRegistry, GrpcTransport};
+    let dir = tempfile::tempdir().unwrap();
+    let (app, reg) = (dir.path().join("app"), dir.path().join("reg"));
+    std::fs::create_dir_all(&app).unwrap();
+    let service = GrpcRegistry::start(GrpcTransport::Plain, None);
+    service.set_token(Some("grpc-s3cret"));
+    let site = |v: &str| dewy_testkit::targz(&[("index.html", v.as_bytes(), 0o644)]);
+    let publish = |tag: &str, data: &[u8]| {
+        dewy_testkit::publish(&reg, tag, "site.tar.gz", data);
+        let url = format!("file://{}/{tag}/site.tar.gz", reg.display());
+        service.set_release(&format!("id-{tag}"), tag, &url, Some(&jiff::Timestamp::now().to_string()));
+    };
+    publish("v1.0.0", &site("v1.0.0"));
+    let log = dir.path().join("dewy.log");
+    let env_dump = dir.path().join("hook-env.txt");
+    let mut child = dewy(&app)
+        .args([
+            "assets",
+            "--registry",
+            &format!("grpc://{}?no-tls=true", service.addr),
+            "-i",
+            "1",
+            "--log-level",
+            "debug",
+            "--after-deploy-hook",
+            &format!("env > {}", env_dump.display()),
+        ])
+        .env("DEWY_GRPC_TOKEN", "grpc-s3cret")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let served = |v: &str| std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|x| x == v);
+    wait_for("v1.0.0 from the service", Duration::from_secs(30), || served("v1.0.0"));
+    wait_for("the report of v1.0.0", Duration::from_secs(10), || {
+        !service.reports().is_empty()
+    });
+    let first = &service.reports()[0];
+    assert_eq!(
+        (&first["id"], &first["tag"], &first["command"]),
+        (&"id-v1.0.0".into(), &"v1.0.0".into(), &"assets".into())
+    );
+    assert!(first["err"].is_null(), "{first}");
+
+    // A corrupt artifact: not deployed, and the service is told why.
+    publish("v1.1.0", b"this is not a tarball");
+    wait_for("the failure report", Duration::from_secs(30), || {
+        service.reports().iter().any(|r| r["tag"] == "v1.1.0")
+    });
+    let failure = service.reports().into_iter().find(|r| r["tag"] == "v1.1.0").unwrap();
+    let err = failure["err"].as_str().expect("err is set on failure");
+    assert!(err.contains("failed to extract the artifact of `v1.1.0`"), "{err}");
+    assert!(served("v1.0.0"));
+
+    // NOT_FOUND for a release created just now: the grace period, no error.
+    service.set_not_found(Some(&jiff::Timestamp::now().to_string()));
+    let before = std::fs::read_to_string(&log).unwrap().matches("level=ERROR").count();
+    std::thread::sleep(Duration::from_secs(3));
+    publish("v1.2.0", &site("v1.2.0"));
+    wait_for("v1.2.0 once published", Duration::from_secs(30), || served("v1.2.0"));
+    terminate(&mut child);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("level=ERROR").count(),
+        before,
+        "NOT_FOUND within the grace period is no error: {text}"
+    );
+    assert!(text.contains("msg=\"artifact not found\""), "{text}");
+    assert!(!text.contains("grpc-s3cret"), "the token is never logged");
+    let hook_env = std::fs::read_to_string(&env_dump).unwrap();
+    assert!(!hook_env.contains("DEWY_GRPC_TOKEN"), "{hook_env}");
+    assert!(
+        service
+            .requests()
+            .iter()
+            .all(|r| r["authorization"] == "Bearer grpc-s3cret")
+    );
+}
