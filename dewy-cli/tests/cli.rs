@@ -1661,7 +1661,12 @@ fn assets_from_a_grpc_registry_service() {
     let publish = |tag: &str, data: &[u8]| {
         dewy_testkit::publish(&reg, tag, "site.tar.gz", data);
         let url = format!("file://{}/{tag}/site.tar.gz", reg.display());
-        service.set_release(&format!("id-{tag}"), tag, &url, Some(&jiff::Timestamp::now().to_string()));
+        service.set_release(
+            &format!("id-{tag}"),
+            tag,
+            &url,
+            Some(&jiff::Timestamp::now().to_string()),
+        );
     };
     publish("v1.0.0", &site("v1.0.0"));
     let log = dir.path().join("dewy.log");

@@ -16,6 +16,7 @@
 //! set to the error chain when it failed.
 
 use std::collections::HashMap;
+#[cfg(feature = "github")]
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +47,8 @@ pub struct GrpcRegistry {
     artifact: Option<String>,
     scheme: Scheme,
     platform: Platform,
+    /// Credentials for the artifact URLs the service answers.
+    #[cfg_attr(not(any(feature = "github", feature = "s3", feature = "gcs")), allow(dead_code))]
     options: OpenOptions,
     /// `ghr://owner/repo` registries that resolve Dewy's GitHub artifact
     /// URLs, kept for their conditional-request caches.
