@@ -3,7 +3,9 @@
 //!
 //! | endpoint | what |
 //! |---|---|
+//! | `GET /` | the status page (HTML, self-contained) |
 //! | `GET /api/status` | what the loop is doing (JSON) |
+//! | `GET /api/history` | the deployment history, oldest first (JSON) |
 //! | `GET /api/releases` | the releases on disk (JSON) |
 //! | `POST /api/check` | check the registry now |
 //! | `POST /api/restart` | restart the application gracefully |
@@ -36,6 +38,10 @@ pub(crate) struct Admin {
     pub(crate) root: PathBuf,
     pub(crate) token: Option<String>,
     pub(crate) webhook_secret: Option<String>,
+    /// The registry URL, redacted, for the status page.
+    pub(crate) registry: String,
+    /// Sizes of release folders (they never change once extracted).
+    pub(crate) sizes: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +56,9 @@ pub(crate) const DEWY_ADMIN_PORT: u16 = 17539;
 
 fn router(admin: Arc<Admin>, trusted: bool) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/api/status", get(status))
+        .route("/api/history", get(history))
         .route("/api/releases", get(releases))
         .route("/api/check", post(check))
         .route("/api/restart", post(restart))
@@ -146,12 +154,73 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The loop's status, with the registry and the app's uptime.
+async fn status_json(admin: &Admin) -> serde_json::Value {
+    let status = admin.deployer.status().await;
+    let uptime = status.pid.and_then(crate::page::uptime_seconds);
+    let mut json = serde_json::to_value(status).unwrap_or_default();
+    json["registry"] = admin.registry.clone().into();
+    json["uptime_seconds"] = uptime.into();
+    json
+}
+
+/// The releases on disk, with their sizes.
+fn release_rows(admin: &Admin) -> Vec<serde_json::Value> {
+    let mut rows = crate::releases::release_rows(&admin.root);
+    let mut sizes = admin.sizes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for row in &mut rows {
+        let (Some(name), Some(path)) = (row["release"].as_str(), row["path"].as_str()) else {
+            continue;
+        };
+        let size = *sizes
+            .entry(name.to_owned())
+            .or_insert_with(|| crate::page::folder_size(std::path::Path::new(path)));
+        row["size_bytes"] = size.into();
+    }
+    rows
+}
+
+/// The newest history entries (at most 500), oldest first.
+fn history_entries(admin: &Admin) -> Vec<dewy_core::HistoryEntry> {
+    let mut entries = dewy_core::read_history(&admin.root);
+    let skip = entries.len().saturating_sub(500);
+    entries.drain(..skip);
+    entries
+}
+
+async fn page(State(ctx): State<Ctx>) -> Response {
+    let auth = match (ctx.trusted, &ctx.admin.token) {
+        (true, _) => crate::page::Auth::Socket,
+        (false, Some(_)) => crate::page::Auth::Token,
+        (false, None) => crate::page::Auth::None,
+    };
+    let status = status_json(&ctx.admin).await;
+    let html = crate::page::render(&status, &history_entries(&ctx.admin), &release_rows(&ctx.admin), auth);
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-store"),
+            // Everything is inline; nothing may be loaded from elsewhere.
+            (
+                "content-security-policy",
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+            ),
+        ],
+        html,
+    )
+        .into_response()
+}
+
 async fn status(State(ctx): State<Ctx>) -> Response {
-    axum::Json(ctx.admin.deployer.status().await).into_response()
+    axum::Json(status_json(&ctx.admin).await).into_response()
+}
+
+async fn history(State(ctx): State<Ctx>) -> Response {
+    axum::Json(history_entries(&ctx.admin)).into_response()
 }
 
 async fn releases(State(ctx): State<Ctx>) -> Response {
-    axum::Json(crate::releases::release_rows(&ctx.admin.root)).into_response()
+    axum::Json(release_rows(&ctx.admin)).into_response()
 }
 
 async fn check(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {

@@ -17,6 +17,7 @@ mod config;
 mod logging;
 mod metrics;
 mod otlp;
+mod page;
 mod progress;
 mod releases;
 mod run;

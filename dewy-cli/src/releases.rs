@@ -11,10 +11,9 @@ pub(crate) fn release_rows(root: &std::path::Path) -> Vec<serde_json::Value> {
         .iter()
         .map(|r| {
             let dir = r.path.display().to_string();
-            let entry = history
-                .iter()
-                .rev()
-                .find(|e| e.release_dir.as_deref() == Some(dir.as_str()));
+            let entry = history.iter().rev().find(|e| {
+                matches!(e.outcome.as_str(), "deployed" | "extracted") && e.release_dir.as_deref() == Some(dir.as_str())
+            });
             serde_json::json!({
                 "release": r.name,
                 "current": r.current,

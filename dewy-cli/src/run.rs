@@ -407,6 +407,8 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         root: s.workdir.clone(),
         token: s.admin_token.clone(),
         webhook_secret: s.webhook_secret.clone(),
+        registry: dewy_registry::SafeUrl(&s.registry).to_string(),
+        sizes: std::sync::Mutex::default(),
     });
     crate::admin::serve(admin, s.admin_port, admin_rx).await?;
     let otlp = match &s.otlp {

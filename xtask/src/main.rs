@@ -5,7 +5,7 @@
 //! outside the clone with moto, fake-gcs-server, aiosmtpd, gunicorn and
 //! grpcio, and
 //! Debian's `libserver-starter-perl`, `starlet`, `wrk`, `openssl`,
-//! `tinyproxy`, `minisign`), then
+//! `tinyproxy`, `minisign`, `chromium`, `chromium-driver`), then
 //! runs rustfmt, clippy, nextest and cargo-deny: the same command on a
 //! laptop and in CI.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -93,6 +93,8 @@ fn install_test_servers() -> Result<()> {
         ("openssl", "openssl"),
         ("tinyproxy", "tinyproxy"),
         ("minisign", "minisign"),
+        ("chromium", "chromium"),
+        ("chromedriver", "chromium-driver"),
     ]
     .into_iter()
     .filter(|(bin, _)| !have(bin))

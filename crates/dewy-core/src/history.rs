@@ -12,7 +12,8 @@ pub struct Entry {
     /// The release's tag.
     pub version: String,
     /// `extracted` (the folder is complete; written before `current` may
-    /// point at it), `deployed` or `failed`.
+    /// point at it), `deployed` or `failed`; an operator's `rolled-back`
+    /// (to `release_dir`, pinned) or `restarted`.
     pub outcome: String,
     /// How long it took.
     pub duration_ms: u64,

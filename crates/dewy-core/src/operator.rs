@@ -16,13 +16,14 @@ impl Deployer {
         let tag = self.state().current_tag.clone().unwrap_or_default();
         app.restart().await.map_err(|source| Error::App {
             action: "restart",
-            tag,
+            tag: tag.clone(),
             source,
         })?;
         self.metrics
             .restarts_signal
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.notify.send("Restarted receiving by `SIGUSR1` signal");
+        self.record_operator_action(&tag, "restarted", None, "by an operator");
         Ok(())
     }
 
@@ -67,10 +68,27 @@ impl Deployer {
             })?;
         }
         tracing::info!(version, release = %release_dir.display(), "Pinned by an operator");
+        self.record_operator_action(version, "rolled-back", Some(release_dir), "by an operator; pinned");
         self.notify.send_important(format!(
             "Rolled back to `{version}` by an operator; deploys are paused until unpinned"
         ));
         Ok(())
+    }
+
+    /// Writes an operator's action to the deployment history (for the
+    /// timeline of the status page).
+    fn record_operator_action(&self, version: &str, outcome: &str, release_dir: Option<&Path>, reason: &str) {
+        let entry = crate::history::Entry {
+            time: self.clock.now(),
+            version: version.to_owned(),
+            outcome: outcome.to_owned(),
+            duration_ms: 0,
+            release_dir: release_dir.map(|d| d.display().to_string()),
+            reason: Some(reason.to_owned()),
+        };
+        if let Err(err) = crate::history::append(&self.config.root, &entry) {
+            tracing::warn!(error = %err, "Could not write the deployment history");
+        }
     }
 
     /// Releases an operator's pin and checks the registry at once.

@@ -15,6 +15,7 @@
 
 #![allow(clippy::print_stderr)]
 
+pub mod browser;
 pub mod github;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,213 @@
+//! The status page at `GET /` of the admin API: one self-contained HTML
+//! document (no external fonts, scripts or styles), rendered on the server
+//! with the essentials so it reads without JavaScript, then refreshed by
+//! its script from the JSON endpoints.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+const TEMPLATE: &str = include_str!("status.html");
+
+/// Who may act from the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Auth {
+    /// The unix socket: the caller is the owner.
+    Socket,
+    /// The TCP port with `--admin-token`: the page asks for it.
+    Token,
+    /// The TCP port without a token: actions are refused.
+    None,
+}
+
+impl Auth {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Socket => "socket",
+            Self::Token => "token",
+            Self::None => "none",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Socket => "",
+            Self::Token => "Actions are disabled until you enter the admin token.",
+            Self::None => {
+                "Actions are disabled: no --admin-token is configured on this port (use the unix socket, or start dewy with --admin-token)."
+            }
+        }
+    }
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "–".to_owned(),
+        serde_json::Value::String(s) if s.is_empty() => "–".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The page for `status` (the JSON of `/api/status`), the history and the
+/// releases on disk.
+pub(crate) fn render(
+    status: &serde_json::Value,
+    history: &[dewy_core::HistoryEntry],
+    releases: &[serde_json::Value],
+    auth: Auth,
+) -> String {
+    let mut events = String::new();
+    for e in history.iter().rev().filter(|e| e.outcome != "extracted") {
+        let _ = write!(
+            events,
+            "<li class=\"event-row {}\">{} · {} · {}",
+            escape(&e.outcome),
+            escape(&e.time.to_string()),
+            escape(&e.version),
+            escape(&e.outcome)
+        );
+        if let Some(reason) = &e.reason {
+            let _ = write!(events, "<span class=\"reason\"> · {}</span>", escape(reason));
+        }
+        events.push_str("</li>");
+    }
+    let mut rows = String::new();
+    for r in releases {
+        let current = if r["current"] == true { " (current)" } else { "" };
+        let _ = write!(
+            rows,
+            "<tr><td>{}{current}</td><td>{}</td><td>{}</td><td>{}</td><td></td></tr>",
+            escape(&text(&r["version"])),
+            escape(&text(&r["release"])),
+            escape(&text(&r["deployed_at"])),
+            escape(&text(&r["size_bytes"]))
+        );
+    }
+    let deployed_at = releases
+        .iter()
+        .find(|r| r["current"] == true)
+        .map(|r| text(&r["deployed_at"]))
+        .unwrap_or_else(|| "–".to_owned());
+    let running = match (status["mode"].as_str(), status["is_running"].as_bool()) {
+        (Some("assets"), _) => "assets only",
+        (_, Some(true)) => "running",
+        _ => "not running",
+    };
+    let field = |k: &str| escape(&text(&status[k]));
+    let uptime = status["uptime_seconds"]
+        .as_u64()
+        .map_or_else(|| "–".to_owned(), |s| format!("{s}s"));
+    let cache = match status["cache_degraded"].as_str() {
+        Some(why) => format!("degraded: {}", escape(why)),
+        None => "ok".to_owned(),
+    };
+    let replacements: [(&str, String); 23] = [
+        ("{{title}}", field("current_version")),
+        ("{{auth}}", auth.as_str().to_owned()),
+        ("{{auth_reason}}", escape(auth.reason())),
+        ("{{mode}}", field("mode")),
+        ("{{dewy_version}}", format!("v{}", field("dewy_version"))),
+        ("{{version}}", field("current_version")),
+        ("{{release}}", field("current_release")),
+        ("{{deployed_at}}", escape(&deployed_at)),
+        ("{{running}}", running.to_owned()),
+        ("{{generation}}", field("generation")),
+        ("{{pid}}", field("pid")),
+        ("{{uptime}}", uptime),
+        ("{{registry}}", field("registry")),
+        ("{{last_check}}", field("last_check")),
+        ("{{last_outcome}}", field("last_outcome")),
+        ("{{last_error}}", field("last_error")),
+        ("{{next_check}}", field("next_check")),
+        ("{{deploying}}", field("deploying")),
+        ("{{pinned}}", field("pinned")),
+        ("{{bad}}", field("bad_release")),
+        ("{{cache}}", cache),
+        ("{{events}}", events),
+        ("{{releases}}", rows),
+    ];
+    let mut page = TEMPLATE.to_owned();
+    for (key, value) in replacements {
+        page = page.replace(key, &value);
+    }
+    page
+}
+
+/// Seconds since process `pid` started, from `/proc` (Linux).
+pub(crate) fn uptime_seconds(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let start_ticks: u64 = rest.split(' ').nth(19)?.parse().ok()?;
+    let boot_uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    let started = start_ticks as f64 / ticks as f64;
+    Some((boot_uptime - started).max(0.0) as u64)
+}
+
+/// Total size of the files under `dir` (links not followed).
+pub(crate) fn folder_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_is_self_contained_small_and_escaped() {
+        let status = serde_json::json!({
+            "mode": "server", "dewy_version": "0.1.0", "current_version": "v1.0.0<script>",
+            "is_running": true, "generation": 2, "pid": 42,
+        });
+        let history = vec![dewy_core::HistoryEntry {
+            time: jiff::Timestamp::UNIX_EPOCH,
+            version: "v0.9.0".into(),
+            outcome: "failed".into(),
+            duration_ms: 1,
+            release_dir: None,
+            reason: Some("it <broke>".into()),
+        }];
+        let page = render(&status, &history, &[], Auth::None);
+        assert!(page.len() < 100 * 1024, "{} bytes", page.len());
+        assert!(!page.contains("{{"), "every placeholder is filled");
+        assert!(page.contains("v1.0.0&lt;script&gt;") && !page.contains("v1.0.0<script>"));
+        assert!(page.contains("it &lt;broke&gt;"));
+        assert!(page.contains("data-auth=\"none\"") && page.contains("no --admin-token"));
+        for external in ["src=\"http", "href=\"http", "@import", "url(http"] {
+            assert!(!page.contains(external), "no external resource: {external}");
+        }
+    }
+}
