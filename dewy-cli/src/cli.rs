@@ -27,6 +27,10 @@ pub enum Command {
     Server(ServerArgs),
     /// Keep files on the newest release (no process management).
     Assets(CommonArgs),
+    /// Keep container replicas of the newest image of an `img://` registry
+    /// running behind dewy's TCP proxy, with rolling updates: `dewy
+    /// container --registry img://HOST/REPO -p 8080 [-- DOCKER-RUN-ARGS]`.
+    Container(ContainerArgs),
     /// List the releases on disk: which is current, their versions and
     /// when they were deployed (from the deployment history).
     Releases(ReleasesArgs),
@@ -50,6 +54,86 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Print the man page (roff): `dewy man | man -l -`.
     Man,
+}
+
+/// `dewy container`.
+#[derive(Debug, Args)]
+pub struct ContainerArgs {
+    /// `list`: show the replicas of the running dewy (or of the runtime).
+    #[arg(value_parser = ["list"], value_name = "list")]
+    pub list: Option<String>,
+
+    /// Registry URL: `img://HOST[:PORT]/REPO` (`?pre-release=true`,
+    /// `calver=`).
+    #[arg(long, value_name = "URL")]
+    pub registry: Option<String>,
+
+    /// `PROXY[:CONTAINER]`: dewy listens on PROXY and forwards to the
+    /// replicas' CONTAINER port (default: the image's one EXPOSEd port).
+    /// Repeatable.
+    #[arg(short = 'p', long = "port", value_name = "PROXY[:CONTAINER]")]
+    pub port: Vec<String>,
+
+    /// Replicas to keep running. Default 1.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub replicas: usize,
+
+    /// The app name (`dewy.app` label, container names). Default: the
+    /// repository's last segment.
+    #[arg(short = 'n', long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// `docker` or `podman`. Default docker.
+    #[arg(long, value_name = "RUNTIME", default_value = "docker")]
+    pub runtime: String,
+
+    /// Each new replica must answer 200–399 to `GET PATH` on its own port
+    /// before it gets traffic (without it: a TCP connect).
+    #[arg(long = "health-path", value_name = "PATH")]
+    pub health_path: Option<String>,
+
+    /// How long a new replica gets to become healthy. Default 30s.
+    #[arg(long = "health-timeout", value_name = "DURATION", default_value = "30s")]
+    pub health_timeout: String,
+
+    /// How long a retiring replica's open connections may take to finish
+    /// before it is stopped. Default 30s.
+    #[arg(long = "drain-time", value_name = "DURATION", default_value = "30s")]
+    pub drain_time: String,
+
+    /// An argument after the image in `run` (the container's command).
+    /// Repeatable.
+    #[arg(long = "cmd", value_name = "ARG", allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
+
+    /// Address the proxies listen on. Default 0.0.0.0 (as Dewy).
+    #[arg(long = "listen", value_name = "ADDR", default_value = "0.0.0.0")]
+    pub listen: String,
+
+    /// Seconds between checks (or a duration). Default 10.
+    #[arg(short = 'i', long, value_name = "SECONDS", default_value = "10")]
+    pub interval: String,
+
+    /// Notifier URL (`slack://CHANNEL`, `mail://…`).
+    #[arg(long, value_name = "URL", default_value = "")]
+    pub notifier: String,
+
+    /// debug, info, warn or error.
+    #[arg(short = 'l', long = "log-level", value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// text or json.
+    #[arg(short = 'f', long = "log-format", value_name = "FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// The folder for dewy's state (`.dewy/cache`: bad-image records).
+    /// Default: the current directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// Extra `run` arguments for the replicas (after `--`).
+    #[arg(last = true, value_name = "RUN-ARGS")]
+    pub extra: Vec<String>,
 }
 
 /// `dewy completions`.

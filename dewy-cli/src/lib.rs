@@ -14,6 +14,7 @@ mod cli;
 mod client;
 mod commands;
 mod config;
+mod container;
 mod logging;
 mod metrics;
 mod otlp;
@@ -44,6 +45,7 @@ pub fn main() -> ExitCode {
         Some(cli::Command::ClearBad(args)) => return commands::clear_bad(args),
         Some(cli::Command::Completions(args)) => return commands::completions(args.shell),
         Some(cli::Command::Man) => return commands::man(),
+        Some(cli::Command::Container(args)) => return container::main(args),
         _ => {}
     }
     let settings = match config::load(&cli) {

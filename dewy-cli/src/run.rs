@@ -58,7 +58,7 @@ pub(crate) fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -262,6 +262,39 @@ async fn adopt_dewy_current(cache: &dyn dewy_cache::Cache, key: &dewy_cache::Key
     }
 }
 
+/// The notifier of `url` (empty: none), with the host and app folder as
+/// context. Missing credentials turn notifications off with one warning.
+pub(crate) fn open_notify(url: &str, workdir: &std::path::Path, host: &str) -> Result<dewy_notify::Notify> {
+    let env = dewy_notify::NotifierEnv {
+        slack_token: var("SLACK_TOKEN"),
+        slack_webhook_url: var("SLACK_WEBHOOK_URL"),
+        slack_api_url: var("SLACK_API_URL"),
+        mail_username: var("MAIL_USERNAME"),
+        mail_password: var("MAIL_PASSWORD"),
+        mail_from: var("MAIL_FROM"),
+        mail_ca_file: var("MAIL_CA_FILE"),
+    };
+    let configured = match dewy_notify::from_url(url, &env) {
+        Err(err @ dewy_notify::Error::NoCredentials { .. }) => {
+            // An optional secrets file that is absent must not keep the app
+            // down: deploy without notifications, and say so once.
+            tracing::warn!(error = %err, "Notifications are off");
+            dewy_notify::from_url("", &env).context("cannot set up the notifier")?
+        }
+        other => other.map_err(usage).context("cannot set up the notifier")?,
+    };
+    let context = dewy_notify::Context {
+        hostname: host.to_owned(),
+        user: var("USER").unwrap_or_default(),
+        cwd: workdir.display().to_string(),
+        app: workdir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    Ok(dewy_notify::Notify::new(configured.notifier, context, configured.quiet))
+}
+
 /// Runs dewy until a shutdown signal.
 pub(crate) async fn run(s: Settings) -> Result<()> {
     std::env::set_current_dir(&s.workdir)
@@ -297,36 +330,8 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         .map_err(|e| usage(e.into_boxed_dyn_error()))
         .context("cannot open the cache")?;
 
-    let env = dewy_notify::NotifierEnv {
-        slack_token: var("SLACK_TOKEN"),
-        slack_webhook_url: var("SLACK_WEBHOOK_URL"),
-        slack_api_url: var("SLACK_API_URL"),
-        mail_username: var("MAIL_USERNAME"),
-        mail_password: var("MAIL_PASSWORD"),
-        mail_from: var("MAIL_FROM"),
-        mail_ca_file: var("MAIL_CA_FILE"),
-    };
-    let configured = match dewy_notify::from_url(&s.notifier, &env) {
-        Err(err @ dewy_notify::Error::NoCredentials { .. }) => {
-            // An optional secrets file that is absent must not keep the app
-            // down: deploy without notifications, and say so once.
-            tracing::warn!(error = %err, "Notifications are off");
-            dewy_notify::from_url("", &env).context("cannot set up the notifier")?
-        }
-        other => other.map_err(usage).context("cannot set up the notifier")?,
-    };
     let host = hostname();
-    let context = dewy_notify::Context {
-        hostname: host.clone(),
-        user: var("USER").unwrap_or_default(),
-        cwd: s.workdir.display().to_string(),
-        app: s
-            .workdir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    };
-    let notify = dewy_notify::Notify::new(configured.notifier, context, configured.quiet);
+    let notify = open_notify(&s.notifier, &s.workdir, &host)?;
 
     let env = child_env(&s.pass_env);
     let app: Option<Arc<dyn dewy_core::Supervisor>> = if s.mode == Mode::Server {

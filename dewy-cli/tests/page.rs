@@ -110,7 +110,7 @@ fn the_status_page_shows_the_timeline_and_acts_with_the_token() {
     wait_for("v2 in place", Duration::from_secs(30), || {
         browser.text("#version") == "v2.0.0" && browser.text("#pinned") == "v2.0.0"
     });
-    assert!(serving("v2.0.0"));
+    wait_for("v2 serving", Duration::from_secs(30), || serving("v2.0.0"));
     wait_for("the rollback on the timeline", Duration::from_secs(10), || {
         browser.count("#timeline-svg .event.rolled-back") == 1
     });

@@ -483,11 +483,11 @@ fn health_path_with_an_app_that_serves_only_its_first_socket() {
     // fail: its survival interval (beside v1), the check through the port,
     // and the restart of v1 (docs/server.md). Once v1 is back, and through
     // the restart to v4, nothing fails.
-    assert!(
-        errors.iter().all(|e| e.starts_with("HTTP 500: version=v3.0.0")),
-        "{:?}",
-        &errors[..errors.len().min(5)]
-    );
+    let others: Vec<&String> = errors
+        .iter()
+        .filter(|e| !e.starts_with("HTTP 500: version=v3.0.0"))
+        .collect();
+    assert!(others.is_empty(), "{others:?} ({failed} failed of {ok}): {}", w.log());
     assert_eq!(failed, failed_through_v3, "{failed} failed of {ok}");
     assert!(ok > 0);
     terminate(&mut dewy);

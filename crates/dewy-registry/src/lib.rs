@@ -44,6 +44,8 @@ mod github;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod object;
+#[cfg(feature = "oci")]
+mod oci;
 mod shared;
 mod signature;
 mod version;
@@ -65,6 +67,8 @@ pub use github::{GithubEnv, GithubRegistry};
 #[cfg(feature = "grpc")]
 pub use grpc::GrpcRegistry;
 pub use object::ObjectRegistry;
+#[cfg(feature = "oci")]
+pub use oci::{OciEnv, OciRegistry};
 pub use shared::{SharedRegistry, SharedScope, SharedStats};
 pub use signature::{KeyError, KeyId, SIGNATURE_SUFFIX, SignatureCheck, SignatureError, TrustedKeys};
 pub use version::{CalVerFormat, Scheme, Selection, Version, choose_latest, parse_semver};
@@ -379,6 +383,9 @@ pub struct OpenOptions {
     pub cloud: CloudOptions,
     /// Bearer token for `grpc://` (`DEWY_GRPC_TOKEN`); never logged.
     pub grpc_token: Option<String>,
+    /// Credentials for `img://`.
+    #[cfg(feature = "oci")]
+    pub oci: OciEnv,
 }
 
 impl Default for OpenOptions {
@@ -391,6 +398,8 @@ impl Default for OpenOptions {
             github: GithubEnv::default(),
             cloud: CloudOptions::default(),
             grpc_token: None,
+            #[cfg(feature = "oci")]
+            oci: OciEnv::default(),
         }
     }
 }
@@ -450,6 +459,8 @@ const SCHEMES: &[(&str, Constructor)] = &[
     ("gs", |url, opts| Ok(Arc::new(ObjectRegistry::from_url(url, opts)?))),
     #[cfg(feature = "grpc")]
     ("grpc", |url, opts| Ok(Arc::new(GrpcRegistry::from_url(url, opts)?))),
+    #[cfg(feature = "oci")]
+    ("img", |url, opts| Ok(Arc::new(OciRegistry::from_url(url, opts)?))),
 ];
 
 /// Opens the registry named by `url`, choosing the backend by scheme.

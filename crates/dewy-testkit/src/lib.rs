@@ -1258,3 +1258,124 @@ impl Default for TestCa {
         Self::new()
     }
 }
+
+/// Debian's `docker-registry` (the CNCF distribution registry) on a free
+/// loopback port, with its storage in a temporary folder, and rootful
+/// podman (with runc) configured to push to it over plain HTTP.
+#[derive(Debug)]
+pub struct ImageRegistry {
+    /// `127.0.0.1:PORT`.
+    pub host: String,
+    /// `CONTAINERS_CONF` and `CONTAINERS_REGISTRIES_CONF` for podman (and
+    /// for dewy's runtime calls).
+    pub podman_env: Vec<(String, PathBuf)>,
+    dir: tempfile::TempDir,
+    _process: ServerProcess,
+}
+
+impl ImageRegistry {
+    /// Starts the registry.
+    pub fn start() -> Self {
+        let bin =
+            which("docker-registry").unwrap_or_else(|| panic!("docker-registry is not installed: {INSTALL_HINT}"));
+        assert!(which("podman").is_some(), "podman is not installed: {INSTALL_HINT}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let host = format!("127.0.0.1:{port}");
+        let config = dir.path().join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("write registry.yml");
+        let containers = dir.path().join("containers.conf");
+        std::fs::write(
+            &containers,
+            "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:4096\", \"nproc=1024:1024\"]\n",
+        )
+        .expect("write containers.conf");
+        let registries = dir.path().join("registries.conf");
+        std::fs::write(
+            &registries,
+            format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+        )
+        .expect("write registries.conf");
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").arg(&config);
+        let mut process = ServerProcess::spawn("docker-registry", cmd, dir.path().join("registry.log"));
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        process.wait_until(Duration::from_secs(20), || http_status(addr, "/v2/").is_some());
+        Self {
+            host,
+            podman_env: vec![
+                ("CONTAINERS_CONF".into(), containers),
+                ("CONTAINERS_REGISTRIES_CONF".into(), registries),
+            ],
+            dir,
+            _process: process,
+        }
+    }
+
+    /// A `podman` command with this registry's configuration.
+    pub fn podman(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        for (k, v) in &self.podman_env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Builds an image offline from busybox (`httpd` serving `index.html`
+    /// with `body` on port 8080, and `/health` answering with `health`
+    /// when given) and pushes it as `REPO:TAG`. Returns its digest.
+    pub fn push_web_image(&self, repo: &str, tag: &str, body: &str, health: Option<&str>) -> String {
+        let root = tempfile::tempdir().expect("tempdir");
+        let busybox = which("busybox").unwrap_or_else(|| panic!("busybox-static is not installed: {INSTALL_HINT}"));
+        std::fs::create_dir_all(root.path().join("bin")).expect("mkdir bin");
+        std::fs::create_dir_all(root.path().join("www")).expect("mkdir www");
+        std::fs::copy(busybox, root.path().join("bin/busybox")).expect("copy busybox");
+        std::fs::write(root.path().join("www/index.html"), body).expect("write index.html");
+        if let Some(h) = health {
+            std::fs::write(root.path().join("www/health"), h).expect("write health");
+        }
+        let tar = self.dir.path().join(format!("{}-{tag}.tar", repo.replace('/', "_")));
+        let out = Command::new("tar")
+            .arg("-C")
+            .arg(root.path())
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .output()
+            .expect("run tar");
+        assert!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+        let reference = format!("{}/{repo}:{tag}", self.host);
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().expect("run podman");
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        run(self
+            .podman()
+            .args(["import", "--change", "EXPOSE 8080", "--change"])
+            .arg(r#"CMD ["/bin/busybox","httpd","-f","-p","8080","-h","/www"]"#)
+            .arg(&tar)
+            .arg(&reference));
+        let digest_file = self.dir.path().join("digest");
+        run(self
+            .podman()
+            .args(["push", "--tls-verify=false", "--digestfile"])
+            .arg(&digest_file)
+            .arg(&reference));
+        std::fs::read_to_string(digest_file)
+            .expect("read the digest")
+            .trim()
+            .to_owned()
+    }
+}

@@ -1,0 +1,540 @@
+//! Container mode: keeps `--replicas` containers of the newest image of an
+//! `img://` registry running behind dewy's own TCP proxy.
+//!
+//! # Contract
+//!
+//! - A new image is rolled out one replica at a time: each new replica must
+//!   answer its health check (`--health-path` on its own published port,
+//!   200–399, within `--health-timeout`; without a path, a TCP connect)
+//!   before it joins the proxy; then the old replicas leave the proxy, are
+//!   drained (open connections counted, at most `--drain-time`) and only
+//!   then stopped and removed. A replica that fails its check is removed,
+//!   the old ones keep serving, and the release is recorded bad.
+//! - Everything runs `HOST/REPO@sha256:…`, so a re-pushed tag is a new
+//!   release.
+//! - At start, running containers dewy labelled for this app are adopted
+//!   into the proxy (a dewy restart neither drops nor restarts them); a
+//!   replica that stopped is replaced at the next check.
+//! - dewy stopping leaves the replicas running (the next dewy adopts them).
+
+#![deny(missing_docs)]
+
+pub mod proxy;
+pub mod runtime;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dewy_cache::{Cache, Key};
+use dewy_notify::Notify;
+use dewy_registry::{Registry, Release};
+
+use crate::proxy::{Backend, Proxy};
+use crate::runtime::{RunSpec, Runtime};
+
+/// Why a container check failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The registry could not answer.
+    #[error("failed to get the current image from the registry")]
+    Registry(#[source] dewy_registry::Error),
+    /// A runtime command failed.
+    #[error("`{command}` failed: {message}")]
+    Command {
+        /// The command.
+        command: String,
+        /// Its status and stderr.
+        message: String,
+    },
+    /// The runtime is missing or answered something unusable.
+    #[error("{0}")]
+    Runtime(String),
+    /// A new replica did not become healthy; it was removed and the old
+    /// replicas keep serving.
+    #[error("replica {replica} of `{tag}` failed its health check ({reason}); the running replicas keep serving")]
+    Unhealthy {
+        /// The release.
+        tag: String,
+        /// The replica's index.
+        replica: usize,
+        /// What the check saw.
+        reason: String,
+    },
+    /// The cache (bad-release records) failed.
+    #[error("cache operation failed")]
+    Cache(#[source] dewy_cache::Error),
+}
+
+/// `--port PROXY[:CONTAINER]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    /// Where dewy listens.
+    pub proxy: u16,
+    /// The container's port; `None`: the image's single EXPOSEd port.
+    pub container: Option<u16>,
+}
+
+impl std::str::FromStr for PortMapping {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("`{p}` is not a port (1-65535)"))
+        };
+        match s.split_once(':') {
+            Some((a, b)) => Ok(Self {
+                proxy: port(a)?,
+                container: Some(port(b)?),
+            }),
+            None => Ok(Self {
+                proxy: port(s)?,
+                container: None,
+            }),
+        }
+    }
+}
+
+/// What container mode needs to know.
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    /// The app name (`dewy.app` label, container names).
+    pub app: String,
+    /// Replicas to keep running.
+    pub replicas: usize,
+    /// The proxy ports.
+    pub ports: Vec<PortMapping>,
+    /// Where the proxies listen (`0.0.0.0` as Dewy, or an address).
+    pub listen: std::net::IpAddr,
+    /// The health path checked on each new replica.
+    pub health_path: Option<String>,
+    /// How long a new replica gets to become healthy.
+    pub health_timeout: Duration,
+    /// How long a retiring replica's connections may take to finish.
+    pub drain_time: Duration,
+    /// SIGTERM to SIGKILL when stopping a replica.
+    pub stop_timeout: Duration,
+    /// Extra `run` arguments.
+    pub extra_args: Vec<String>,
+    /// Arguments after the image.
+    pub cmd: Vec<String>,
+}
+
+/// A replica in rotation.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// The container id.
+    pub id: String,
+    /// The image digest.
+    pub digest: String,
+    /// The release's tag.
+    pub version: String,
+}
+
+/// What a check did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The newest image runs on every replica.
+    Current,
+    /// The newest image was rolled out.
+    Deployed {
+        /// Its tag.
+        tag: String,
+    },
+    /// The newest image is recorded bad.
+    KnownBad {
+        /// Its tag.
+        tag: String,
+    },
+    /// Stopped replicas were replaced.
+    Healed {
+        /// How many.
+        replaced: usize,
+    },
+}
+
+/// The container-mode loop.
+pub struct ContainerDeployer {
+    registry: Arc<dyn Registry>,
+    runtime: Runtime,
+    cache: Arc<dyn Cache>,
+    notify: Notify,
+    config: ContainerConfig,
+    proxies: Vec<(PortMapping, Arc<Proxy>)>,
+    replicas: Mutex<Vec<Replica>>,
+    /// The container port of each mapping, once known.
+    container_ports: Mutex<Vec<u16>>,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for ContainerDeployer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerDeployer")
+            .field("config", &self.config)
+            .field("replicas", &self.replicas())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The bad-release record key of an image release.
+fn bad_key(release: &Release) -> Result<Key, Error> {
+    let digest = release.id.trim_start_matches("sha256:");
+    let artifact = format!("{}@sha256-{}", release.artifact_name, &digest[..digest.len().min(16)]);
+    let key = Key::artifact(&release.tag, &artifact).map_err(Error::Cache)?;
+    Ok(Key::bad(&key))
+}
+
+impl ContainerDeployer {
+    /// Starts the proxies (one per mapping) and adopts the running
+    /// replicas of `config.app`.
+    pub async fn start(
+        registry: Arc<dyn Registry>,
+        runtime: Runtime,
+        cache: Arc<dyn Cache>,
+        notify: Notify,
+        config: ContainerConfig,
+    ) -> Result<Arc<Self>, Error> {
+        let mut proxies = Vec::new();
+        for m in &config.ports {
+            let addr = SocketAddr::new(config.listen, m.proxy);
+            let proxy = Proxy::start(addr)
+                .await
+                .map_err(|e| Error::Runtime(format!("cannot listen on {addr} for the proxy: {e}")))?;
+            tracing::info!(proxy_port = m.proxy, "TCP proxy started");
+            proxies.push((*m, proxy));
+        }
+        let this = Arc::new(Self {
+            registry,
+            runtime,
+            cache,
+            notify,
+            container_ports: Mutex::new(Vec::new()),
+            config,
+            proxies,
+            replicas: Mutex::new(Vec::new()),
+            lock: tokio::sync::Mutex::new(()),
+        });
+        this.adopt().await?;
+        Ok(this)
+    }
+
+    /// The proxies, for status and metrics.
+    pub fn proxies(&self) -> Vec<Arc<Proxy>> {
+        self.proxies.iter().map(|(_, p)| p.clone()).collect()
+    }
+
+    /// The replicas in rotation.
+    pub fn replicas(&self) -> Vec<Replica> {
+        self.replicas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_replicas(&self, list: Vec<Replica>) {
+        *self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
+    }
+
+    /// Running containers labelled for this app join the proxy (the newest
+    /// digest among them is what runs).
+    async fn adopt(&self) -> Result<(), Error> {
+        let running: Vec<_> = self
+            .runtime
+            .managed(&self.config.app)
+            .await?
+            .into_iter()
+            .filter(|c| c.running && !c.digest.is_empty())
+            .collect();
+        if running.is_empty() {
+            return Ok(());
+        }
+        let ports = self.ports_for(&format!("adopted {}", running[0].id), None).await;
+        let Ok(ports) = ports else { return Ok(()) };
+        let mut adopted = Vec::new();
+        for c in running {
+            if self.join(&c.id, &ports).await.is_ok() {
+                adopted.push(Replica {
+                    id: c.id,
+                    digest: c.digest,
+                    version: c.version,
+                });
+            }
+        }
+        tracing::info!(count = adopted.len(), "Adopted running replicas");
+        self.set_replicas(adopted);
+        Ok(())
+    }
+
+    /// The container port of each mapping: given, or the image's single
+    /// EXPOSEd port. Learned once (from `image` or the adopted ones).
+    async fn ports_for(&self, what: &str, image: Option<&str>) -> Result<Vec<u16>, Error> {
+        let known = self
+            .container_ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if !known.is_empty() {
+            return Ok(known);
+        }
+        let needs_expose = self.config.ports.iter().any(|m| m.container.is_none());
+        let exposed = match (needs_expose, image) {
+            (true, Some(image)) => self.runtime.exposed_ports(image).await?,
+            (true, None) => return Err(Error::Runtime(format!("{what}: container ports unknown"))),
+            (false, _) => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for m in &self.config.ports {
+            out.push(match m.container {
+                Some(p) => p,
+                None => match exposed.as_slice() {
+                    [one] => *one,
+                    [] => {
+                        return Err(Error::Runtime(
+                            "the image EXPOSEs no TCP port; give it as --port PROXY:CONTAINER".into(),
+                        ));
+                    }
+                    many => {
+                        return Err(Error::Runtime(format!(
+                            "the image EXPOSEs several ports {many:?}; choose one with --port PROXY:CONTAINER"
+                        )));
+                    }
+                },
+            });
+        }
+        *self
+            .container_ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = out.clone();
+        Ok(out)
+    }
+
+    /// Adds container `id`'s published ports to the proxies.
+    async fn join(&self, id: &str, container_ports: &[u16]) -> Result<(), Error> {
+        let mut backends = Vec::new();
+        for ((_, proxy), port) in self.proxies.iter().zip(container_ports) {
+            let host = self.runtime.host_port(id, *port).await?;
+            backends.push((proxy.clone(), Backend::new(id, ([127, 0, 0, 1], host).into())));
+        }
+        for (proxy, backend) in backends {
+            proxy.add(backend);
+        }
+        Ok(())
+    }
+
+    /// Takes `id` out of the proxies, drains it, stops and removes it.
+    async fn retire(&self, id: &str) {
+        let backends: Vec<Arc<Backend>> = self.proxies.iter().flat_map(|(_, p)| p.remove(id)).collect();
+        let left = proxy::drain(&backends, self.config.drain_time).await;
+        if left > 0 {
+            tracing::warn!(container = id, open = left, drain_time = ?self.config.drain_time, "Connections still open after the drain time; stopping the replica");
+        }
+        if let Err(err) = self.runtime.stop_and_remove(id, self.config.stop_timeout).await {
+            tracing::warn!(container = id, error = %err, "Could not remove a retired replica");
+        }
+    }
+
+    /// Starts replica `index` of `release`, waits for its health check,
+    /// and puts it into the proxies. On failure it is removed.
+    async fn start_replica(&self, release: &Release, index: usize) -> Result<Replica, Error> {
+        let ports = self.ports_for(&release.tag, Some(&release.artifact_url)).await?;
+        let spec = RunSpec {
+            image: release.artifact_url.clone(),
+            name: format!(
+                "{}-{}-{index}",
+                self.config.app,
+                jiff::Timestamp::now().as_millisecond()
+            ),
+            labels: vec![
+                ("dewy.managed".into(), "true".into()),
+                ("dewy.app".into(), self.config.app.clone()),
+                ("dewy.digest".into(), release.id.clone()),
+                ("dewy.version".into(), release.tag.clone()),
+                ("dewy.replica".into(), index.to_string()),
+                ("dewy.deployed_at".into(), jiff::Timestamp::now().to_string()),
+            ],
+            ports: ports.clone(),
+            extra_args: self.config.extra_args.clone(),
+            cmd: self.config.cmd.clone(),
+        };
+        let id = self.runtime.run(&spec).await?;
+        let first = match self.runtime.host_port(&id, ports[0]).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.runtime.stop_and_remove(&id, Duration::from_secs(1)).await;
+                return Err(e);
+            }
+        };
+        if let Err(reason) = self.health(first).await {
+            let _ = self.runtime.stop_and_remove(&id, Duration::from_secs(1)).await;
+            return Err(Error::Unhealthy {
+                tag: release.tag.clone(),
+                replica: index,
+                reason,
+            });
+        }
+        if let Err(e) = self.join(&id, &ports).await {
+            for (_, p) in &self.proxies {
+                p.remove(&id);
+            }
+            let _ = self.runtime.stop_and_remove(&id, Duration::from_secs(1)).await;
+            return Err(e);
+        }
+        tracing::info!(container = %id, version = %release.tag, replica = index, port = first, "Replica started and added to the proxy");
+        Ok(Replica {
+            id,
+            digest: release.id.clone(),
+            version: release.tag.clone(),
+        })
+    }
+
+    /// `GET --health-path` on the replica's port answers 200–399 (or, with
+    /// no path, a TCP connect works) within the health timeout.
+    async fn health(&self, port: u16) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + self.config.health_timeout;
+        loop {
+            let last = match self.probe(port).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("{last} within {:?}", self.config.health_timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    async fn probe(&self, port: u16) -> Result<(), String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let Some(path) = &self.config.health_path else {
+            return Ok(());
+        };
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut head = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head))
+            .await
+            .map_err(|_| "no answer".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let line = String::from_utf8_lossy(&head[..n]);
+        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if (200..400).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("GET {path} answered {status}"))
+        }
+    }
+
+    /// One check: the newest image, rolled out when new; stopped replicas
+    /// replaced.
+    pub async fn tick(&self) -> Result<Outcome, Error> {
+        let _guard = self.lock.lock().await;
+        let release = self.registry.latest().await.map_err(Error::Registry)?;
+        tracing::debug!(tag = %release.tag, digest = %release.id, "Found latest image");
+        let running = self.replicas();
+        if !running.is_empty() && running.iter().all(|r| r.digest == release.id) {
+            return self.heal(&release).await;
+        }
+        let bad = bad_key(&release)?;
+        if self.cache.read(&bad).await.ok().flatten().is_some() {
+            tracing::debug!(tag = %release.tag, "Deploy skipped: this image is recorded as bad");
+            return Ok(Outcome::KnownBad { tag: release.tag });
+        }
+        self.roll_out(&release).await
+    }
+
+    async fn roll_out(&self, release: &Release) -> Result<Outcome, Error> {
+        tracing::info!(tag = %release.tag, image = %release.artifact_url, "Pulling image");
+        self.runtime.pull(&release.artifact_url).await?;
+        self.notify.send(format!("Pulled image for `{}`", release.tag));
+        let old = self.replicas();
+        let mut new = Vec::new();
+        for i in 0..self.config.replicas.max(1) {
+            match self.start_replica(release, i).await {
+                Ok(r) => new.push(r),
+                Err(err) => {
+                    for r in &new {
+                        self.retire(&r.id).await;
+                    }
+                    if matches!(err, Error::Unhealthy { .. }) {
+                        let reason = err.to_string();
+                        if let Ok(key) = bad_key(release)
+                            && let Err(e) = self.cache.write(&key, reason.as_bytes()).await
+                        {
+                            tracing::warn!(error = %e, "Could not record the bad image");
+                        }
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        self.set_replicas(new.clone());
+        for r in &old {
+            self.retire(&r.id).await;
+        }
+        tracing::info!(tag = %release.tag, replicas = new.len(), "Container deployed");
+        self.notify.send_important(format!(
+            "Container deployed successfully: `{}/{}` replicas of `{}`",
+            new.len(),
+            self.config.replicas.max(1),
+            release.tag
+        ));
+        Ok(Outcome::Deployed {
+            tag: release.tag.clone(),
+        })
+    }
+
+    /// Replaces replicas that stopped (crashed, or killed by hand) and
+    /// puts backends that failed a connection back once they answer.
+    async fn heal(&self, release: &Release) -> Result<Outcome, Error> {
+        let states = self.runtime.managed(&self.config.app).await?;
+        let mut kept = Vec::new();
+        let mut replaced = 0;
+        let replicas = self.replicas();
+        for (i, r) in replicas.iter().enumerate() {
+            let alive = states.iter().any(|c| c.id == r.id && c.running);
+            if alive {
+                for (_, p) in &self.proxies {
+                    for b in p.backends().iter().filter(|b| b.container == r.id && b.failed()) {
+                        if self.probe(b.addr.port()).await.is_ok() {
+                            p.remove(&r.id);
+                            p.add(Backend::new(&r.id, b.addr));
+                        }
+                    }
+                }
+                kept.push(r.clone());
+                continue;
+            }
+            tracing::warn!(container = %r.id, version = %r.version, "A replica stopped; replacing it");
+            for (_, p) in &self.proxies {
+                p.remove(&r.id);
+            }
+            let _ = self.runtime.stop_and_remove(&r.id, Duration::from_secs(1)).await;
+            let fresh = self.start_replica(release, i).await?;
+            self.notify
+                .send_error(format!("Replica of `{}` stopped and was replaced", r.version));
+            kept.push(fresh);
+            replaced += 1;
+        }
+        // Fewer replicas than asked (a smaller adoption): start the rest.
+        for i in kept.len()..self.config.replicas.max(1) {
+            kept.push(self.start_replica(release, i).await?);
+            replaced += 1;
+        }
+        self.set_replicas(kept);
+        Ok(if replaced == 0 {
+            Outcome::Current
+        } else {
+            Outcome::Healed { replaced }
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! dewy's TCP proxy: one listener per `--port`, round-robin over the
+//! healthy replicas, with open connections counted per replica so that a
+//! retiring replica is drained before it is stopped.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// One replica's published port behind a proxy port.
+#[derive(Debug)]
+pub struct Backend {
+    /// The container id.
+    pub container: String,
+    /// `127.0.0.1:<host port>`.
+    pub addr: SocketAddr,
+    open: AtomicUsize,
+    failed: AtomicBool,
+}
+
+impl Backend {
+    /// A backend for `container` at `addr`.
+    pub fn new(container: &str, addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            container: container.to_owned(),
+            addr,
+            open: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Connections open through it now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Whether a connection to it failed (it gets no new connections).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+}
+
+struct OpenGuard(Arc<Backend>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A listening proxy port.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The address it listens on.
+    pub listen: SocketAddr,
+    backends: RwLock<Vec<Arc<Backend>>>,
+    next: AtomicUsize,
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections refused because no replica could take them.
+    pub refused: AtomicU64,
+}
+
+impl Proxy {
+    /// Listens on `addr` and serves until the process ends.
+    pub async fn start(addr: SocketAddr) -> std::io::Result<Arc<Self>> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let proxy = Arc::new(Self {
+            listen: listener.local_addr()?,
+            backends: RwLock::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        let serving = proxy.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                serving.accepted.fetch_add(1, Ordering::Relaxed);
+                let proxy = serving.clone();
+                tokio::spawn(async move { proxy.forward(client).await });
+            }
+        });
+        Ok(proxy)
+    }
+
+    /// Adds a replica to the rotation.
+    pub fn add(&self, backend: Arc<Backend>) {
+        self.backends
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(backend);
+    }
+
+    /// Takes `container`'s backends out of the rotation and returns them
+    /// (to drain).
+    pub fn remove(&self, container: &str) -> Vec<Arc<Backend>> {
+        let mut list = self.backends.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (gone, kept): (Vec<_>, Vec<_>) = list.drain(..).partition(|b| b.container == container);
+        *list = kept;
+        gone
+    }
+
+    /// The backends in rotation.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.backends
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The next healthy backend, round-robin; `skip` those already tried.
+    fn pick(&self, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
+        let list = self.backends.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let healthy: Vec<&Arc<Backend>> = list
+            .iter()
+            .filter(|b| !b.failed() && !tried.contains(&b.addr))
+            .collect();
+        if healthy.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % healthy.len();
+        Some(healthy[i].clone())
+    }
+
+    async fn forward(&self, mut client: tokio::net::TcpStream) {
+        let mut tried = Vec::new();
+        loop {
+            let Some(backend) = self.pick(&tried) else {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(proxy = %self.listen, "No backend available");
+                return;
+            };
+            tried.push(backend.addr);
+            let connect =
+                tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(backend.addr)).await;
+            match connect {
+                Ok(Ok(mut upstream)) => {
+                    backend.open.fetch_add(1, Ordering::SeqCst);
+                    let _guard = OpenGuard(backend);
+                    let _ = client.set_nodelay(true);
+                    let _ = upstream.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    return;
+                }
+                _ => {
+                    // Taken out until the next health pass puts it back.
+                    backend.failed.store(true, Ordering::SeqCst);
+                    tracing::warn!(proxy = %self.listen, backend = %backend.addr, container = %backend.container, "Failed to connect to backend; taken out of rotation");
+                }
+            }
+        }
+    }
+}
+
+/// Waits until no connection is open through `backends`, at most `limit`.
+/// Returns the connections still open when it gave up.
+pub async fn drain(backends: &[Arc<Backend>], limit: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let open: usize = backends.iter().map(|b| b.open_connections()).sum();
+        if open == 0 || tokio::time::Instant::now() >= deadline {
+            return open;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
