@@ -101,6 +101,11 @@ pub struct ContainerArgs {
     #[arg(long = "drain-time", value_name = "DURATION", default_value = "30s")]
     pub drain_time: String,
 
+    /// How long a replica gets to exit after SIGTERM before SIGKILL.
+    /// Default 10s.
+    #[arg(long = "stop-timeout", value_name = "DURATION", default_value = "10s")]
+    pub stop_timeout: String,
+
     /// An argument after the image in `run` (the container's command).
     /// Repeatable.
     #[arg(long = "cmd", value_name = "ARG", allow_hyphen_values = true)]

@@ -99,7 +99,7 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
             health_path: args.health_path.clone().filter(|p| !p.is_empty()),
             health_timeout: duration("--health-timeout", &args.health_timeout)?,
             drain_time: duration("--drain-time", &args.drain_time)?,
-            stop_timeout: Duration::from_secs(10),
+            stop_timeout: duration("--stop-timeout", &args.stop_timeout)?,
             extra_args: args.extra.clone(),
             cmd: args.cmd.clone(),
         },

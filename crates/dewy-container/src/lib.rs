@@ -238,8 +238,9 @@ impl ContainerDeployer {
         *self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
     }
 
-    /// Running containers labelled for this app join the proxy (the newest
-    /// digest among them is what runs).
+    /// Running containers labelled for this app join the proxy: those of
+    /// the most recently deployed image. Others (a rollout dewy was killed
+    /// in the middle of) are stopped and removed.
     async fn adopt(&self) -> Result<(), Error> {
         let running: Vec<_> = self
             .runtime
@@ -248,22 +249,34 @@ impl ContainerDeployer {
             .into_iter()
             .filter(|c| c.running && !c.digest.is_empty())
             .collect();
-        if running.is_empty() {
+        let Some(newest) = running.iter().max_by(|a, b| a.deployed_at.cmp(&b.deployed_at)) else {
             return Ok(());
-        }
-        let ports = self.ports_for(&format!("adopted {}", running[0].id), None).await;
-        let Ok(ports) = ports else { return Ok(()) };
+        };
+        let digest = newest.digest.clone();
+        let ports = match self.ports_for("the adopted replicas", Some(&newest.image)).await {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::warn!(error = %err, "Cannot adopt the running replicas; deploying anew");
+                return Ok(());
+            }
+        };
         let mut adopted = Vec::new();
         for c in running {
-            if self.join(&c.id, &ports).await.is_ok() {
-                adopted.push(Replica {
+            if c.digest != digest {
+                tracing::info!(container = %c.id, version = %c.version, "Removing a replica of an older image left by a previous dewy");
+                let _ = self.runtime.stop_and_remove(&c.id, self.config.stop_timeout).await;
+                continue;
+            }
+            match self.join(&c.id, &ports).await {
+                Ok(()) => adopted.push(Replica {
                     id: c.id,
                     digest: c.digest,
                     version: c.version,
-                });
+                }),
+                Err(err) => tracing::warn!(container = %c.id, error = %err, "Cannot adopt a replica"),
             }
         }
-        tracing::info!(count = adopted.len(), "Adopted running replicas");
+        tracing::info!(count = adopted.len(), version = %adopted.first().map(|r| r.version.as_str()).unwrap_or(""), "Adopted running replicas");
         self.set_replicas(adopted);
         Ok(())
     }

@@ -24,6 +24,10 @@ pub struct Container {
     pub digest: String,
     /// Its `dewy.version` label.
     pub version: String,
+    /// Its `dewy.deployed_at` label.
+    pub deployed_at: String,
+    /// The image id it runs.
+    pub image: String,
 }
 
 /// What to run.
@@ -188,19 +192,22 @@ impl Runtime {
                 .run_cmd(&Self::args(&[
                     "inspect",
                     "--format",
-                    r#"{{.State.Running}}|{{index .Config.Labels "dewy.digest"}}|{{index .Config.Labels "dewy.version"}}"#,
+                    r#"{{.State.Running}}|{{index .Config.Labels "dewy.digest"}}|{{index .Config.Labels "dewy.version"}}|{{index .Config.Labels "dewy.deployed_at"}}|{{.Image}}"#,
                     id,
                 ]))
                 .await
             else {
                 continue; // removed meanwhile
             };
-            let mut parts = line.splitn(3, '|');
+            let mut parts = line.splitn(5, '|');
+            let mut next = || parts.next().unwrap_or_default().to_owned();
             out.push(Container {
                 id: id.to_owned(),
-                running: parts.next() == Some("true"),
-                digest: parts.next().unwrap_or_default().to_owned(),
-                version: parts.next().unwrap_or_default().to_owned(),
+                running: next() == "true",
+                digest: next(),
+                version: next(),
+                deployed_at: next(),
+                image: next(),
             });
         }
         Ok(out)

@@ -1,0 +1,155 @@
+//! `dewy container` with rootful podman (runc) and Debian's docker-registry:
+//! rolling updates under load, a failing image that never gets traffic, a
+//! re-pushed tag, adoption after SIGKILL, and a replica killed by hand.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+use dewy_testkit::{ImageRegistry, Load};
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes the app's containers at the end, whatever happened.
+struct Cleanup<'a>(&'a ImageRegistry, String);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let ids = replicas(self.0, &self.1);
+        if !ids.is_empty() {
+            let _ = self.0.podman().args(["rm", "-f"]).args(&ids).output();
+        }
+    }
+}
+
+/// The app's running containers.
+fn replicas(registry: &ImageRegistry, app: &str) -> Vec<String> {
+    let out = registry
+        .podman()
+        .args(["ps", "-q", "--no-trunc", "--filter", "label=dewy.managed=true"])
+        .arg("--filter")
+        .arg(format!("label=dewy.app={app}"))
+        .output()
+        .unwrap();
+    let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn dewy(registry: &ImageRegistry, app: &str, proxy: u16, log: &std::path::Path, workdir: &std::path::Path) -> Child {
+    let mut cmd = Command::cargo_bin("dewy").unwrap();
+    for (k, v) in &registry.podman_env {
+        cmd.env(k, v);
+    }
+    cmd.args(["container", "--registry", &format!("img://{}/acme/web", registry.host)])
+        .args(["--runtime", "podman", "-p", &proxy.to_string(), "--replicas", "2"])
+        .args([
+            "--health-path",
+            "/health",
+            "--health-timeout",
+            "15s",
+            "--drain-time",
+            "5s",
+        ])
+        .args(["--stop-timeout", "1s", "-i", "1", "--listen", "127.0.0.1", "-n", app])
+        .arg("-w")
+        .arg(workdir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn rolling_updates_adoption_and_healing_with_podman() {
+    let registry = ImageRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let app = format!("web{}", std::process::id());
+    let _cleanup = Cleanup(&registry, app.clone());
+    let proxy = dewy_testkit::free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy).into();
+    let log = dir.path().join("dewy.log");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let body = |v: &str| format!("version={v} \n");
+    registry.push_web_image("acme/web", "v1.0.0", &body("v1.0.0"), Some("ok"));
+    let mut child = dewy(&registry, &app, proxy, &log, dir.path());
+    let serving = |v: &str| {
+        dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with(&format!("version={v}")))
+    };
+    wait_for("v1 behind the proxy", Duration::from_secs(60), || serving("v1.0.0"));
+    wait_for("two v1 replicas", Duration::from_secs(30), || {
+        text().contains("Container deployed") && replicas(&registry, &app).len() == 2
+    });
+
+    // v1 -> v2 under load: no request fails.
+    let load = Load::start(addr);
+    registry.push_web_image("acme/web", "v2.0.0", &body("v2.0.0"), Some("ok"));
+    wait_for("v2", Duration::from_secs(60), || load.version() == "v2.0.0");
+    wait_for("the v1 replicas retired", Duration::from_secs(30), || {
+        replicas(&registry, &app).len() == 2 && text().matches("Container deployed").count() == 2
+    });
+
+    // A v3 whose health path is missing never gets traffic.
+    registry.push_web_image("acme/web", "v3.0.0", &body("v3.0.0"), None);
+    wait_for("v3 refused", Duration::from_secs(60), || {
+        text().contains("failed its health check")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(load.version(), "v2.0.0");
+    assert_eq!(replicas(&registry, &app).len(), 2, "the failed replica is removed");
+    // Recorded bad: not tried again every second.
+    let tries = text().matches("failed its health check").count();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(text().matches("failed its health check").count(), tries, "{}", text());
+
+    // v3 pushed again, fixed: a new digest, so a new release.
+    registry.push_web_image("acme/web", "v3.0.0", &body("v3.0.0"), Some("ok"));
+    wait_for("the fixed v3", Duration::from_secs(60), || load.version() == "v3.0.0");
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{errors:?} of {ok}: {}", text());
+    assert!(ok > 50);
+
+    // dewy killed: the next one adopts the replicas and serves at once.
+    wait_for("the v2 replicas retired", Duration::from_secs(30), || {
+        replicas(&registry, &app).len() == 2
+    });
+    let before = replicas(&registry, &app);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(replicas(&registry, &app), before, "the replicas outlive dewy");
+    let started = Instant::now();
+    let mut child = dewy(&registry, &app, proxy, &log, dir.path());
+    wait_for("serving again", Duration::from_secs(10), || serving("v3.0.0"));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(replicas(&registry, &app), before, "adopted, none replaced: {}", text());
+
+    // A replica killed by hand is replaced.
+    let victim = before[0].clone();
+    registry.podman().args(["rm", "-f", &victim]).output().unwrap();
+    wait_for("the replacement", Duration::from_secs(60), || {
+        let now = replicas(&registry, &app);
+        now.len() == 2 && !now.contains(&victim)
+    });
+    assert!(serving("v3.0.0"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
