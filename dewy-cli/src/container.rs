@@ -170,7 +170,8 @@ async fn run(s: Settings) -> Result<()> {
     };
     let registry = dewy_registry::open(&s.registry, &options).context("cannot open the registry")?;
     let runtime = dewy_container::runtime::Runtime::new(&s.runtime, Vec::new())?;
-    let cache_dir = s.workdir.join(".dewy/cache");
+    // Where `dewy clear-bad -w DIR` finds the records too.
+    let cache_dir = crate::run::local_cache_dir("", &s.workdir);
     let cache: Arc<dyn dewy_cache::Cache> = Arc::new(
         dewy_cache::FileCache::open(&cache_dir)
             .with_context(|| format!("cannot open the cache {}", cache_dir.display()))?,

