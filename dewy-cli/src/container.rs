@@ -188,21 +188,31 @@ async fn run(s: Settings) -> Result<()> {
     ));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut failing = false;
+    // One ERROR line per failure; the same failure again at DEBUG, and at
+    // ERROR every 10 minutes.
+    let mut failing: Option<(String, std::time::Instant, u64)> = None;
     loop {
         match deployer.tick().await {
             Ok(outcome) => {
-                if failing {
-                    tracing::info!("Dewy run recovered");
-                    failing = false;
+                if let Some((_, _, count)) = failing.take() {
+                    tracing::info!(failed_ticks = count, "Dewy run recovered");
                 }
                 tracing::debug!(?outcome, "Check done");
             }
             Err(err) => {
                 let text = chain(&err);
-                tracing::error!(error = %text, "Dewy run failure");
+                match &mut failing {
+                    Some((last, since, count)) if *last == text && since.elapsed() < Duration::from_secs(600) => {
+                        *count += 1;
+                        tracing::debug!(error = %text, count = *count, "Dewy run failure");
+                    }
+                    _ => {
+                        let count = failing.as_ref().map_or(1, |(_, _, c)| c + 1);
+                        tracing::error!(error = %text, count, "Dewy run failure");
+                        failing = Some((text.clone(), std::time::Instant::now(), count));
+                    }
+                }
                 notify.send_error(text);
-                failing = true;
             }
         }
         tokio::select! {

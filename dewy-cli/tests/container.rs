@@ -17,13 +17,30 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// Removes the app's containers at the end, whatever happened.
-struct Cleanup<'a>(&'a ImageRegistry, String);
+struct Cleanup(Vec<(String, std::path::PathBuf)>, String);
 
-impl Drop for Cleanup<'_> {
+impl Cleanup {
+    fn new(registry: &ImageRegistry, app: &str) -> Self {
+        Self(registry.podman_env.clone(), app.to_owned())
+    }
+}
+
+impl Drop for Cleanup {
     fn drop(&mut self) {
-        let ids = replicas(self.0, &self.1);
+        let mut cmd = Command::new("podman");
+        cmd.envs(self.0.iter().map(|(k, v)| (k, v)));
+        let out = cmd
+            .args(["ps", "-aq", "--filter", "label=dewy.managed=true"])
+            .arg("--filter")
+            .arg(format!("label=dewy.app={}", self.1))
+            .output();
+        let ids: Vec<String> = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect())
+            .unwrap_or_default();
         if !ids.is_empty() {
-            let _ = self.0.podman().args(["rm", "-f"]).args(&ids).output();
+            let mut rm = Command::new("podman");
+            rm.envs(self.0.iter().map(|(k, v)| (k, v)));
+            let _ = rm.args(["rm", "-f"]).args(&ids).output();
         }
     }
 }
@@ -46,11 +63,24 @@ fn replicas(registry: &ImageRegistry, app: &str) -> Vec<String> {
 }
 
 fn dewy(registry: &ImageRegistry, app: &str, proxy: u16, log: &std::path::Path, workdir: &std::path::Path) -> Child {
+    dewy_via(registry, &registry.host, app, proxy, log, workdir)
+}
+
+/// `dewy container` polling the registry at `host` (the registry, or a
+/// proxy in front of it).
+fn dewy_via(
+    registry: &ImageRegistry,
+    host: &str,
+    app: &str,
+    proxy: u16,
+    log: &std::path::Path,
+    workdir: &std::path::Path,
+) -> Child {
     let mut cmd = Command::cargo_bin("dewy").unwrap();
     for (k, v) in &registry.podman_env {
         cmd.env(k, v);
     }
-    cmd.args(["container", "--registry", &format!("img://{}/acme/web", registry.host)])
+    cmd.args(["container", "--registry", &format!("img://{host}/acme/web")])
         .args(["--runtime", "podman", "-p", &proxy.to_string(), "--replicas", "2"])
         .args([
             "--health-path",
@@ -74,7 +104,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     let registry = ImageRegistry::start();
     let dir = tempfile::tempdir().unwrap();
     let app = format!("web{}", std::process::id());
-    let _cleanup = Cleanup(&registry, app.clone());
+    let _cleanup = Cleanup::new(&registry, &app);
     let proxy = dewy_testkit::free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy).into();
     let log = dir.path().join("dewy.log");
@@ -152,4 +182,58 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     )
     .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// Registry faults (refused credentials, server errors, the registry down)
+/// never touch the replicas: the current version keeps serving.
+#[test]
+fn registry_faults_keep_the_current_version_serving() {
+    let mut registry = ImageRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let app = format!("faults{}", std::process::id());
+    let _cleanup = Cleanup::new(&registry, &app);
+    let proxy = dewy_testkit::free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy).into();
+    let log = dir.path().join("dewy.log");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    registry.push_web_image("acme/web", "v1.0.0", "version=v1.0.0 \n", Some("ok"));
+    let serving = || dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with("version=v1.0.0"));
+    let mut first = dewy(&registry, &app, proxy, &log, dir.path());
+    wait_for("v1", Duration::from_secs(60), || {
+        serving() && text().contains("Container deployed") && replicas(&registry, &app).len() == 2
+    });
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let before = replicas(&registry, &app);
+
+    // The next dewy polls through a proxy that answers 401, then 500s.
+    let flaky =
+        dewy_testkit::FlakyProxy::start(&format!("http://{}", registry.host), vec![401, 401, 500, 503, 500, 500]);
+    let via = flaky.endpoint.trim_start_matches("http://").to_owned();
+    registry.allow_insecure(&via);
+    let mut second = dewy_via(&registry, &via, &app, proxy, &log, dir.path());
+    wait_for("the proxy port", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    let load = Load::start(addr);
+    wait_for("the faults", Duration::from_secs(30), || flaky.connections() >= 6);
+    wait_for("the registry answering again", Duration::from_secs(30), || {
+        text().contains("Dewy run recovered")
+    });
+    assert!(text().contains("answered HTTP 401"), "{}", text());
+    // Then the registry goes away altogether.
+    registry.stop();
+    wait_for("the outage noticed", Duration::from_secs(30), || {
+        text().contains("OCI registry request for")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, failed, errors) = load.finish();
+    assert!(ok > 0 && failed == 0, "{errors:?}: {}", text());
+    assert_eq!(replicas(&registry, &app), before, "no replica was touched: {}", text());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(second.wait().unwrap().code(), Some(0));
 }

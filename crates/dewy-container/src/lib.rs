@@ -197,14 +197,17 @@ impl ContainerDeployer {
         notify: Notify,
         config: ContainerConfig,
     ) -> Result<Arc<Self>, Error> {
+        // The ports are held first; connections wait in the backlog while
+        // the running replicas are adopted, then flow.
         let mut proxies = Vec::new();
+        let mut listeners = Vec::new();
         for m in &config.ports {
             let addr = SocketAddr::new(config.listen, m.proxy);
-            let proxy = Proxy::start(addr)
+            let (proxy, listener) = Proxy::bind(addr)
                 .await
                 .map_err(|e| Error::Runtime(format!("cannot listen on {addr} for the proxy: {e}")))?;
-            tracing::info!(proxy_port = m.proxy, "TCP proxy started");
             proxies.push((*m, proxy));
+            listeners.push(listener);
         }
         let this = Arc::new(Self {
             registry,
@@ -217,7 +220,12 @@ impl ContainerDeployer {
             replicas: Mutex::new(Vec::new()),
             lock: tokio::sync::Mutex::new(()),
         });
-        this.adopt().await?;
+        let adopted = this.adopt().await;
+        for ((m, proxy), listener) in this.proxies.iter().zip(listeners) {
+            proxy.serve(listener);
+            tracing::info!(proxy_port = m.proxy, "TCP proxy started");
+        }
+        adopted?;
         Ok(this)
     }
 

@@ -62,8 +62,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Listens on `addr` and serves until the process ends.
-    pub async fn start(addr: SocketAddr) -> std::io::Result<Arc<Self>> {
+    /// Binds `addr`; connections wait in the backlog until [`Proxy::serve`].
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<(Arc<Self>, tokio::net::TcpListener)> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let proxy = Arc::new(Self {
             listen: listener.local_addr()?,
@@ -72,7 +72,12 @@ impl Proxy {
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         });
-        let serving = proxy.clone();
+        Ok((proxy, listener))
+    }
+
+    /// Accepts and forwards connections until the process ends.
+    pub fn serve(self: &Arc<Self>, listener: tokio::net::TcpListener) {
+        let serving = self.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -84,6 +89,12 @@ impl Proxy {
                 tokio::spawn(async move { proxy.forward(client).await });
             }
         });
+    }
+
+    /// Binds `addr` and serves.
+    pub async fn start(addr: SocketAddr) -> std::io::Result<Arc<Self>> {
+        let (proxy, listener) = Self::bind(addr).await?;
+        proxy.serve(listener);
         Ok(proxy)
     }
 
@@ -128,6 +139,12 @@ impl Proxy {
 
     async fn forward(&self, mut client: tokio::net::TcpStream) {
         let mut tried = Vec::new();
+        // No replica yet (the first rollout is starting one): wait a little
+        // rather than drop the connection.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.pick(&tried).is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         loop {
             let Some(backend) = self.pick(&tried) else {
                 self.refused.fetch_add(1, Ordering::Relaxed);

@@ -266,8 +266,12 @@ impl OciRegistry {
                 .and_then(|v| v.to_str().ok())
                 .and_then(next_link);
             if status != 200 {
+                let reason = resp.status().canonical_reason().unwrap_or("error").to_owned();
                 let body = resp.text().await.unwrap_or_default();
-                return Err(self.api_error(status, registry_message(&body)));
+                let message = Some(registry_message(&body))
+                    .filter(|m| !m.trim().is_empty())
+                    .unwrap_or(reason);
+                return Err(self.api_error(status, message));
             }
             #[derive(serde::Deserialize)]
             struct TagList {

@@ -1319,6 +1319,26 @@ impl ImageRegistry {
         }
     }
 
+    /// Stops the registry (it answers nothing afterwards).
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self._process.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let addr: SocketAddr = self.host.parse().expect("host is an address");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Lets podman pull from `host` (another name for this registry, such
+    /// as a proxy in front of it) over plain HTTP.
+    pub fn allow_insecure(&self, host: &str) {
+        let conf = &self.podman_env[1].1;
+        let mut text = std::fs::read_to_string(conf).expect("read registries.conf");
+        text.push_str(&format!("\n[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"));
+        std::fs::write(conf, text).expect("write registries.conf");
+    }
+
     /// A `podman` command with this registry's configuration.
     pub fn podman(&self) -> Command {
         let mut cmd = Command::new("podman");
