@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{run, workspace_root};
 
-pub(crate) const NAMES: &[&str] = &["archive", "download", "restart", "ghr-polling", "fleet"];
+pub(crate) const NAMES: &[&str] = &["archive", "download", "restart", "ghr-polling", "fleet", "proxy"];
 
 pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
     match name {
@@ -19,6 +19,7 @@ pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
         Some("restart") => restart(args),
         Some("ghr-polling") => ghr_polling(args),
         Some("fleet") => fleet(args),
+        Some("proxy") => proxy(args),
         Some(other) => bail!("unknown benchmark `{other}`; known: {}", NAMES.join(", ")),
         None => bail!("name a benchmark: {}", NAMES.join(", ")),
     }
@@ -914,4 +915,162 @@ fn fleet(args: &[String]) -> Result<()> {
         "downloads {first_downloads}/{second_downloads}"
     );
     Ok(())
+}
+
+/// Requests per second and the 99th percentile latency of a wrk run.
+fn wrk_rate(port: u16, secs: u64) -> Result<(f64, f64)> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            "-c32",
+            "--latency",
+            &format!("-d{secs}s"),
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(str::trim)
+        .and_then(|v| {
+            let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+            let n: f64 = num.parse().ok()?;
+            Some(match unit {
+                "us" => n / 1000.0,
+                "ms" => n,
+                "s" => n * 1000.0,
+                _ => return None,
+            })
+        })
+        .with_context(|| format!("no 99% latency in wrk's output:\n{text}"))?;
+    Ok((rate, p99))
+}
+
+/// `cargo xtask bench proxy`: wrk through dewy's container proxy against
+/// wrk straight to the replica it forwards to (busybox httpd in a podman
+/// container), alternating rounds: requests/s ratio (goal >= 0.8), added
+/// p99 latency, and the proxy's peak RSS (goal < 32 MiB).
+fn proxy(args: &[String]) -> Result<()> {
+    let secs: u64 = flag(args, "--secs=", 5)?;
+    let rounds: usize = flag(args, "--rounds=", 3)?;
+    for tool in ["wrk", "podman", "docker-registry"] {
+        if !crate::have(tool) {
+            bail!("`{tool}` is needed for this benchmark (cargo xtask test installs it)");
+        }
+    }
+    build_release(&["-p", "dewy-cli", "--bin", "dewy"])?;
+    let dewy = target_dir().join("release/dewy");
+    let registry = dewy_testkit::ImageRegistry::start();
+    let page = format!("version=v1.0.0 {}\n", "x".repeat(1024));
+    registry.push_web_image("bench/web", "v1.0.0", &page, Some("ok"));
+    let work = tempfile::tempdir()?;
+    let app = format!("bench{}", std::process::id());
+    let port = free_port()?;
+    let mut cmd = Command::new(&dewy);
+    for (k, v) in &registry.podman_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .args(["container", "--registry", &format!("img://{}/bench/web", registry.host)])
+        .args([
+            "--runtime",
+            "podman",
+            "-p",
+            &port.to_string(),
+            "--listen",
+            "127.0.0.1",
+            "-n",
+            &app,
+        ])
+        .args([
+            "--health-path",
+            "/health",
+            "--stop-timeout",
+            "1s",
+            "-i",
+            "60",
+            "-l",
+            "warn",
+        ])
+        .arg("-w")
+        .arg(work.path())
+        .stderr(std::fs::File::create(work.path().join("dewy.log"))?)
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !dewy_testkit::http_get(addr, "/").is_ok_and(|(s, _)| s == 200) {
+            if Instant::now() > deadline {
+                bail!(
+                    "dewy did not serve: {}",
+                    std::fs::read_to_string(work.path().join("dewy.log"))?
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let ids = registry
+            .podman()
+            .args(["ps", "-q", "--filter", &format!("label=dewy.app={app}")])
+            .output()?;
+        let id = String::from_utf8_lossy(&ids.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let mapped = registry.podman().args(["port", &id, "8080/tcp"]).output()?;
+        let direct: u16 = String::from_utf8_lossy(&mapped.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|p| p.trim().parse().ok())
+            .context("the replica's published port")?;
+        let (mut via, mut straight) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            straight.push(wrk_rate(direct, secs)?);
+            via.push(wrk_rate(port, secs)?);
+        }
+        let med = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        let (rate_via, rate_direct) = (med(&via, |r| r.0), med(&straight, |r| r.0));
+        let (p99_via, p99_direct) = (med(&via, |r| r.1), med(&straight, |r| r.1));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        let hwm_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        println!("proxy: wrk -t2 -c32 {secs}s x{rounds} rounds (medians), busybox httpd in podman as the replica");
+        println!("  straight to the replica: {rate_direct:>10.0} req/s  p99 {p99_direct:.2} ms");
+        println!("  through dewy's proxy:    {rate_via:>10.0} req/s  p99 {p99_via:.2} ms");
+        println!(
+            "  ratio {:.2} (goal >= 0.8), added p99 {:.2} ms, dewy peak RSS {:.1} MiB (goal < 32)",
+            rate_via / rate_direct,
+            p99_via - p99_direct,
+            hwm_kib as f64 / 1024.0
+        );
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let ids = registry
+        .podman()
+        .args(["ps", "-aq", "--filter", &format!("label=dewy.app={app}")])
+        .output()?;
+    let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    if !ids.is_empty() {
+        let _ = registry.podman().args(["rm", "-f"]).args(&ids).output();
+    }
+    result
 }
