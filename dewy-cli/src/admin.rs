@@ -7,6 +7,7 @@
 //! | `GET /api/status` | what the loop is doing (JSON) |
 //! | `GET /api/history` | the deployment history, oldest first (JSON) |
 //! | `GET /api/releases` | the releases on disk (JSON) |
+//! | `GET /api/fleet` | every host's heartbeat in the (shared) cache (JSON) |
 //! | `POST /api/check` | check the registry now |
 //! | `POST /api/restart` | restart the application gracefully |
 //! | `POST /api/clear-bad` | forget the releases recorded as bad |
@@ -60,6 +61,7 @@ fn router(admin: Arc<Admin>, trusted: bool) -> Router {
         .route("/api/status", get(status))
         .route("/api/history", get(history))
         .route("/api/releases", get(releases))
+        .route("/api/fleet", get(fleet))
         .route("/api/check", post(check))
         .route("/api/restart", post(restart))
         .route("/api/clear-bad", post(clear_bad))
@@ -195,7 +197,14 @@ async fn page(State(ctx): State<Ctx>) -> Response {
         (false, None) => crate::page::Auth::None,
     };
     let status = status_json(&ctx.admin).await;
-    let html = crate::page::render(&status, &history_entries(&ctx.admin), &release_rows(&ctx.admin), auth);
+    let fleet = ctx.admin.deployer.fleet().await;
+    let html = crate::page::render(
+        &status,
+        &history_entries(&ctx.admin),
+        &release_rows(&ctx.admin),
+        &fleet,
+        auth,
+    );
     (
         [
             ("content-type", "text/html; charset=utf-8"),
@@ -217,6 +226,10 @@ async fn status(State(ctx): State<Ctx>) -> Response {
 
 async fn history(State(ctx): State<Ctx>) -> Response {
     axum::Json(history_entries(&ctx.admin)).into_response()
+}
+
+async fn fleet(State(ctx): State<Ctx>) -> Response {
+    axum::Json(ctx.admin.deployer.fleet().await).into_response()
 }
 
 async fn releases(State(ctx): State<Ctx>) -> Response {

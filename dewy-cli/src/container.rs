@@ -129,21 +129,7 @@ pub(crate) fn main(args: &ContainerArgs) -> ExitCode {
         LogFormat::Text
     };
     crate::logging::init(&args.log_level, format);
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(run(s)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::from(1)
-        }
-    }
+    crate::block_on(run(s))
 }
 
 fn oci_env() -> dewy_registry::OciEnv {
@@ -168,8 +154,10 @@ async fn run(s: Settings) -> Result<()> {
         oci: oci_env(),
         ..Default::default()
     };
-    let registry = dewy_registry::open(&s.registry, &options).context("cannot open the registry")?;
-    let runtime = dewy_container::runtime::Runtime::new(&s.runtime, Vec::new())?;
+    let registry = dewy_registry::open(&s.registry, &options)
+        .map_err(crate::run::usage)
+        .context("cannot open the registry")?;
+    let runtime = dewy_container::runtime::Runtime::new(&s.runtime, Vec::new()).map_err(crate::run::usage)?;
     // Where `dewy clear-bad -w DIR` finds the records too.
     let cache_dir = crate::run::local_cache_dir("", &s.workdir);
     let cache: Arc<dyn dewy_cache::Cache> = Arc::new(

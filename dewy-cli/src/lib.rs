@@ -56,6 +56,13 @@ pub fn main() -> ExitCode {
         }
     };
     logging::init(&settings.log_level, settings.log_format);
+    block_on(run::run(settings))
+}
+
+/// Runs a daemon's future on a multi-threaded runtime (with the one rustls
+/// provider installed) and turns its result into the exit code:
+/// configuration errors 2 (as a bad flag), other failures 1.
+pub(crate) fn block_on(daemon: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -64,15 +71,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run::run(settings)) {
+    match runtime.block_on(daemon) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
             for cause in err.chain().skip(1) {
                 eprintln!("  Caused by: {cause}");
             }
-            // Configuration errors exit 2 (as a bad flag does); other
-            // failures 1.
             if err.chain().any(|c| c.is::<run::Usage>()) {
                 return ExitCode::from(2);
             }

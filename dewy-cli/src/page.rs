@@ -69,8 +69,23 @@ pub(crate) fn render(
     status: &serde_json::Value,
     history: &[dewy_core::HistoryEntry],
     releases: &[serde_json::Value],
+    fleet: &[serde_json::Value],
     auth: Auth,
 ) -> String {
+    let mut hosts = String::new();
+    for h in fleet {
+        let stale = if h["stale"] == true { " (stale)" } else { "" };
+        let _ = write!(
+            hosts,
+            "<tr class=\"host\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}{stale}</td></tr>",
+            escape(&text(&h["host"])),
+            escape(&text(&h["version"])),
+            if h["running"] == true { "running" } else { "–" },
+            escape(&text(&h["last_check"])),
+            escape(&text(&h["last_outcome"])),
+            escape(&text(&h["at"]))
+        );
+    }
     let mut events = String::new();
     for e in history.iter().rev().filter(|e| e.outcome != "extracted") {
         let _ = write!(
@@ -116,7 +131,7 @@ pub(crate) fn render(
         Some(why) => format!("degraded: {}", escape(why)),
         None => "ok".to_owned(),
     };
-    let replacements: [(&str, String); 23] = [
+    let replacements: [(&str, String); 24] = [
         ("{{title}}", field("current_version")),
         ("{{auth}}", auth.as_str().to_owned()),
         ("{{auth_reason}}", escape(auth.reason())),
@@ -140,6 +155,7 @@ pub(crate) fn render(
         ("{{cache}}", cache),
         ("{{events}}", events),
         ("{{releases}}", rows),
+        ("{{fleet}}", hosts),
     ];
     let mut page = TEMPLATE.to_owned();
     for (key, value) in replacements {
@@ -200,7 +216,7 @@ mod tests {
             release_dir: None,
             reason: Some("it <broke>".into()),
         }];
-        let page = render(&status, &history, &[], Auth::None);
+        let page = render(&status, &history, &[], &[], Auth::None);
         assert!(page.len() < 100 * 1024, "{} bytes", page.len());
         assert!(!page.contains("{{"), "every placeholder is filled");
         assert!(page.contains("v1.0.0&lt;script&gt;") && !page.contains("v1.0.0<script>"));

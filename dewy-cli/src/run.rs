@@ -199,7 +199,7 @@ fn open_cache(
 #[error(transparent)]
 pub(crate) struct Usage(Box<dyn std::error::Error + Send + Sync>);
 
-fn usage(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Usage {
+pub(crate) fn usage(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Usage {
     Usage(err.into())
 }
 

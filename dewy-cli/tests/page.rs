@@ -88,6 +88,8 @@ fn the_status_page_shows_the_timeline_and_acts_with_the_token() {
         "the failure's reason: {rows:?}"
     );
     assert_eq!(browser.count("#releases tr"), 3, "three releases on disk");
+    // The fleet: this host alone, from its heartbeat in the cache.
+    assert_eq!(browser.count("#fleet tr.host"), 1);
 
     // No token typed: actions are disabled, saying why.
     assert_eq!(browser.property("#act-restart", "disabled"), true);

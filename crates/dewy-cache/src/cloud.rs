@@ -122,14 +122,15 @@ impl CloudCache {
     }
 
     fn shared(key: &Key) -> bool {
-        key.is_artifact() || key.is_bad_record()
+        key.is_artifact() || key.is_bad_record() || key.is_host_record()
     }
 
     fn name(&self, key: &Key) -> String {
         format!("{}{}", self.prefix, key.as_str())
     }
 
-    /// The shared values in the bucket (artifacts and bad records).
+    /// The shared values in the bucket (artifacts, bad records, host
+    /// heartbeats).
     async fn bucket_entries(&self) -> Result<Vec<Entry>, Error> {
         let listing = self.store.list(&self.prefix, true).await?;
         Ok(listing
@@ -172,7 +173,11 @@ impl Cache for CloudCache {
                 .await
                 .is_some()
             {
-                tracing::info!(location = %self.store.location(), key = %name, "Write object");
+                if key.is_host_record() {
+                    tracing::debug!(location = %self.store.location(), key = %name, "Write object");
+                } else {
+                    tracing::info!(location = %self.store.location(), key = %name, "Write object");
+                }
             }
         }
         self.local.write(key, data).await

@@ -65,9 +65,36 @@ impl Key {
         self.0.starts_with(Self::BAD_PREFIX)
     }
 
+    const HOST_PREFIX: &'static str = "host.";
+
+    /// The key of a host's heartbeat record: `host.<id>`, with the id's
+    /// characters outside `[A-Za-z0-9._-]` (and `--`) replaced, so it is
+    /// never taken for an artifact.
+    pub fn host(id: &str) -> Result<Self, Error> {
+        let mut clean: String = id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        while clean.contains("--") {
+            clean = clean.replace("--", "-");
+        }
+        Self::new(format!("{}{clean}", Self::HOST_PREFIX))
+    }
+
+    /// Whether this key is a host's heartbeat record.
+    pub fn is_host_record(&self) -> bool {
+        self.0.starts_with(Self::HOST_PREFIX)
+    }
+
     /// Whether this key names an artifact (`<tag>--<artifact>`).
     pub fn is_artifact(&self) -> bool {
-        self.0.contains("--") && !self.is_bad_record() && !self.0.starts_with(Self::CURRENT)
+        self.0.contains("--") && !self.is_bad_record() && !self.is_host_record() && !self.0.starts_with(Self::CURRENT)
     }
 
     /// The key as a string.

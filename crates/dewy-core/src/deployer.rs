@@ -258,6 +258,7 @@ impl Deployer {
             }
             let result = self.tick().await;
             self.record_tick(&result);
+            self.heartbeat(matches!(result, Ok(TickOutcome::Deployed { .. }))).await;
             match result {
                 Ok(TickOutcome::KnownBad { .. }) => {}
                 Ok(_) => {
@@ -277,6 +278,71 @@ impl Deployer {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+
+    /// Writes this host's heartbeat (`host.<hostname>` in the cache, shared
+    /// through a bucket cache): what it runs and how its last check went.
+    /// At most every [`HEARTBEAT_EVERY`], and after each deploy.
+    async fn heartbeat(&self, now: bool) {
+        {
+            let mut state = self.state();
+            let due = now || state.heartbeat_at.is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY);
+            if !due {
+                return;
+            }
+            state.heartbeat_at = Some(tokio::time::Instant::now());
+        }
+        let Ok(key) = Key::host(&self.config.hostname) else {
+            return;
+        };
+        let status = self.status().await;
+        let record = serde_json::json!({
+            "host": self.config.hostname,
+            "mode": status.mode,
+            "dewy_version": status.dewy_version,
+            "version": status.current_version,
+            "running": status.is_running,
+            "last_check": status.last_check,
+            "last_outcome": status.last_outcome,
+            "last_error": status.last_error,
+            "pinned": status.pinned,
+            "bad_release": status.bad_release,
+            "at": self.clock.now().to_string(),
+            "interval_secs": self.config.interval.as_secs(),
+        });
+        if let Err(err) = self.cache.write(&key, record.to_string().as_bytes()).await {
+            tracing::debug!(error = %chain(&err), "Could not write this host's heartbeat");
+        }
+    }
+
+    /// Every host's heartbeat in the cache (with a bucket cache: the
+    /// fleet), each with `stale: true` when it is older than three
+    /// heartbeat periods.
+    pub async fn fleet(&self) -> Vec<serde_json::Value> {
+        let Ok(entries) = self.cache.list().await else {
+            return Vec::new();
+        };
+        let now = self.clock.now();
+        let mut hosts = Vec::new();
+        for entry in entries.into_iter().filter(|e| e.key.is_host_record()) {
+            let Ok(Some(data)) = self.cache.read(&entry.key).await else {
+                continue;
+            };
+            let Ok(mut record) = serde_json::from_slice::<serde_json::Value>(&data) else {
+                continue;
+            };
+            let period = HEARTBEAT_EVERY.max(Duration::from_secs(record["interval_secs"].as_u64().unwrap_or(0)));
+            let age = record["at"]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .map(|t| now.duration_since(t));
+            let stale =
+                age.is_none_or(|a| a > jiff::SignedDuration::try_from(period * 3).unwrap_or(jiff::SignedDuration::MAX));
+            record["stale"] = stale.into();
+            hosts.push(record);
+        }
+        hosts.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
+        hosts
     }
 
     fn record_tick(&self, result: &Result<TickOutcome, Error>) {
@@ -786,6 +852,26 @@ impl Deployer {
         } else {
             tracing::info!(command, stdout = %outcome.stdout, stderr = %outcome.stderr, duration = ?outcome.duration, exit_code = outcome.exit_code.unwrap_or(-1), "Execute hook failed");
             tracing::error!(error = %outcome.failure(), exit_code = outcome.exit_code.unwrap_or(-1), "{stage} deploy hook failure");
+            // On the status page's timeline.
+            let version = {
+                let state = self.state();
+                state
+                    .deploying
+                    .clone()
+                    .or_else(|| state.current_tag.clone())
+                    .unwrap_or_default()
+            };
+            let entry = crate::history::Entry {
+                time: self.clock.now(),
+                version,
+                outcome: "hook-failed".into(),
+                duration_ms: outcome.duration.as_millis() as u64,
+                release_dir: None,
+                reason: Some(format!("{stage} deploy hook `{command}`: {}", outcome.failure())),
+            };
+            if let Err(err) = crate::history::append(&self.config.root, &entry) {
+                tracing::warn!(error = %err, "Could not write the deployment history");
+            }
         }
         self.notify.send_hook_result(HookReport {
             stage: format!("{stage} Deploy"),
@@ -910,6 +996,9 @@ async fn forward_app_events(mut events: tokio::sync::broadcast::Receiver<Event>,
         }
     }
 }
+
+/// How often a host writes its heartbeat record.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(30);
 
 /// How often an unchanged failure is logged again at ERROR.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(600);

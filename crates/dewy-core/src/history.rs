@@ -12,8 +12,9 @@ pub struct Entry {
     /// The release's tag.
     pub version: String,
     /// `extracted` (the folder is complete; written before `current` may
-    /// point at it), `deployed` or `failed`; an operator's `rolled-back`
-    /// (to `release_dir`, pinned) or `restarted`.
+    /// point at it), `deployed` or `failed`; `hook-failed` (a deploy hook
+    /// that failed without failing the deploy); an operator's
+    /// `rolled-back` (to `release_dir`, pinned) or `restarted`.
     pub outcome: String,
     /// How long it took.
     pub duration_ms: u64,

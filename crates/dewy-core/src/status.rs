@@ -65,4 +65,6 @@ pub(crate) struct State {
     /// The newest release whose missing artifact made a fresh host take
     /// an older one (said once at INFO).
     pub(crate) announced_fallback: Option<String>,
+    /// When this host last wrote its heartbeat record.
+    pub(crate) heartbeat_at: Option<tokio::time::Instant>,
 }

@@ -1022,3 +1022,60 @@ async fn a_crash_looping_release_never_costs_the_last_good_one_its_folder() {
     let list = r.deployer.releases().list().unwrap();
     assert_eq!(std::fs::read_to_string(list[1].path.join("VERSION")).unwrap(), "v1");
 }
+
+/// Each host sharing the cache writes a heartbeat; the fleet lists them.
+#[tokio::test]
+async fn every_host_sharing_the_cache_is_in_the_fleet() {
+    let r = rig(Mode::Assets);
+    r.registry.publish("v1.0.0", &app_v("v1.0.0"));
+    let hosts: Vec<Arc<Deployer>> = ["web-1", "web-2"]
+        .iter()
+        .map(|h| {
+            let dir = r._dir.path().join(h);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut config = Config::new(Mode::Assets, dir);
+            config.hostname = (*h).to_owned();
+            config.interval = Duration::from_millis(200);
+            let notify = Notify::new(r.sent.clone(), Context::default(), false);
+            Arc::new(Deployer::new(config, r.registry.clone(), r.cache.clone(), notify, None).unwrap())
+        })
+        .collect();
+    let runs: Vec<_> = hosts
+        .iter()
+        .map(|d| {
+            let d = d.clone();
+            tokio::spawn(async move { d.run().await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let fleet = loop {
+        let fleet = hosts[0].fleet().await;
+        if fleet.len() == 2 && fleet.iter().all(|h| h["version"] == "v1.0.0") {
+            break fleet;
+        }
+        assert!(std::time::Instant::now() < deadline, "{fleet:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(fleet[0]["host"], "web-1");
+    assert_eq!(fleet[1]["host"], "web-2");
+    assert!(
+        fleet
+            .iter()
+            .all(|h| h["stale"] == false && h["last_outcome"] == "deployed")
+    );
+    // A heartbeat from long ago is stale.
+    let old = serde_json::json!({"host": "gone", "at": "2020-01-01T00:00:00Z"});
+    r.cache
+        .write(&Key::host("gone").unwrap(), old.to_string().as_bytes())
+        .await
+        .unwrap();
+    let fleet = hosts[1].fleet().await;
+    assert_eq!(fleet.iter().find(|h| h["host"] == "gone").unwrap()["stale"], true);
+    assert!(!Key::host("a--b").unwrap().is_artifact());
+    for d in &hosts {
+        d.shutdown("SIGTERM").await;
+    }
+    for run in runs {
+        run.abort();
+    }
+}
