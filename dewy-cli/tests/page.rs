@@ -113,9 +113,11 @@ fn the_status_page_shows_the_timeline_and_acts_with_the_token() {
         browser.text("#version") == "v2.0.0" && browser.text("#pinned") == "v2.0.0"
     });
     wait_for("v2 serving", Duration::from_secs(30), || serving("v2.0.0"));
-    wait_for("the rollback on the timeline", Duration::from_secs(10), || {
-        browser.count("#timeline-svg .event.rolled-back") == 1
-    });
+    wait_for(
+        "the rollback on the timeline and in the fleet",
+        Duration::from_secs(10),
+        || browser.count("#timeline-svg .event.rolled-back") == 1 && browser.text("#fleet tr.host").contains("v2.0.0"),
+    );
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     browser.screenshot(&shot);
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);

@@ -282,15 +282,20 @@ impl Deployer {
 
     /// Writes this host's heartbeat (`host.<hostname>` in the cache, shared
     /// through a bucket cache): what it runs and how its last check went.
-    /// At most every [`HEARTBEAT_EVERY`], and after each deploy.
-    async fn heartbeat(&self, now: bool) {
+    /// Every [`HEARTBEAT_EVERY`], and at once when the version or the last
+    /// outcome changed (a deploy, a failure, an operator's pin).
+    pub(crate) async fn heartbeat(&self, now: bool) {
         {
             let mut state = self.state();
-            let due = now || state.heartbeat_at.is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY);
+            let said = (state.current_tag.clone(), state.last_outcome.clone());
+            let due = now
+                || state.heartbeat_said.as_ref() != Some(&said)
+                || state.heartbeat_at.is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY);
             if !due {
                 return;
             }
             state.heartbeat_at = Some(tokio::time::Instant::now());
+            state.heartbeat_said = Some(said);
         }
         let Ok(key) = Key::host(&self.config.hostname) else {
             return;

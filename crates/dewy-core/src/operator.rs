@@ -69,6 +69,7 @@ impl Deployer {
         }
         tracing::info!(version, release = %release_dir.display(), "Pinned by an operator");
         self.record_operator_action(version, "rolled-back", Some(release_dir), "by an operator; pinned");
+        self.heartbeat(true).await;
         self.notify.send_important(format!(
             "Rolled back to `{version}` by an operator; deploys are paused until unpinned"
         ));

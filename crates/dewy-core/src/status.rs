@@ -65,6 +65,8 @@ pub(crate) struct State {
     /// The newest release whose missing artifact made a fresh host take
     /// an older one (said once at INFO).
     pub(crate) announced_fallback: Option<String>,
-    /// When this host last wrote its heartbeat record.
+    /// When this host last wrote its heartbeat record, and the version
+    /// and outcome it said.
     pub(crate) heartbeat_at: Option<tokio::time::Instant>,
+    pub(crate) heartbeat_said: Option<(Option<String>, Option<String>)>,
 }
