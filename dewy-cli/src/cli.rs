@@ -111,6 +111,11 @@ pub struct ContainerArgs {
     #[arg(long = "cmd", value_name = "ARG", allow_hyphen_values = true)]
     pub cmd: Vec<String>,
 
+    /// Close a proxied connection after this many seconds (or a duration)
+    /// without a byte either way; 0 disables. Default 300 (as Dewy).
+    #[arg(long = "proxy-idle-timeout", value_name = "SECONDS", default_value = "300")]
+    pub proxy_idle_timeout: String,
+
     /// Address the proxies listen on. Default 0.0.0.0 (as Dewy).
     #[arg(long = "listen", value_name = "ADDR", default_value = "0.0.0.0")]
     pub listen: String,
@@ -130,6 +135,12 @@ pub struct ContainerArgs {
     /// text or json.
     #[arg(short = 'f', long = "log-format", value_name = "FORMAT", default_value = "text")]
     pub log_format: String,
+
+    /// Also serve the read-only status API (`/api/status`, `/metrics`) on
+    /// 127.0.0.1:PORT (it always listens on `.dewy/admin.sock` in the
+    /// workdir, owner only).
+    #[arg(long = "admin-port", value_name = "PORT")]
+    pub admin_port: Option<u16>,
 
     /// The folder for dewy's state (`.dewy/cache`: bad-image records).
     /// Default: the current directory.

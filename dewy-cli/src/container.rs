@@ -35,6 +35,7 @@ fn app_name(registry: &str) -> String {
 
 /// Validated settings of `dewy container`.
 struct Settings {
+    admin_port: Option<u16>,
     registry: String,
     config: dewy_container::ContainerConfig,
     runtime: String,
@@ -91,6 +92,7 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
         None => std::env::current_dir().context("cannot read the current directory")?,
     };
     Ok(Settings {
+        admin_port: args.admin_port,
         config: dewy_container::ContainerConfig {
             app: args.name.clone().unwrap_or_else(|| app_name(&registry)),
             replicas: args.replicas.max(1),
@@ -102,6 +104,7 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
             stop_timeout: duration("--stop-timeout", &args.stop_timeout)?,
             extra_args: args.extra.clone(),
             cmd: args.cmd.clone(),
+            idle_timeout: Some(duration("--proxy-idle-timeout", &args.proxy_idle_timeout)?).filter(|d| !d.is_zero()),
         },
         registry,
         runtime: args.runtime.clone(),
@@ -174,6 +177,8 @@ async fn run(s: Settings) -> Result<()> {
         "Automatic shipping started by *Dewy* (v{}: container)",
         env!("CARGO_PKG_VERSION")
     ));
+    let checks = Arc::new(std::sync::Mutex::new(LastCheck::default()));
+    serve_admin(deployer.clone(), checks.clone(), &s.workdir, s.admin_port).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     // One ERROR line per failure; the same failure again at DEBUG, and at
@@ -182,6 +187,10 @@ async fn run(s: Settings) -> Result<()> {
     loop {
         match deployer.tick().await {
             Ok(outcome) => {
+                checks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .record(&format!("{outcome:?}"), None);
                 if let Some((_, _, count)) = failing.take() {
                     tracing::info!(failed_ticks = count, "Dewy run recovered");
                 }
@@ -189,6 +198,10 @@ async fn run(s: Settings) -> Result<()> {
             }
             Err(err) => {
                 let text = chain(&err);
+                checks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .record("error", Some(&text));
                 match &mut failing {
                     Some((last, since, count)) if *last == text && since.elapsed() < Duration::from_secs(600) => {
                         *count += 1;
@@ -215,6 +228,166 @@ async fn run(s: Settings) -> Result<()> {
     );
     notify.send("Stop receiving by `SIGTERM` signal");
     notify.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// The last check, for the status API.
+#[derive(Debug, Default)]
+struct LastCheck {
+    at: Option<jiff::Timestamp>,
+    outcome: Option<String>,
+    error: Option<String>,
+}
+
+impl LastCheck {
+    fn record(&mut self, outcome: &str, error: Option<&str>) {
+        self.at = Some(jiff::Timestamp::now());
+        self.outcome = Some(outcome.to_owned());
+        self.error = error.map(str::to_owned);
+    }
+}
+
+type Checks = Arc<std::sync::Mutex<LastCheck>>;
+
+fn status(d: &dewy_container::ContainerDeployer, checks: &Checks) -> serde_json::Value {
+    let last = checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let replicas: Vec<_> = d
+        .replicas()
+        .into_iter()
+        .map(|r| serde_json::json!({"id": r.id, "version": r.version, "digest": r.digest}))
+        .collect();
+    let proxies: Vec<_> = d
+        .proxies()
+        .iter()
+        .map(|p| {
+            let backends: Vec<_> = p
+                .backends()
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "container": b.container,
+                        "addr": b.addr.to_string(),
+                        "open_connections": b.open_connections(),
+                        "failed": b.failed(),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "listen": p.listen.to_string(),
+                "accepted": p.accepted.load(std::sync::atomic::Ordering::Relaxed),
+                "refused": p.refused.load(std::sync::atomic::Ordering::Relaxed),
+                "backends": backends,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "mode": "container",
+        "dewy_version": env!("CARGO_PKG_VERSION"),
+        "current_version": d.replicas().first().map(|r| r.version.clone()),
+        "replicas": replicas,
+        "proxies": proxies,
+        "last_check": last.at.map(|t| t.to_string()),
+        "last_outcome": last.outcome,
+        "last_error": last.error,
+    })
+}
+
+fn families(d: &dewy_container::ContainerDeployer) -> Vec<crate::metrics::Family> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let family = |name, kind, help, samples| crate::metrics::Family {
+        name,
+        kind,
+        help,
+        samples,
+        histogram: None,
+    };
+    let per_proxy = |f: &dyn Fn(&dewy_container::proxy::Proxy) -> u64| {
+        d.proxies()
+            .iter()
+            .map(|p| (vec![("proxy_port", p.listen.port().to_string())], f(p)))
+            .collect::<Vec<_>>()
+    };
+    vec![
+        family(
+            "dewy_container_replicas",
+            "gauge",
+            "Replicas in rotation.",
+            vec![(Vec::new(), d.replicas().len() as u64)],
+        ),
+        family(
+            "dewy_proxy_connections_total",
+            "counter",
+            "Connections the proxy accepted.",
+            per_proxy(&|p| p.accepted.load(Relaxed)),
+        ),
+        family(
+            "dewy_proxy_refused_total",
+            "counter",
+            "Connections closed because no replica could take them.",
+            per_proxy(&|p| p.refused.load(Relaxed)),
+        ),
+        family(
+            "dewy_proxy_open_connections",
+            "gauge",
+            "Connections open through the proxy now.",
+            per_proxy(&|p| p.backends().iter().map(|b| b.open_connections() as u64).sum()),
+        ),
+    ]
+}
+
+/// The read-only status API: `.dewy/admin.sock` (owner only) and, with
+/// `--admin-port`, 127.0.0.1:PORT.
+async fn serve_admin(
+    deployer: Arc<dewy_container::ContainerDeployer>,
+    checks: Checks,
+    workdir: &std::path::Path,
+    port: Option<u16>,
+) -> Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/api/status",
+            get({
+                let (d, c) = (deployer.clone(), checks.clone());
+                move || async move { axum::Json(status(&d, &c)) }
+            }),
+        )
+        .route(
+            "/metrics",
+            get({
+                let d = deployer.clone();
+                move || async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        crate::metrics::render(families(&d)),
+                    )
+                }
+            }),
+        );
+    let path = crate::client::socket_path(workdir);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let unix = tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    tracing::info!(path = %path.display(), "Admin API listening");
+    let unix_app = app.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(unix, unix_app).await;
+    });
+    if let Some(port) = port {
+        let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("cannot listen for the admin API on 127.0.0.1:{port}"))?;
+        tracing::info!(port, "Admin API port bound successfully");
+        tokio::spawn(async move {
+            let _ = axum::serve(tcp, app).await;
+        });
+    }
     Ok(())
 }
 

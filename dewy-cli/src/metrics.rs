@@ -184,8 +184,13 @@ pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
 /// prometheus-client (counters as `NAME_total`, histograms with `_bucket`,
 /// `_sum`, `_count`, and the closing `# EOF`).
 pub(crate) async fn prometheus_text(d: &dewy_core::Deployer) -> String {
+    render(families(d).await)
+}
+
+/// The OpenMetrics text of `families`.
+pub(crate) fn render(families: Vec<Family>) -> String {
     let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(Snapshot(families(d).await)));
+    registry.register_collector(Box::new(Snapshot(families)));
     let mut out = String::new();
     if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &registry) {
         tracing::warn!(error = %err, "Rendering the metrics failed");

@@ -62,8 +62,21 @@ fn replicas(registry: &ImageRegistry, app: &str) -> Vec<String> {
     ids
 }
 
-fn dewy(registry: &ImageRegistry, app: &str, proxy: u16, log: &std::path::Path, workdir: &std::path::Path) -> Child {
-    dewy_via(registry, &registry.host, app, proxy, log, workdir)
+fn dewy(
+    registry: &ImageRegistry,
+    app: &str,
+    ports: (u16, u16),
+    log: &std::path::Path,
+    workdir: &std::path::Path,
+) -> Child {
+    dewy_via(registry, &registry.host, app, ports, log, workdir)
+}
+
+/// The JSON of `GET path` on 127.0.0.1:`port`.
+fn json(port: u16, path: &str) -> serde_json::Value {
+    let (status, body) = dewy_testkit::http_get(([127, 0, 0, 1], port).into(), path).unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 /// `dewy container` polling the registry at `host` (the registry, or a
@@ -72,7 +85,7 @@ fn dewy_via(
     registry: &ImageRegistry,
     host: &str,
     app: &str,
-    proxy: u16,
+    (proxy, admin): (u16, u16),
     log: &std::path::Path,
     workdir: &std::path::Path,
 ) -> Child {
@@ -91,6 +104,7 @@ fn dewy_via(
             "5s",
         ])
         .args(["--stop-timeout", "1s", "-i", "1", "--listen", "127.0.0.1", "-n", app])
+        .args(["--admin-port", &admin.to_string()])
         .arg("-w")
         .arg(workdir)
         .stdout(Stdio::null())
@@ -105,13 +119,13 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     let dir = tempfile::tempdir().unwrap();
     let app = format!("web{}", std::process::id());
     let _cleanup = Cleanup::new(&registry, &app);
-    let proxy = dewy_testkit::free_port();
+    let (proxy, admin) = (dewy_testkit::free_port(), dewy_testkit::free_port());
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy).into();
     let log = dir.path().join("dewy.log");
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     let body = |v: &str| format!("version={v} \n");
     registry.push_web_image("acme/web", "v1.0.0", &body("v1.0.0"), Some("ok"));
-    let mut child = dewy(&registry, &app, proxy, &log, dir.path());
+    let mut child = dewy(&registry, &app, (proxy, admin), &log, dir.path());
     let serving = |v: &str| {
         dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with(&format!("version={v}")))
     };
@@ -119,6 +133,21 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     wait_for("two v1 replicas", Duration::from_secs(30), || {
         text().contains("Container deployed") && replicas(&registry, &app).len() == 2
     });
+    // The status API and the metrics say the same.
+    let status = json(admin, "/api/status");
+    assert_eq!(status["replicas"].as_array().unwrap().len(), 2, "{status}");
+    assert_eq!(status["current_version"], "v1.0.0");
+    assert_eq!(
+        status["proxies"][0]["backends"].as_array().unwrap().len(),
+        2,
+        "{status}"
+    );
+    let (_, metrics) = dewy_testkit::http_get(([127, 0, 0, 1], admin).into(), "/metrics").unwrap();
+    assert!(metrics.contains("dewy_container_replicas 2"), "{metrics}");
+    assert!(
+        metrics.contains("dewy_proxy_connections_total{proxy_port="),
+        "{metrics}"
+    );
 
     // v1 -> v2 under load: no request fails.
     let load = Load::start(addr);
@@ -158,7 +187,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     child.wait().unwrap();
     assert_eq!(replicas(&registry, &app), before, "the replicas outlive dewy");
     let started = Instant::now();
-    let mut child = dewy(&registry, &app, proxy, &log, dir.path());
+    let mut child = dewy(&registry, &app, (proxy, admin), &log, dir.path());
     wait_for("serving again", Duration::from_secs(10), || serving("v3.0.0"));
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -192,13 +221,13 @@ fn registry_faults_keep_the_current_version_serving() {
     let dir = tempfile::tempdir().unwrap();
     let app = format!("faults{}", std::process::id());
     let _cleanup = Cleanup::new(&registry, &app);
-    let proxy = dewy_testkit::free_port();
+    let (proxy, admin) = (dewy_testkit::free_port(), dewy_testkit::free_port());
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy).into();
     let log = dir.path().join("dewy.log");
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     registry.push_web_image("acme/web", "v1.0.0", "version=v1.0.0 \n", Some("ok"));
     let serving = || dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with("version=v1.0.0"));
-    let mut first = dewy(&registry, &app, proxy, &log, dir.path());
+    let mut first = dewy(&registry, &app, (proxy, admin), &log, dir.path());
     wait_for("v1", Duration::from_secs(60), || {
         serving() && text().contains("Container deployed") && replicas(&registry, &app).len() == 2
     });
@@ -211,7 +240,7 @@ fn registry_faults_keep_the_current_version_serving() {
         dewy_testkit::FlakyProxy::start(&format!("http://{}", registry.host), vec![401, 401, 500, 503, 500, 500]);
     let via = flaky.endpoint.trim_start_matches("http://").to_owned();
     registry.allow_insecure(&via);
-    let mut second = dewy_via(&registry, &via, &app, proxy, &log, dir.path());
+    let mut second = dewy_via(&registry, &via, &app, (proxy, admin), &log, dir.path());
     wait_for("the proxy port", Duration::from_secs(10), || {
         std::net::TcpStream::connect(addr).is_ok()
     });

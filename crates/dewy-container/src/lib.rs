@@ -121,6 +121,8 @@ pub struct ContainerConfig {
     pub extra_args: Vec<String>,
     /// Arguments after the image.
     pub cmd: Vec<String>,
+    /// A proxied connection idle this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A replica in rotation.
@@ -203,7 +205,7 @@ impl ContainerDeployer {
         let mut listeners = Vec::new();
         for m in &config.ports {
             let addr = SocketAddr::new(config.listen, m.proxy);
-            let (proxy, listener) = Proxy::bind(addr)
+            let (proxy, listener) = Proxy::bind(addr, config.idle_timeout)
                 .await
                 .map_err(|e| Error::Runtime(format!("cannot listen on {addr} for the proxy: {e}")))?;
             proxies.push((*m, proxy));

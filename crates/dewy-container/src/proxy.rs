@@ -53,6 +53,9 @@ impl Drop for OpenGuard {
 pub struct Proxy {
     /// The address it listens on.
     pub listen: SocketAddr,
+    /// A connection with no byte in either direction for this long is
+    /// closed (`--proxy-idle-timeout`; `None`: never).
+    idle_timeout: Option<Duration>,
     backends: RwLock<Vec<Arc<Backend>>>,
     next: AtomicUsize,
     /// Connections accepted since start.
@@ -63,10 +66,14 @@ pub struct Proxy {
 
 impl Proxy {
     /// Binds `addr`; connections wait in the backlog until [`Proxy::serve`].
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<(Arc<Self>, tokio::net::TcpListener)> {
+    pub async fn bind(
+        addr: SocketAddr,
+        idle_timeout: Option<Duration>,
+    ) -> std::io::Result<(Arc<Self>, tokio::net::TcpListener)> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let proxy = Arc::new(Self {
             listen: listener.local_addr()?,
+            idle_timeout,
             backends: RwLock::new(Vec::new()),
             next: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
@@ -92,8 +99,8 @@ impl Proxy {
     }
 
     /// Binds `addr` and serves.
-    pub async fn start(addr: SocketAddr) -> std::io::Result<Arc<Self>> {
-        let (proxy, listener) = Self::bind(addr).await?;
+    pub async fn start(addr: SocketAddr, idle_timeout: Option<Duration>) -> std::io::Result<Arc<Self>> {
+        let (proxy, listener) = Self::bind(addr, idle_timeout).await?;
         proxy.serve(listener);
         Ok(proxy)
     }
@@ -123,7 +130,16 @@ impl Proxy {
             .clone()
     }
 
-    /// The next healthy backend, round-robin; `skip` those already tried.
+    /// Whether any backend may take a connection.
+    fn has_healthy(&self) -> bool {
+        self.backends
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|b| !b.failed())
+    }
+
+    /// The next healthy backend, round-robin; `tried` are skipped.
     fn pick(&self, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
         let list = self.backends.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let healthy: Vec<&Arc<Backend>> = list
@@ -142,7 +158,7 @@ impl Proxy {
         // No replica yet (the first rollout is starting one): wait a little
         // rather than drop the connection.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.pick(&tried).is_none() && tokio::time::Instant::now() < deadline {
+        while !self.has_healthy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         loop {
@@ -160,7 +176,12 @@ impl Proxy {
                     let _guard = OpenGuard(backend);
                     let _ = client.set_nodelay(true);
                     let _ = upstream.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    match self.idle_timeout {
+                        None => {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                        Some(idle) => pipe(&mut client, &mut upstream, idle).await,
+                    }
                     return;
                 }
                 _ => {
@@ -169,6 +190,43 @@ impl Proxy {
                     tracing::warn!(proxy = %self.listen, backend = %backend.addr, container = %backend.container, "Failed to connect to backend; taken out of rotation");
                 }
             }
+        }
+    }
+}
+
+/// Copies both ways (half-closes passed on) until both sides are done, or
+/// nothing moved for `idle`.
+async fn pipe(client: &mut tokio::net::TcpStream, upstream: &mut tokio::net::TcpStream, idle: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rx, mut client_tx) = client.split();
+    let (mut up_rx, mut up_tx) = upstream.split();
+    let (mut to_up, mut to_client) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+    let (mut client_open, mut up_open) = (true, true);
+    while client_open || up_open {
+        tokio::select! {
+            r = client_rx.read(&mut to_up), if client_open => match r {
+                Ok(0) | Err(_) => {
+                    client_open = false;
+                    let _ = up_tx.shutdown().await;
+                }
+                Ok(n) => {
+                    if up_tx.write_all(&to_up[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            r = up_rx.read(&mut to_client), if up_open => match r {
+                Ok(0) | Err(_) => {
+                    up_open = false;
+                    let _ = client_tx.shutdown().await;
+                }
+                Ok(n) => {
+                    if client_tx.write_all(&to_client[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            () = tokio::time::sleep(idle) => return,
         }
     }
 }

@@ -76,6 +76,21 @@ async fn plaintext_answers_reports_and_go_platform_names() {
     assert_eq!(request["artifact_name"], "app_linux_amd64.tar.gz");
     assert!(request["authorization"].is_null(), "no token configured: {request}");
 
+    // With --verify-key: `artifact_url` + `.minisig` is the signature.
+    let key = dewy_testkit::MinisignKey::generate();
+    let trusted = dewy_registry::TrustedKeys::parse(&[key.public.as_str()]).unwrap();
+    let downloader = Downloader::new(Default::default()).unwrap();
+    match downloader.signature(&*reg, &release, &trusted).await {
+        Err(Error::Signature {
+            source: dewy_registry::SignatureError::Missing { .. },
+            ..
+        }) => {}
+        other => panic!("no .minisig yet: {other:?}"),
+    }
+    key.sign(&artifact, "grpc artifact", false);
+    let check = downloader.signature(&*reg, &release, &trusted).await.unwrap();
+    assert_eq!(check.trusted_comment(), "grpc artifact");
+
     assert!(reg.reports_failures());
     for error in [
         None,

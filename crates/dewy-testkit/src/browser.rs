@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::{INSTALL_HINT, ServerProcess, free_port, which};
+use crate::{ServerProcess, free_port, require, require_from};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
@@ -27,9 +27,8 @@ pub struct Browser {
 impl Browser {
     /// Starts chromedriver and a headless chromium.
     pub fn start() -> Self {
-        let driver_bin =
-            which("chromedriver").unwrap_or_else(|| panic!("chromedriver is not installed: {INSTALL_HINT}"));
-        let chromium = which("chromium").unwrap_or_else(|| panic!("chromium is not installed: {INSTALL_HINT}"));
+        let driver_bin = require_from("chromedriver", "chromium-driver");
+        let chromium = require("chromium");
         let profile = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let mut cmd = Command::new(driver_bin);

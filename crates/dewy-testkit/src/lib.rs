@@ -701,6 +701,16 @@ pub fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `program` on PATH; panics naming it (and how to install it) when absent.
+pub fn require(program: &str) -> PathBuf {
+    require_from(program, program)
+}
+
+/// [`require`] for a program that Debian's `package` installs.
+pub fn require_from(program: &str, package: &str) -> PathBuf {
+    which(program).unwrap_or_else(|| panic!("{program} is not installed (Debian package {package}): {INSTALL_HINT}"))
+}
+
 /// Reads a whole HTTP/1.0 response from `addr` for `path` (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -936,7 +946,7 @@ pub struct ForwardProxy {
 impl ForwardProxy {
     /// Starts tinyproxy on a free port, logging every request.
     pub fn start() -> Self {
-        let bin = which("tinyproxy").unwrap_or_else(|| panic!("tinyproxy is not installed: {INSTALL_HINT}"));
+        let bin = require("tinyproxy");
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let conf = dir.path().join("tinyproxy.conf");
@@ -986,7 +996,7 @@ pub struct MinisignKey {
 impl MinisignKey {
     /// Generates a key pair without a password.
     pub fn generate() -> Self {
-        let bin = which("minisign").unwrap_or_else(|| panic!("minisign is not installed: {INSTALL_HINT}"));
+        let bin = require("minisign");
         let dir = tempfile::tempdir().expect("tempdir");
         let (public_file, secret_file) = (dir.path().join("k.pub"), dir.path().join("k.key"));
         let out = Command::new(bin)
@@ -1276,9 +1286,8 @@ pub struct ImageRegistry {
 impl ImageRegistry {
     /// Starts the registry.
     pub fn start() -> Self {
-        let bin =
-            which("docker-registry").unwrap_or_else(|| panic!("docker-registry is not installed: {INSTALL_HINT}"));
-        assert!(which("podman").is_some(), "podman is not installed: {INSTALL_HINT}");
+        let bin = require("docker-registry");
+        require("podman");
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let host = format!("127.0.0.1:{port}");
@@ -1353,7 +1362,7 @@ impl ImageRegistry {
     /// when given) and pushes it as `REPO:TAG`. Returns its digest.
     pub fn push_web_image(&self, repo: &str, tag: &str, body: &str, health: Option<&str>) -> String {
         let root = tempfile::tempdir().expect("tempdir");
-        let busybox = which("busybox").unwrap_or_else(|| panic!("busybox-static is not installed: {INSTALL_HINT}"));
+        let busybox = require_from("busybox", "busybox-static");
         std::fs::create_dir_all(root.path().join("bin")).expect("mkdir bin");
         std::fs::create_dir_all(root.path().join("www")).expect("mkdir www");
         std::fs::copy(busybox, root.path().join("bin/busybox")).expect("copy busybox");
