@@ -99,6 +99,30 @@ async fn cache_round_trip(kind: &str) {
         None
     );
 
+    // Host heartbeats are fleet-wide, listed by every host, never evicted.
+    for (i, h) in hosts.iter().enumerate() {
+        h.write(
+            &Key::host(&format!("web-{i}")).unwrap(),
+            format!("{{\"host\":\"web-{i}\"}}").as_bytes(),
+        )
+        .await
+        .unwrap();
+    }
+    let listed: Vec<String> = hosts[0]
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.key.is_host_record())
+        .map(|e| e.key.as_str().to_owned())
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed.contains(&"host.web-1".to_owned()), "{listed:?}");
+    assert_eq!(
+        hosts[0].read(&Key::host("web-1").unwrap()).await.unwrap().as_deref(),
+        Some(&br#"{"host":"web-1"}"#[..])
+    );
+
     // Eviction keeps the newest artifacts in the bucket too.
     for tag in ["v1.0.1", "v1.0.2"] {
         let src = hosts[0].staging_dir().join("download");
@@ -111,6 +135,7 @@ async fn cache_round_trip(kind: &str) {
     }
     let removed = hosts[0].evict(2, &[]).await.unwrap();
     assert_eq!(removed, vec![key.clone()]);
+    assert!(hosts[0].read(&Key::host("web-0").unwrap()).await.unwrap().is_some());
     assert!(store.get(&format!("{prefix}{key}")).await.unwrap().is_none());
 }
 
