@@ -116,6 +116,19 @@ pub struct ContainerArgs {
     #[arg(long = "proxy-idle-timeout", value_name = "SECONDS", default_value = "300")]
     pub proxy_idle_timeout: String,
 
+    /// Shell command run before each rollout (after the pull).
+    #[arg(long = "before-deploy-hook", value_name = "COMMAND")]
+    pub before_deploy_hook: Option<String>,
+
+    /// Shell command run after each rollout.
+    #[arg(long = "after-deploy-hook", value_name = "COMMAND")]
+    pub after_deploy_hook: Option<String>,
+
+    /// Pass this secret variable to the hooks too (see `dewy server`).
+    /// Repeatable.
+    #[arg(long = "pass-env", value_name = "NAME")]
+    pub pass_env: Vec<String>,
+
     /// Address the proxies listen on. Default 0.0.0.0 (as Dewy).
     #[arg(long = "listen", value_name = "ADDR", default_value = "0.0.0.0")]
     pub listen: String,

@@ -30,7 +30,7 @@ const SECRETS: &[&str] = &[
     "DEWY_GRPC_TOKEN",
 ];
 
-fn child_env(pass: &[String]) -> Vec<(OsString, OsString)> {
+pub(crate) fn child_env(pass: &[String]) -> Vec<(OsString, OsString)> {
     std::env::vars_os()
         .filter(|(k, _)| {
             let name = k.to_string_lossy();

@@ -105,6 +105,7 @@ fn dewy_via(
         ])
         .args(["--stop-timeout", "1s", "-i", "1", "--listen", "127.0.0.1", "-n", app])
         .args(["--admin-port", &admin.to_string()])
+        .args(["--after-deploy-hook", "echo \"$DEWY_VERSION $DEWY_APP\" >> hooks.log"])
         .arg("-w")
         .arg(workdir)
         .stdout(Stdio::null())
@@ -177,6 +178,19 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     let (ok, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{errors:?} of {ok}: {}", text());
     assert!(ok > 50);
+    // The after hook ran once per rollout (once the old replicas are
+    // gone), in the workdir.
+    let hooks_log = dir.path().join("hooks.log");
+    wait_for("the v3 after hook", Duration::from_secs(30), || {
+        std::fs::read_to_string(&hooks_log).is_ok_and(|h| h.contains("v3.0.0"))
+    });
+    let hooks = std::fs::read_to_string(&hooks_log).unwrap();
+    assert_eq!(
+        hooks,
+        format!("v1.0.0 {app}\nv2.0.0 {app}\nv3.0.0 {app}\n"),
+        "{}",
+        text()
+    );
 
     // dewy killed: the next one adopts the replicas and serves at once.
     wait_for("the v2 replicas retired", Duration::from_secs(30), || {

@@ -123,6 +123,18 @@ pub struct ContainerConfig {
     pub cmd: Vec<String>,
     /// A proxied connection idle this long is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// Shell command run before each rollout (`sh -c`, in `workdir`); a
+    /// failure is logged and notified, the rollout goes on (as Dewy).
+    pub before_hook: Option<String>,
+    /// Shell command run after each rollout.
+    pub after_hook: Option<String>,
+    /// The environment hooks get (secrets removed by the caller), before
+    /// `DEWY_VERSION`, `DEWY_IMAGE` and `DEWY_APP`.
+    pub hook_env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// Where hooks run.
+    pub workdir: std::path::PathBuf,
+    /// Hooks are killed after this.
+    pub hook_timeout: Duration,
 }
 
 /// A replica in rotation.
@@ -475,10 +487,35 @@ impl ContainerDeployer {
         self.roll_out(&release).await
     }
 
+    /// Runs a deploy hook for `release`; failures are logged and notified.
+    async fn hook(&self, stage: &str, command: Option<&String>, release: &Release) {
+        let Some(command) = command else { return };
+        let mut env = self.config.hook_env.clone();
+        env.push(("DEWY_VERSION".into(), release.tag.clone().into()));
+        env.push(("DEWY_IMAGE".into(), release.artifact_url.clone().into()));
+        env.push(("DEWY_APP".into(), self.config.app.clone().into()));
+        match dewy_core::run_hook(command, &self.config.workdir, &env, self.config.hook_timeout).await {
+            Ok(o) if o.success() => {
+                tracing::info!(command, stdout = %o.stdout, stderr = %o.stderr, duration = ?o.duration, "Execute hook");
+            }
+            Ok(o) => {
+                tracing::error!(command, error = %o.failure(), exit_code = o.exit_code.unwrap_or(-1), "{stage} deploy hook failure");
+                self.notify
+                    .send_error(format!("{stage} deploy hook failure: {}", o.failure()));
+            }
+            Err(err) => {
+                tracing::error!(command, error = %err, "{stage} deploy hook failure");
+                self.notify
+                    .send_error(format!("{stage} deploy hook could not run: {err}"));
+            }
+        }
+    }
+
     async fn roll_out(&self, release: &Release) -> Result<Outcome, Error> {
         tracing::info!(tag = %release.tag, image = %release.artifact_url, "Pulling image");
         self.runtime.pull(&release.artifact_url).await?;
         self.notify.send(format!("Pulled image for `{}`", release.tag));
+        self.hook("Before", self.config.before_hook.as_ref(), release).await;
         let old = self.replicas();
         let mut new = Vec::new();
         for i in 0..self.config.replicas.max(1) {
@@ -505,6 +542,7 @@ impl ContainerDeployer {
             self.retire(&r.id).await;
         }
         tracing::info!(tag = %release.tag, replicas = new.len(), "Container deployed");
+        self.hook("After", self.config.after_hook.as_ref(), release).await;
         self.notify.send_important(format!(
             "Container deployed successfully: `{}/{}` replicas of `{}`",
             new.len(),

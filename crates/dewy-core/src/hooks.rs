@@ -62,8 +62,8 @@ async fn read_limited(mut r: impl tokio::io::AsyncRead + Unpin) -> String {
 }
 
 /// Runs `command` with `/bin/sh -c` in `dir` with exactly `env`, killing its
-/// process group after `timeout`.
-pub(crate) async fn run(
+/// process group after `timeout`. Output is kept up to 64 KiB per stream.
+pub async fn run(
     command: &str,
     dir: &Path,
     env: &[(OsString, OsString)],

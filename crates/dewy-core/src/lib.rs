@@ -79,7 +79,7 @@ pub use dewy_registry::Registry;
 pub use dewy_starter::Supervisor;
 pub use error::Error;
 pub use history::{Entry as HistoryEntry, read as read_history};
-pub use hooks::HookOutcome;
+pub use hooks::{HookOutcome, run as run_hook};
 pub use layout::{ReleaseInfo, Releases, pinned, set_pin};
 pub use metrics::{DEPLOYMENT_BUCKETS, Histogram, HistogramSnapshot, Metrics};
 pub use progress::{DeployProgress, LogProgress};
