@@ -16,6 +16,33 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A `dewy container` child, killed when the test ends however it ends
+/// (declared after [`Cleanup`], so it stops before the containers are
+/// removed and cannot replace them).
+struct Dewy(Child);
+
+impl std::ops::Deref for Dewy {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Dewy {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Dewy {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Removes the app's containers at the end, whatever happened.
 struct Cleanup(Vec<(String, std::path::PathBuf)>, String);
 
@@ -68,7 +95,7 @@ fn dewy(
     ports: (u16, u16),
     log: &std::path::Path,
     workdir: &std::path::Path,
-) -> Child {
+) -> Dewy {
     dewy_via(registry, &registry.host, app, ports, log, workdir)
 }
 
@@ -88,7 +115,7 @@ fn dewy_via(
     (proxy, admin): (u16, u16),
     log: &std::path::Path,
     workdir: &std::path::Path,
-) -> Child {
+) -> Dewy {
     let mut cmd = Command::cargo_bin("dewy").unwrap();
     for (k, v) in &registry.podman_env {
         cmd.env(k, v);
@@ -111,6 +138,7 @@ fn dewy_via(
         .stdout(Stdio::null())
         .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
         .spawn()
+        .map(Dewy)
         .unwrap()
 }
 
