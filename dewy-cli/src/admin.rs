@@ -43,6 +43,29 @@ pub(crate) struct Admin {
     pub(crate) registry: String,
     /// Sizes of release folders (they never change once extracted).
     pub(crate) sizes: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// The fleet as last read, and when: status pages poll it, and with a
+    /// bucket cache each read lists the bucket and reads every host.
+    pub(crate) fleet: std::sync::Mutex<Option<(std::time::Instant, Vec<serde_json::Value>)>>,
+}
+
+/// How long a read of the fleet is reused.
+const FLEET_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Admin {
+    async fn fleet(&self) -> Vec<serde_json::Value> {
+        {
+            let cached = self.fleet.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((at, hosts)) = cached.as_ref()
+                && at.elapsed() < FLEET_READ_EVERY
+            {
+                return hosts.clone();
+            }
+        }
+        let hosts = self.deployer.fleet().await;
+        *self.fleet.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), hosts.clone()));
+        hosts
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -72,14 +95,11 @@ fn router(admin: Arc<Admin>, trusted: bool) -> Router {
         .with_state(Ctx { admin, trusted })
 }
 
-/// Starts the listeners; they stop when `shutdown` fires.
-pub(crate) async fn serve(
-    admin: Arc<Admin>,
-    port: Option<u16>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+/// Listens on `.dewy/admin.sock` in `root`, owner only (a stale socket
+/// file from a killed dewy is replaced).
+pub(crate) fn bind_socket(root: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
     use anyhow::Context;
-    let path = crate::client::socket_path(&admin.root);
+    let path = crate::client::socket_path(root);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -87,6 +107,16 @@ pub(crate) async fn serve(
     let unix = tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     tracing::info!(path = %path.display(), "Admin API listening");
+    Ok(unix)
+}
+
+/// Starts the listeners; they stop when `shutdown` fires.
+pub(crate) async fn serve(
+    admin: Arc<Admin>,
+    port: Option<u16>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let unix = bind_socket(&admin.root)?;
     let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
@@ -197,7 +227,7 @@ async fn page(State(ctx): State<Ctx>) -> Response {
         (false, None) => crate::page::Auth::None,
     };
     let status = status_json(&ctx.admin).await;
-    let fleet = ctx.admin.deployer.fleet().await;
+    let fleet = ctx.admin.fleet().await;
     let html = crate::page::render(
         &status,
         &history_entries(&ctx.admin),
@@ -229,7 +259,7 @@ async fn history(State(ctx): State<Ctx>) -> Response {
 }
 
 async fn fleet(State(ctx): State<Ctx>) -> Response {
-    axum::Json(ctx.admin.deployer.fleet().await).into_response()
+    axum::Json(ctx.admin.fleet().await).into_response()
 }
 
 async fn releases(State(ctx): State<Ctx>) -> Response {

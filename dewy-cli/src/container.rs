@@ -186,9 +186,8 @@ async fn run(s: Settings) -> Result<()> {
     serve_admin(deployer.clone(), checks.clone(), &s.workdir, s.admin_port).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    // One ERROR line per failure; the same failure again at DEBUG, and at
-    // ERROR every 10 minutes.
-    let mut failing: Option<(String, std::time::Instant, u64)> = None;
+    // One ERROR line per failure, as in server mode.
+    let mut failures = dewy_core::FailureLog::default();
     loop {
         match deployer.tick().await {
             Ok(outcome) => {
@@ -196,28 +195,16 @@ async fn run(s: Settings) -> Result<()> {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .record(&format!("{outcome:?}"), None);
-                if let Some((_, _, count)) = failing.take() {
-                    tracing::info!(failed_ticks = count, "Dewy run recovered");
-                }
+                failures.recovered();
                 tracing::debug!(?outcome, "Check done");
             }
             Err(err) => {
-                let text = chain(&err);
+                let text = dewy_core::chain(&err);
                 checks
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .record("error", Some(&text));
-                match &mut failing {
-                    Some((last, since, count)) if *last == text && since.elapsed() < Duration::from_secs(600) => {
-                        *count += 1;
-                        tracing::debug!(error = %text, count = *count, "Dewy run failure");
-                    }
-                    _ => {
-                        let count = failing.as_ref().map_or(1, |(_, _, c)| c + 1);
-                        tracing::error!(error = %text, count, "Dewy run failure");
-                        failing = Some((text.clone(), std::time::Instant::now(), count));
-                    }
-                }
+                failures.failed(&text);
                 notify.send_error(text);
             }
         }
@@ -256,8 +243,9 @@ type Checks = Arc<std::sync::Mutex<LastCheck>>;
 
 fn status(d: &dewy_container::ContainerDeployer, checks: &Checks) -> serde_json::Value {
     let last = checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let replicas: Vec<_> = d
-        .replicas()
+    let running = d.replicas();
+    let current_version = running.first().map(|r| r.version.clone());
+    let replicas: Vec<_> = running
         .into_iter()
         .map(|r| serde_json::json!({"id": r.id, "version": r.version, "digest": r.digest}))
         .collect();
@@ -288,7 +276,7 @@ fn status(d: &dewy_container::ContainerDeployer, checks: &Checks) -> serde_json:
     serde_json::json!({
         "mode": "container",
         "dewy_version": env!("CARGO_PKG_VERSION"),
-        "current_version": d.replicas().first().map(|r| r.version.clone()),
+        "current_version": current_version,
         "replicas": replicas,
         "proxies": proxies,
         "last_check": last.at.map(|t| t.to_string()),
@@ -372,14 +360,7 @@ async fn serve_admin(
                 }
             }),
         );
-    let path = crate::client::socket_path(workdir);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(&path);
-    let unix = tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    tracing::info!(path = %path.display(), "Admin API listening");
+    let unix = crate::admin::bind_socket(workdir)?;
     let unix_app = app.clone();
     tokio::spawn(async move {
         let _ = axum::serve(unix, unix_app).await;
@@ -394,18 +375,6 @@ async fn serve_admin(
         });
     }
     Ok(())
-}
-
-/// An error and its causes on one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// `dewy container list`: the app's replicas as the runtime sees them.

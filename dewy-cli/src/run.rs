@@ -414,6 +414,7 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
         webhook_secret: s.webhook_secret.clone(),
         registry: dewy_registry::SafeUrl(&s.registry).to_string(),
         sizes: std::sync::Mutex::default(),
+        fleet: std::sync::Mutex::default(),
     });
     crate::admin::serve(admin, s.admin_port, admin_rx).await?;
     let otlp = match &s.otlp {

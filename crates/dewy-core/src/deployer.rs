@@ -1010,9 +1010,10 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(600);
 
 /// The ERROR lines of failed ticks: one per failure, an unchanged failure
 /// again only every [`FAILURE_LOG_EVERY`] with how often it repeated (DEBUG
-/// in between), a new failure at once.
+/// in between), a new failure at once. Used by the deploy loop and by
+/// loops built on dewy's crates (container mode).
 #[derive(Debug, Default)]
-struct FailureLog {
+pub struct FailureLog {
     /// The failure's fingerprint, when it was last logged at ERROR, and
     /// the ticks it failed since then.
     last: Option<(String, std::time::Instant, u64)>,
@@ -1036,7 +1037,8 @@ impl FailureLog {
         out
     }
 
-    fn failed(&mut self, error: &str) {
+    /// A failed tick with its error chain.
+    pub fn failed(&mut self, error: &str) {
         self.count += 1;
         let count = self.count;
         let key = Self::fingerprint(error);
@@ -1057,7 +1059,8 @@ impl FailureLog {
         }
     }
 
-    fn recovered(&mut self) {
+    /// A good tick: `Dewy run recovered` once after failures.
+    pub fn recovered(&mut self) {
         if self.last.take().is_some() {
             tracing::info!(failed_ticks = self.count, "Dewy run recovered");
         }

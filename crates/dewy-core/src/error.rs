@@ -135,7 +135,7 @@ impl Error {
 }
 
 /// `err` and its sources on one line, joined by `: `.
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+pub fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {

@@ -72,12 +72,12 @@ mod progress;
 mod status;
 
 pub use config::{Clock, Config, Mode, Soak, SystemClock};
-pub use deployer::{Deployer, SHUTDOWN_GRACE, TickOutcome};
+pub use deployer::{Deployer, FailureLog, SHUTDOWN_GRACE, TickOutcome};
 pub use dewy_cache::Cache;
 pub use dewy_notify::Notify;
 pub use dewy_registry::Registry;
 pub use dewy_starter::Supervisor;
-pub use error::Error;
+pub use error::{Error, chain};
 pub use history::{Entry as HistoryEntry, read as read_history};
 pub use hooks::{HookOutcome, run as run_hook};
 pub use layout::{ReleaseInfo, Releases, pinned, set_pin};
