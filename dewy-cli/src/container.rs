@@ -377,7 +377,30 @@ async fn serve_admin(
     Ok(())
 }
 
-/// `dewy container list`: the app's replicas as the runtime sees them.
+/// The containers a running dewy's proxies route to (backends not failed).
+fn in_rotation(status: &serde_json::Value) -> Vec<String> {
+    status["proxies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["backends"].as_array().into_iter().flatten())
+        .filter(|b| b["failed"] != serde_json::Value::Bool(true))
+        .filter_map(|b| b["container"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `12s`, `5m`, `3h`, `2d`.
+fn human_duration(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// `dewy container list`: the app's replicas as the runtime sees them,
+/// with uptime and, when dewy runs, whether each one serves.
 fn list(args: &ContainerArgs) -> ExitCode {
     let app = args
         .name
@@ -393,14 +416,44 @@ fn list(args: &ContainerArgs) -> ExitCode {
     });
     match result {
         Ok(list) => {
-            println!("{:<66} {:<8} {:<14} DIGEST", "CONTAINER", "STATE", "VERSION");
+            // Health as the running dewy sees it: a replica is serving when
+            // its proxy backend is in rotation.
+            let workdir = std::path::PathBuf::from(args.workdir.as_deref().unwrap_or("."));
+            let served = crate::client::request(&workdir, "GET", "/api/status")
+                .ok()
+                .filter(|(code, _)| *code == 200)
+                .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .map(|status| in_rotation(&status));
+            let now = jiff::Timestamp::now().as_second();
+            println!(
+                "{:<14} {:<8} {:<10} {:<12} {:<14} DIGEST",
+                "CONTAINER", "STATE", "UPTIME", "HEALTH", "VERSION"
+            );
             for c in list {
+                let uptime = match c.started_at {
+                    Some(t) if c.running => human_duration((now - t).max(0)),
+                    _ => "-".to_owned(),
+                };
+                let health = match (&served, c.running) {
+                    (_, false) => "stopped",
+                    (None, true) => "unknown",
+                    (Some(ids), true) if ids.iter().any(|id| id == &c.id) => "serving",
+                    (Some(_), true) => "not-serving",
+                };
                 println!(
-                    "{:<66} {:<8} {:<14} {}",
-                    c.id,
+                    "{:<14} {:<8} {:<10} {:<12} {:<14} {}",
+                    c.id.get(..12).unwrap_or(&c.id),
                     if c.running { "running" } else { "stopped" },
+                    uptime,
+                    health,
                     c.version,
                     c.digest
+                );
+            }
+            if served.is_none() {
+                eprintln!(
+                    "note: no dewy answers on {}; HEALTH is unknown",
+                    crate::client::socket_path(&workdir).display()
                 );
             }
             ExitCode::SUCCESS

@@ -231,13 +231,34 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     let started = Instant::now();
     let mut child = dewy(&registry, &app, (proxy, admin), &log, dir.path());
     wait_for("serving again", Duration::from_secs(10), || serving("v3.0.0"));
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        started.elapsed()
-    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(replicas(&registry, &app), before, "adopted, none replaced: {}", text());
+
+    // `dewy container list`: both replicas, their uptime, serving.
+    let out = Command::new(env!("CARGO_BIN_EXE_dewy"))
+        .args(["container", "list", "--runtime", "podman", "--name", &app, "-w"])
+        .arg(dir.path())
+        .envs(registry.podman_env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    for id in &before {
+        let row = rows
+            .iter()
+            .find(|r| id.starts_with(r.split_whitespace().next().unwrap()));
+        let cols: Vec<&str> = row
+            .unwrap_or_else(|| panic!("{id} in {table}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(cols[1], "running", "{table}");
+        assert!(cols[2].ends_with('s') || cols[2].ends_with('m'), "uptime: {table}");
+        assert_eq!((cols[3], cols[4]), ("serving", "v3.0.0"), "{table}");
+    }
 
     // A replica killed by hand is replaced.
     let victim = before[0].clone();

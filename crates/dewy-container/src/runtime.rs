@@ -26,6 +26,8 @@ pub struct Container {
     pub version: String,
     /// Its `dewy.deployed_at` label.
     pub deployed_at: String,
+    /// When the container last started (Unix seconds), as the runtime says.
+    pub started_at: Option<i64>,
     /// The image id it runs.
     pub image: String,
 }
@@ -192,14 +194,14 @@ impl Runtime {
                 .run_cmd(&Self::args(&[
                     "inspect",
                     "--format",
-                    r#"{{.State.Running}}|{{index .Config.Labels "dewy.digest"}}|{{index .Config.Labels "dewy.version"}}|{{index .Config.Labels "dewy.deployed_at"}}|{{.Image}}"#,
+                    r#"{{.State.Running}}|{{index .Config.Labels "dewy.digest"}}|{{index .Config.Labels "dewy.version"}}|{{index .Config.Labels "dewy.deployed_at"}}|{{.State.StartedAt.Unix}}|{{.Image}}"#,
                     id,
                 ]))
                 .await
             else {
                 continue; // removed meanwhile
             };
-            let mut parts = line.splitn(5, '|');
+            let mut parts = line.splitn(6, '|');
             let mut next = || parts.next().unwrap_or_default().to_owned();
             out.push(Container {
                 id: id.to_owned(),
@@ -207,6 +209,7 @@ impl Runtime {
                 digest: next(),
                 version: next(),
                 deployed_at: next(),
+                started_at: next().trim().parse().ok().filter(|t: &i64| *t > 0),
                 image: next(),
             });
         }

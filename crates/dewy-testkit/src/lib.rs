@@ -933,6 +933,162 @@ impl FlakyProxy {
     }
 }
 
+/// What a [`RegistryGate`] does in front of a registry.
+#[derive(Debug, Clone)]
+pub enum GateMode {
+    /// Token auth as Docker Hub and ghcr.io speak it: `/v2/` requests
+    /// without a bearer token issued by the gate get `401` with a
+    /// `WWW-Authenticate: Bearer realm=…/token,service=…,scope=…`
+    /// challenge; `/token` issues a token for these Basic credentials
+    /// (and refuses others with `401`).
+    Token {
+        /// The accepted user name.
+        user: String,
+        /// The accepted password.
+        password: String,
+    },
+    /// Manifest requests answer `200` with a body that is not a manifest
+    /// (and no digest header); everything else is forwarded.
+    MalformedManifest,
+}
+
+/// An HTTP front on 127.0.0.1 for an OCI registry (one request per
+/// connection, forwarded with `Connection: close`), which adds token auth
+/// or serves malformed manifests.
+#[derive(Debug)]
+pub struct RegistryGate {
+    /// `127.0.0.1:PORT`.
+    pub host: String,
+    tokens_issued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RegistryGate {
+    /// Starts a gate in front of `upstream` (`HOST:PORT`).
+    pub fn start(upstream: &str, mode: GateMode) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind registry gate");
+        let host = listener.local_addr().expect("gate address").to_string();
+        let upstream = upstream.to_owned();
+        let tokens_issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (issued, realm) = (tokens_issued.clone(), format!("http://{host}/token"));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let (upstream, mode, issued, realm) = (upstream.clone(), mode.clone(), issued.clone(), realm.clone());
+                std::thread::spawn(move || gate_one(client, &upstream, &mode, &issued, &realm));
+            }
+        });
+        Self { host, tokens_issued }
+    }
+
+    /// Tokens issued so far.
+    pub fn tokens_issued(&self) -> usize {
+        self.tokens_issued.load(Ordering::SeqCst)
+    }
+}
+
+fn gate_one(
+    mut client: TcpStream,
+    upstream: &str,
+    mode: &GateMode,
+    issued: &std::sync::atomic::AtomicUsize,
+    realm: &str,
+) {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reader = BufReader::new(client.try_clone().expect("clone"));
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line == "\r\n" => break,
+            Ok(_) => head.push(line.trim_end().to_owned()),
+        }
+    }
+    let Some(target) = head.first().and_then(|l| l.split(' ').nth(1)).map(str::to_owned) else {
+        return;
+    };
+    let header = |name: &str| {
+        head.iter().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    };
+    let answer = |client: &mut TcpStream, status: &str, extra: &str, body: &str| {
+        let _ = write!(
+            client,
+            "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    };
+    match mode {
+        GateMode::Token { user, password } => {
+            use base64::Engine as _;
+            let basic = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            );
+            if target.starts_with("/token") {
+                if header("authorization").as_deref() == Some(basic.as_str()) {
+                    let n = issued.fetch_add(1, Ordering::SeqCst) + 1;
+                    answer(
+                        &mut client,
+                        "200 OK",
+                        "",
+                        &format!(r#"{{"token":"gate-{n}","expires_in":300}}"#),
+                    );
+                } else {
+                    answer(
+                        &mut client,
+                        "401 Unauthorized",
+                        "",
+                        r#"{"details":"incorrect username or password"}"#,
+                    );
+                }
+                return;
+            }
+            let token = header("authorization").unwrap_or_default();
+            let valid = token
+                .strip_prefix("Bearer gate-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n >= 1 && n <= issued.load(Ordering::SeqCst));
+            if !valid {
+                let challenge = format!(
+                    "WWW-Authenticate: Bearer realm=\"{realm}\",service=\"gate\",scope=\"repository:acme/web:pull\"\r\n"
+                );
+                answer(
+                    &mut client,
+                    "401 Unauthorized",
+                    &challenge,
+                    r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+                );
+                return;
+            }
+        }
+        GateMode::MalformedManifest => {
+            if target.contains("/manifests/") {
+                answer(&mut client, "200 OK", "", "{not a manifest");
+                return;
+            }
+        }
+    }
+    let Ok(mut server) = TcpStream::connect(upstream) else {
+        return;
+    };
+    let mut request = String::new();
+    for line in head
+        .iter()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+    {
+        request.push_str(line);
+        request.push_str("\r\n");
+    }
+    request.push_str("Connection: close\r\n\r\n");
+    if server.write_all(request.as_bytes()).is_err() {
+        return;
+    }
+    let _ = std::io::copy(&mut server, &mut client);
+}
+
 /// A forward HTTP proxy (Debian's tinyproxy) on 127.0.0.1, for the proxy
 /// settings of dewy's clients (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`).
 #[derive(Debug)]
