@@ -122,7 +122,7 @@ impl CloudCache {
     }
 
     fn shared(key: &Key) -> bool {
-        key.is_artifact() || key.is_bad_record() || key.is_host_record()
+        key.is_artifact() || key.is_bad_record() || key.is_host_record() || key.is_rollout_record()
     }
 
     fn name(&self, key: &Key) -> String {
@@ -226,6 +226,41 @@ impl Cache for CloudCache {
             }
         }
         Ok(out)
+    }
+
+    /// Straight from the bucket: no local fallback.
+    async fn read_versioned(&self, key: &Key) -> Result<Option<crate::Versioned>, Error> {
+        Ok(self
+            .store
+            .get(&self.name(key))
+            .await?
+            .map(|(data, version)| crate::Versioned { data, version }))
+    }
+
+    /// S3 `If-None-Match: *` / `If-Match: <etag>`, GCS
+    /// `ifGenerationMatch`.
+    async fn write_if(&self, key: &Key, data: &[u8], expected: Option<&str>) -> Result<String, Error> {
+        let pre = match expected {
+            None => Precondition::Absent,
+            Some(v) => Precondition::Matches(v.to_owned()),
+        };
+        match self.store.put(&self.name(key), data.to_vec(), pre).await {
+            Err(dewy_store::Error::Conflict { .. }) => Err(Error::Conflict { key: key.to_string() }),
+            other => Ok(other?),
+        }
+    }
+
+    /// The object's Last-Modified (S3) or update time (GCS), from a
+    /// listing of its exact name.
+    async fn written_at(&self, key: &Key) -> Result<Option<std::time::SystemTime>, Error> {
+        let name = self.name(key);
+        let listing = self.store.list(&name, false).await?;
+        Ok(listing
+            .objects
+            .into_iter()
+            .find(|o| o.name == name)
+            .and_then(|o| o.modified)
+            .map(std::time::SystemTime::from))
     }
 
     async fn delete(&self, key: &Key) -> Result<(), Error> {

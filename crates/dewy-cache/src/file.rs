@@ -106,6 +106,43 @@ impl FileCache {
 
     fn write_blocking(&self, key: &Key, data: &[u8]) -> Result<(), Error> {
         let _lock = self.lock()?;
+        self.replace_locked(key, data)
+    }
+
+    /// The version of the file under `key` (its inode and mtime: every
+    /// write renames a new file into place), `None` when absent.
+    fn version_of(&self, key: &Key) -> Result<Option<String>, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.path(key);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(format!("{}-{}.{}", m.ino(), m.mtime(), m.mtime_nsec()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", &path, e)),
+        }
+    }
+
+    fn read_versioned_blocking(&self, key: &Key) -> Result<Option<crate::Versioned>, Error> {
+        let _lock = self.lock()?;
+        let Some(version) = self.version_of(key)? else {
+            return Ok(None);
+        };
+        let path = self.path(key);
+        let data = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        Ok(Some(crate::Versioned { data, version }))
+    }
+
+    fn write_if_blocking(&self, key: &Key, data: &[u8], expected: Option<&str>) -> Result<String, Error> {
+        let _lock = self.lock()?;
+        if self.version_of(key)?.as_deref() != expected {
+            return Err(Error::Conflict { key: key.to_string() });
+        }
+        self.replace_locked(key, data)?;
+        Ok(self.version_of(key)?.unwrap_or_default())
+    }
+
+    /// Writes `data` under `key` (temporary file, fsync, rename); the
+    /// caller holds the lock.
+    fn replace_locked(&self, key: &Key, data: &[u8]) -> Result<(), Error> {
         let mut tmp = tempfile::Builder::new()
             .prefix(".tmp-")
             .tempfile_in(&self.dir)
@@ -214,6 +251,27 @@ impl Cache for FileCache {
     async fn list(&self) -> Result<Vec<Entry>, Error> {
         let this = self.clone();
         blocking(move || this.list_blocking()).await
+    }
+
+    async fn read_versioned(&self, key: &Key) -> Result<Option<crate::Versioned>, Error> {
+        let (this, key) = (self.clone(), key.clone());
+        blocking(move || this.read_versioned_blocking(&key)).await
+    }
+
+    async fn write_if(&self, key: &Key, data: &[u8], expected: Option<&str>) -> Result<String, Error> {
+        let (this, key, data, expected) = (self.clone(), key.clone(), data.to_vec(), expected.map(str::to_owned));
+        blocking(move || this.write_if_blocking(&key, &data, expected.as_deref())).await
+    }
+
+    /// The file's mtime, which the kernel sets: on a shared mount, the
+    /// file server's or the kernel's clock, not a process's idea of time.
+    async fn written_at(&self, key: &Key) -> Result<Option<std::time::SystemTime>, Error> {
+        let path = self.path(key);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => Ok(m.modified().ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", &path, e)),
+        }
     }
 
     async fn delete(&self, key: &Key) -> Result<(), Error> {

@@ -92,9 +92,35 @@ impl Key {
         self.0.starts_with(Self::HOST_PREFIX)
     }
 
+    const ROLLOUT_PREFIX: &'static str = "rollout.";
+
+    /// The key of the staged-rollout record of the release of artifact key
+    /// `artifact`: `rollout.<tag>--<artifact>`, shared by the fleet.
+    pub fn rollout(artifact: &Key) -> Self {
+        Self(format!("{}{}", Self::ROLLOUT_PREFIX, artifact.0))
+    }
+
+    /// Whether this key is a staged-rollout record.
+    pub fn is_rollout_record(&self) -> bool {
+        self.0.starts_with(Self::ROLLOUT_PREFIX)
+    }
+
+    /// The artifact key a bad-release or rollout record is about.
+    pub fn subject(&self) -> Option<Key> {
+        let rest = self
+            .0
+            .strip_prefix(Self::BAD_PREFIX)
+            .or_else(|| self.0.strip_prefix(Self::ROLLOUT_PREFIX))?;
+        Some(Self(rest.to_owned()))
+    }
+
     /// Whether this key names an artifact (`<tag>--<artifact>`).
     pub fn is_artifact(&self) -> bool {
-        self.0.contains("--") && !self.is_bad_record() && !self.is_host_record() && !self.0.starts_with(Self::CURRENT)
+        self.0.contains("--")
+            && !self.is_bad_record()
+            && !self.is_host_record()
+            && !self.is_rollout_record()
+            && !self.0.starts_with(Self::CURRENT)
     }
 
     /// The key as a string.

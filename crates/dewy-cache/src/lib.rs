@@ -98,6 +98,29 @@ pub enum Error {
     /// A failure injected by a test backend.
     #[error("injected failure: {0}")]
     Injected(String),
+    /// A conditional write found another version than the one expected
+    /// (another host wrote first): read again and retry.
+    #[error("`{key}` was changed by another writer")]
+    Conflict {
+        /// The record.
+        key: String,
+    },
+    /// The backend cannot do this (a conditional write on a backend
+    /// without compare-and-swap).
+    #[error("this cache cannot {op}")]
+    Unsupported {
+        /// What was asked.
+        op: &'static str,
+    },
+}
+
+/// A record read with its version, for a later [`Cache::write_if`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The value.
+    pub data: Vec<u8>,
+    /// Opaque version (S3 ETag, GCS generation, file inode and mtime).
+    pub version: String,
 }
 
 impl Error {
@@ -135,6 +158,32 @@ pub trait Cache: Send + Sync + std::fmt::Debug {
 
     /// Removes a value; absent keys are not an error.
     async fn delete(&self, key: &Key) -> Result<(), Error>;
+
+    /// Reads a record shared by the fleet with its version. Unlike
+    /// [`Cache::read`], a shared backend that fails is an error (never a
+    /// fallback to a local copy): coordination must not act on stale
+    /// state.
+    async fn read_versioned(&self, _key: &Key) -> Result<Option<Versioned>, Error> {
+        Err(Error::Unsupported {
+            op: "read a record with its version",
+        })
+    }
+
+    /// Writes `data` under `key` only if its version is still `expected`
+    /// (`None`: only if it does not exist), and returns the new version;
+    /// [`Error::Conflict`] when another writer came first.
+    async fn write_if(&self, _key: &Key, _data: &[u8], _expected: Option<&str>) -> Result<String, Error> {
+        Err(Error::Unsupported {
+            op: "write conditionally",
+        })
+    }
+
+    /// When the storage last wrote `key`, by the storage's own clock (the
+    /// object's Last-Modified or update time, the file's mtime): the clock
+    /// every host of a fleet can agree on.
+    async fn written_at(&self, _key: &Key) -> Result<Option<SystemTime>, Error> {
+        Ok(None)
+    }
 
     /// When a shared backend cannot be reached and the cache works on its
     /// local copy only: why (for status and metrics). `None` when healthy.

@@ -129,6 +129,38 @@ impl Cache for MemoryCache {
         Ok(out)
     }
 
+    async fn read_versioned(&self, key: &Key) -> Result<Option<crate::Versioned>, Error> {
+        let mut s = self.state.lock().unwrap();
+        Self::take_failure(&mut s.fail_reads, "read")?;
+        Ok(s.values.get(key).map(|(data, t)| crate::Versioned {
+            data: data.clone(),
+            version: version_of(*t),
+        }))
+    }
+
+    async fn write_if(&self, key: &Key, data: &[u8], expected: Option<&str>) -> Result<String, Error> {
+        let mut s = self.state.lock().unwrap();
+        Self::take_failure(&mut s.fail_writes, "write")?;
+        let current = s.values.get(key).map(|(_, t)| version_of(*t));
+        if current.as_deref() != expected {
+            return Err(Error::Conflict { key: key.to_string() });
+        }
+        // Versions are write times: make each one differ from the last.
+        let mut at = SystemTime::now();
+        if let Some((_, t)) = s.values.get(key)
+            && at <= *t
+        {
+            at = *t + std::time::Duration::from_nanos(1);
+        }
+        s.values.insert(key.clone(), (data.to_vec(), at));
+        s.writes.push(key.clone());
+        Ok(version_of(at))
+    }
+
+    async fn written_at(&self, key: &Key) -> Result<Option<SystemTime>, Error> {
+        Ok(self.state.lock().unwrap().values.get(key).map(|(_, t)| *t))
+    }
+
     async fn delete(&self, key: &Key) -> Result<(), Error> {
         let mut s = self.state.lock().unwrap();
         s.values.remove(key);
@@ -141,4 +173,8 @@ impl Cache for MemoryCache {
     fn staging_dir(&self) -> &Path {
         &self.staging
     }
+}
+
+fn version_of(t: SystemTime) -> String {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos().to_string()
 }

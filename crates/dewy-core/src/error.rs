@@ -13,6 +13,13 @@ pub enum Error {
     /// The cache failed.
     #[error("cache operation failed")]
     Cache(#[source] dewy_cache::Error),
+    /// A staged rollout could not be read or updated in the shared cache
+    /// (see [`crate::rollout`]): the host does not deploy until it can.
+    #[error("rollout: {reason}")]
+    Rollout {
+        /// What failed.
+        reason: String,
+    },
     /// An artifact that was just cached cannot be found in the cache.
     #[error("`{key}` vanished from the cache right after it was stored")]
     CacheVanished {

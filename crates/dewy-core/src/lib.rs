@@ -69,6 +69,7 @@ mod layout;
 mod metrics;
 mod operator;
 mod progress;
+pub mod rollout;
 mod status;
 
 pub use config::{Clock, Config, Mode, Soak, SystemClock};
