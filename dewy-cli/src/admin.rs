@@ -8,6 +8,7 @@
 //! | `GET /api/history` | the deployment history, oldest first (JSON) |
 //! | `GET /api/releases` | the releases on disk (JSON) |
 //! | `GET /api/fleet` | every host's heartbeat in the (shared) cache (JSON) |
+//! | `GET /api/rollout` | the staged rollout this host last saw (JSON record, `null` without one) |
 //! | `POST /api/check` | check the registry now |
 //! | `POST /api/restart` | restart the application gracefully |
 //! | `POST /api/clear-bad` | forget the releases recorded as bad |
@@ -85,6 +86,7 @@ fn router(admin: Arc<Admin>, trusted: bool) -> Router {
         .route("/api/history", get(history))
         .route("/api/releases", get(releases))
         .route("/api/fleet", get(fleet))
+        .route("/api/rollout", get(rollout))
         .route("/api/check", post(check))
         .route("/api/restart", post(restart))
         .route("/api/clear-bad", post(clear_bad))
@@ -194,6 +196,11 @@ async fn status_json(admin: &Admin) -> serde_json::Value {
     json["registry"] = admin.registry.clone().into();
     json["uptime_seconds"] = uptime.into();
     json
+}
+
+/// The rollout this host last read or wrote (no bucket request).
+async fn rollout(State(ctx): State<Ctx>) -> Response {
+    axum::Json(serde_json::to_value(ctx.admin.deployer.rollout_seen()).unwrap_or_default()).into_response()
 }
 
 /// The releases on disk, with their sizes.

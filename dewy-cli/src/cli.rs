@@ -48,6 +48,13 @@ pub enum Command {
     /// Forget the releases recorded as bad (failed to start or failed their
     /// health checks), so they are tried again.
     ClearBad(ClearBadArgs),
+    /// A staged rollout (`--rollout`) across the fleet sharing the cache:
+    /// `status`, `pause`, `resume` or `abort` (hosts that took the release
+    /// go back). Works from any host, with or without a running dewy.
+    Rollout(RolloutArgs),
+    /// The hosts sharing the cache (from their heartbeats): version,
+    /// health, last check, whether they are live.
+    Fleet(FleetArgs),
     /// Print the shell completion script for SHELL (bash, zsh, fish,
     /// elvish, powershell): `dewy completions bash >
     /// /etc/bash_completion.d/dewy`.
@@ -185,6 +192,42 @@ pub struct ClearBadArgs {
     /// in the folder's dewy.toml, else the local file cache.
     #[arg(long = "cache", value_name = "URL")]
     pub cache: Option<String>,
+}
+
+/// `dewy rollout`.
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// `status`, `pause`, `resume` or `abort`.
+    #[arg(value_parser = ["status", "pause", "resume", "abort"], value_name = "ACTION")]
+    pub action: String,
+    /// The release (its tag). Default: the newest rollout.
+    #[arg(long = "release", value_name = "TAG")]
+    pub release: Option<String>,
+    /// The app folder (for its dewy.toml). Default: the current directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// The cache the fleet shares (`--cache` of `dewy server`/`assets`).
+    /// Default: `DEWY_CACHE`, else `cache` in the folder's dewy.toml.
+    #[arg(long = "cache", value_name = "URL")]
+    pub cache: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dewy fleet`.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// The app folder (for its dewy.toml). Default: the current directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// The cache the fleet shares. Default: `DEWY_CACHE`, else `cache` in
+    /// the folder's dewy.toml.
+    #[arg(long = "cache", value_name = "URL")]
+    pub cache: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `dewy rollback`.
@@ -379,6 +422,21 @@ pub struct CommonArgs {
     #[arg(long = "require-signature")]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub require_signature: bool,
+
+    /// Stage each release across the hosts sharing the cache (`s3://`,
+    /// `gs://`, or a folder on a shared mount): `canary=1,bake=5m,
+    /// max-parallel=25%,max-failures=1,auto-revert,lease=1m` (options left
+    /// out keep these defaults; auto-revert is off unless named). Off by
+    /// default: every host deploys as soon as it sees a release.
+    #[arg(long = "rollout", value_name = "PLAN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
+
+    /// This host's name in the fleet (heartbeats, rollout slots). Default:
+    /// the hostname.
+    #[arg(long = "host-id", value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
 
     /// assets: a shell command run after each switch (with the hooks'
     /// variables); if it fails, the previous release is put back and this

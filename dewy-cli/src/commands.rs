@@ -6,7 +6,7 @@ fn root_of(args: &crate::cli::ReleasesArgs) -> std::path::PathBuf {
     root_from(args.workdir.as_deref())
 }
 
-fn root_from(workdir: Option<&str>) -> std::path::PathBuf {
+pub(crate) fn root_from(workdir: Option<&str>) -> std::path::PathBuf {
     let root = std::path::PathBuf::from(workdir.unwrap_or("."));
     std::path::absolute(&root).unwrap_or(root)
 }
@@ -89,18 +89,7 @@ pub(crate) fn clear_bad(args: &crate::cli::ClearBadArgs) -> std::process::ExitCo
         }
         Err(_) => {}
     }
-    // The daemon's cache: the flag, else as `dewy server` would find it.
-    let cache_url = args
-        .cache
-        .clone()
-        .or_else(|| crate::run::var("DEWY_CACHE"))
-        .or_else(|| {
-            use figment::providers::Format;
-            figment::Figment::from(figment::providers::Toml::file(root.join("dewy.toml")))
-                .extract_inner::<String>("cache")
-                .ok()
-        })
-        .unwrap_or_default();
+    let cache_url = cache_url_for(&root, args.cache.as_deref());
     let local_dir = crate::run::local_cache_dir(&cache_url, &root);
     let place = if cache_url.is_empty() || cache_url.starts_with("file://") {
         if !local_dir.is_dir() {
@@ -140,6 +129,20 @@ pub(crate) fn clear_bad(args: &crate::cli::ClearBadArgs) -> std::process::ExitCo
             std::process::ExitCode::from(1)
         }
     }
+}
+
+/// The daemon's cache: the flag, else as `dewy server` would find it
+/// (`DEWY_CACHE`, then `cache` in the folder's dewy.toml).
+pub(crate) fn cache_url_for(root: &std::path::Path, flag: Option<&str>) -> String {
+    flag.map(str::to_owned)
+        .or_else(|| crate::run::var("DEWY_CACHE"))
+        .or_else(|| {
+            use figment::providers::Format;
+            figment::Figment::from(figment::providers::Toml::file(root.join("dewy.toml")))
+                .extract_inner::<String>("cache")
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 /// `dewy unpin`.

@@ -133,6 +133,8 @@ pub enum Mode {
 pub struct Settings {
     /// The deploy loop's configuration, filled from the keys it has.
     pub core: dewy_core::Config,
+    /// `--host-id` (default: the hostname).
+    pub host_id: Option<String>,
     /// The command.
     pub mode: Mode,
     /// Registry URL.
@@ -584,6 +586,19 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
             "a --verify-key as well (the publisher's minisign public key)",
         ));
     }
+    let rollout = match text(&raw.scalar("rollout")) {
+        None => None,
+        Some(plan) => Some(
+            plan.parse::<dewy_core::rollout::Plan>()
+                .map_err(|reason| invalid("rollout", &plan, reason))?,
+        ),
+    };
+    let host_id = text(&raw.scalar("host_id"));
+    if let Some(id) = &host_id
+        && (id.len() > 200 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(invalid("host_id", id, "letters, digits, `.`, `_` and `-` (at most 200)"));
+    }
     let otlp_insecure = boolean("otlp_insecure", &raw.scalar("otlp_insecure"))?;
     let otlp = match text(&raw.scalar("otlp_endpoint")) {
         None => None,
@@ -631,7 +646,9 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
     core.abort_on_before_hook_failure = abort_on_hook_failure;
     core.health_command = health_command;
     core.verify_keys = verify_keys;
+    core.rollout = rollout;
     Ok(Settings {
+        host_id,
         core,
         health_soak,
         health_interval,

@@ -15,6 +15,7 @@ mod client;
 mod commands;
 mod config;
 mod container;
+mod fleet;
 mod logging;
 mod metrics;
 mod otlp;
@@ -43,6 +44,8 @@ pub fn main() -> ExitCode {
         Some(cli::Command::Pin(args)) => return commands::rollback(args.workdir.as_deref(), Some(&args.release)),
         Some(cli::Command::Unpin(args)) => return commands::unpin(args.workdir.as_deref()),
         Some(cli::Command::ClearBad(args)) => return commands::clear_bad(args),
+        Some(cli::Command::Rollout(args)) => return fleet::rollout(args),
+        Some(cli::Command::Fleet(args)) => return fleet::fleet(args),
         Some(cli::Command::Completions(args)) => return commands::completions(args.shell),
         Some(cli::Command::Man) => return commands::man(),
         Some(cli::Command::Container(args)) => return container::main(args),

@@ -163,6 +163,46 @@ pub(crate) async fn families(d: &dewy_core::Deployer) -> Vec<Family> {
             (vec![("result", "suppressed".into())], stats.suppressed.load(Relaxed)),
         ],
     );
+    family(
+        "dewy_app_crashes_total",
+        "counter",
+        "Unexpected exits of the application.",
+        &[(vec![], m.app_crashes.load(Relaxed))],
+    );
+    if let Some(r) = d.rollout_seen() {
+        let release = || ("release", r.release.clone());
+        family(
+            "dewy_rollout_info",
+            "gauge",
+            "The rollout this host last saw: its release and state (active, paused, halted, aborted).",
+            &[(vec![release(), ("state", r.state.as_str().into())], 1)],
+        );
+        let samples: Vec<_> = ["deploying", "baking", "done", "failed", "reverted"]
+            .iter()
+            .map(|phase| {
+                let n = r.counts().get(phase).copied().unwrap_or(0) as u64;
+                (vec![release(), ("phase", (*phase).to_owned())], n)
+            })
+            .collect();
+        family(
+            "dewy_rollout_hosts",
+            "gauge",
+            "Hosts of the rollout by phase.",
+            &samples,
+        );
+        family(
+            "dewy_rollout_wave",
+            "gauge",
+            "The wave open now (0: the canary).",
+            &[(vec![release()], u64::from(r.wave))],
+        );
+        family(
+            "dewy_rollout_failures",
+            "gauge",
+            "Failures counted against the rollout.",
+            &[(vec![release()], u64::from(r.failures))],
+        );
+    }
     let version = st.current_version.clone().unwrap_or_default();
     family(
         "dewy_info",

@@ -357,7 +357,10 @@ pub(crate) async fn run(s: Settings) -> Result<()> {
 
     let mut config = s.core.clone();
     config.hook_env = env;
-    config.hostname = host;
+    config.hostname = s.host_id.clone().unwrap_or(host);
+    if config.rollout.is_some() && !shared_cache {
+        tracing::warn!("--rollout without a shared --cache: only this host takes part in the rollout");
+    }
     if shared_cache {
         // A cache outside the app folder may be shared by several apps:
         // each records its own `current` (Dewy's single key made two apps

@@ -54,6 +54,13 @@ impl MemoryCache {
         self.state.lock().unwrap().fail_reads = n;
     }
 
+    /// Makes `key` look written `by` earlier (storage-clock tests).
+    pub fn backdate(&self, key: &Key, by: std::time::Duration) {
+        if let Some((_, t)) = self.state.lock().unwrap().values.get_mut(key) {
+            *t -= by;
+        }
+    }
+
     /// Every key written so far, in order.
     pub fn writes(&self) -> Vec<Key> {
         self.state.lock().unwrap().writes.clone()

@@ -94,6 +94,10 @@ pub struct Config {
     /// enters the cache and again before a cached copy is deployed; a
     /// release refused for its signature is recorded as bad.
     pub verify_keys: TrustedKeys,
+    /// Stage each release across the fleet sharing the cache (canary,
+    /// waves, bake, halt): see [`crate::rollout`]. `None`: every host
+    /// deploys as soon as it sees the release.
+    pub rollout: Option<crate::rollout::Plan>,
 }
 
 impl Config {
@@ -119,6 +123,7 @@ impl Config {
             port_health: None,
             current_key: Key::current(),
             health_command: None,
+            rollout: None,
         }
     }
 }

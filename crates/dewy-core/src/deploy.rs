@@ -309,7 +309,7 @@ impl<'d> Deployment<'d> {
             tracing::warn!(path = %self.dir.display(), error = %e, "Could not remove the failed release folder");
         }
         if cause.blames_release() {
-            d.mark_bad(self.release, &reason).await;
+            d.mark_bad(self.release, &reason, true).await;
         }
         cause
     }

@@ -45,6 +45,22 @@ pub enum TickOutcome {
         /// The version pinned.
         version: String,
     },
+    /// A staged rollout does not let this host deploy yet (its wave is
+    /// full and baking, or the rollout is paused).
+    RolloutWait {
+        /// The release.
+        tag: String,
+        /// Why.
+        reason: String,
+    },
+    /// A staged rollout will not let this host deploy the release: halted,
+    /// aborted, or this host already failed it.
+    RolloutStopped {
+        /// The release.
+        tag: String,
+        /// Why.
+        reason: String,
+    },
     /// A release was deployed.
     Deployed {
         /// Its tag.
@@ -76,6 +92,10 @@ pub struct Deployer {
     /// Set by an operator's pin during a deploy: the deploy stops at its
     /// next step and is undone.
     pub(crate) cancel_deploy: std::sync::atomic::AtomicBool,
+    /// The storage's clock (staged rollouts, fleet ages).
+    pub(crate) storage_clock: crate::rollout::BucketClock,
+    /// This host's view of the rollout it takes part in.
+    pub(crate) rollout: Mutex<crate::rollout::Local>,
 }
 
 impl Deployer {
@@ -113,6 +133,8 @@ impl Deployer {
             metrics: Metrics::default(),
             shutdown: tokio::sync::watch::channel(false).0,
             cancel_deploy: std::sync::atomic::AtomicBool::new(false),
+            storage_clock: crate::rollout::BucketClock::default(),
+            rollout: Mutex::new(crate::rollout::Local::default()),
         })
     }
 
@@ -260,7 +282,7 @@ impl Deployer {
             self.record_tick(&result);
             self.heartbeat(matches!(result, Ok(TickOutcome::Deployed { .. }))).await;
             match result {
-                Ok(TickOutcome::KnownBad { .. }) => {}
+                Ok(TickOutcome::KnownBad { .. } | TickOutcome::RolloutStopped { .. }) => {}
                 Ok(_) => {
                     failures.recovered();
                     self.notify.success();
@@ -300,8 +322,16 @@ impl Deployer {
         let Ok(key) = Key::host(&self.config.hostname) else {
             return;
         };
+        let record = self.heartbeat_record().await;
+        if let Err(err) = self.cache.write(&key, record.as_bytes()).await {
+            tracing::debug!(error = %chain(&err), "Could not write this host's heartbeat");
+        }
+    }
+
+    /// This host's heartbeat record (JSON).
+    pub(crate) async fn heartbeat_record(&self) -> String {
         let status = self.status().await;
-        let record = serde_json::json!({
+        serde_json::json!({
             "host": self.config.hostname,
             "mode": status.mode,
             "dewy_version": status.dewy_version,
@@ -314,20 +344,20 @@ impl Deployer {
             "bad_release": status.bad_release,
             "at": self.clock.now().to_string(),
             "interval_secs": self.config.interval.as_secs(),
-        });
-        if let Err(err) = self.cache.write(&key, record.to_string().as_bytes()).await {
-            tracing::debug!(error = %chain(&err), "Could not write this host's heartbeat");
-        }
+        })
+        .to_string()
     }
 
     /// Every host's heartbeat in the cache (with a bucket cache: the
-    /// fleet), each with `stale: true` when it is older than three
-    /// heartbeat periods.
+    /// fleet), each with `stale: true` when the storage wrote it more than
+    /// three heartbeat periods ago (by the storage's clock: a host whose
+    /// clock is off is neither dropped nor kept alive by it), and
+    /// `written_at`.
     pub async fn fleet(&self) -> Vec<serde_json::Value> {
         let Ok(entries) = self.cache.list().await else {
             return Vec::new();
         };
-        let now = self.clock.now();
+        let now = self.storage_clock.now();
         let mut hosts = Vec::new();
         for entry in entries.into_iter().filter(|e| e.key.is_host_record()) {
             let Ok(Some(data)) = self.cache.read(&entry.key).await else {
@@ -337,10 +367,9 @@ impl Deployer {
                 continue;
             };
             let period = HEARTBEAT_EVERY.max(Duration::from_secs(record["interval_secs"].as_u64().unwrap_or(0)));
-            let age = record["at"]
-                .as_str()
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                .map(|t| now.duration_since(t));
+            let written = jiff::Timestamp::try_from(entry.modified).ok();
+            let age = written.map(|t| now.duration_since(t));
+            record["written_at"] = written.map(|t| t.to_string()).into();
             let stale =
                 age.is_none_or(|a| a > jiff::SignedDuration::try_from(period * 3).unwrap_or(jiff::SignedDuration::MAX));
             record["stale"] = stale.into();
@@ -359,6 +388,8 @@ impl Deployer {
             Ok(TickOutcome::WithinGracePeriod) => (&m.ticks_grace, "grace-period", None),
             Ok(TickOutcome::KnownBad { .. }) => (&m.ticks_known_bad, "known-bad", None),
             Ok(TickOutcome::Pinned { .. }) => (&m.ticks_skipped, "pinned", None),
+            Ok(TickOutcome::RolloutWait { .. }) => (&m.ticks_skipped, "rollout-wait", None),
+            Ok(TickOutcome::RolloutStopped { .. }) => (&m.ticks_known_bad, "rollout-stopped", None),
             Err(err) => (&m.ticks_error, "error", Some(chain(err))),
         };
         counter.fetch_add(1, Relaxed);
@@ -465,6 +496,11 @@ impl Deployer {
                 tracing::warn!(error = %chain(&err), "Failed to record the current release in the cache");
             }
             resumed?;
+            if self.config.rollout.is_some()
+                && let Err(err) = self.rollout_in_place(&release, &key).await
+            {
+                tracing::warn!(version = %release.tag, error = %chain(&err), "Could not update this host's place in the rollout");
+            }
             if let Some(app) = &self.app
                 && !app.is_running()
                 && !app.is_restarting()
@@ -502,10 +538,6 @@ impl Deployer {
             tracing::debug!(version = %release.tag, artifact = %release.artifact_name, "The release's signature is not published yet (within the grace period)");
             return Ok(TickOutcome::WithinGracePeriod);
         }
-        if let Err(err) = resumed {
-            // The newer release may fix it: deploy it, but say why nothing ran.
-            tracing::warn!(error = %chain(&err), "The release in place is not running; deploying the newer one");
-        }
         let previous_tag = match placed {
             Some(Some(version)) => Some(version),
             _ => current
@@ -513,10 +545,57 @@ impl Deployer {
                 .and_then(|k| std::str::from_utf8(k).ok())
                 .and_then(|k| k.split_once("--").map(|(t, _)| t.to_owned())),
         };
+        if self.config.rollout.is_some() {
+            match self.rollout_admit(&release, &key, previous_tag.clone()).await {
+                Ok(crate::rollout::Admission::Go { .. }) => {}
+                Ok(crate::rollout::Admission::Wait(reason)) => {
+                    resumed?;
+                    return Ok(TickOutcome::RolloutWait {
+                        tag: release.tag,
+                        reason,
+                    });
+                }
+                Ok(crate::rollout::Admission::Stopped(reason)) => {
+                    resumed?;
+                    return Ok(TickOutcome::RolloutStopped {
+                        tag: release.tag,
+                        reason,
+                    });
+                }
+                // The shared record cannot be read or written: never
+                // deploy around the plan.
+                Err(err) => {
+                    resumed?;
+                    return Err(err);
+                }
+            }
+        }
+        if let Err(err) = resumed {
+            // The newer release may fix it: deploy it, but say why nothing ran.
+            tracing::warn!(error = %chain(&err), "The release in place is not running; deploying the newer one");
+        }
         self.state().deploying = Some(release.tag.clone());
         let started = std::time::Instant::now();
-        let result = self.fetch_and_deploy(&release, &key, previous_tag).await;
+        let result = match &self.config.rollout {
+            // The slot is renewed while the deploy runs.
+            Some(plan) => {
+                let renew = async {
+                    loop {
+                        tokio::time::sleep(plan.lease / 3).await;
+                        self.rollout_renew(&key).await;
+                    }
+                };
+                tokio::select! {
+                    result = self.fetch_and_deploy(&release, &key, previous_tag) => result,
+                    () = renew => unreachable!("the renewal loop never ends"),
+                }
+            }
+            None => self.fetch_and_deploy(&release, &key, previous_tag).await,
+        };
         self.state().deploying = None;
+        if self.config.rollout.is_some() {
+            self.rollout_after_deploy(&key, &result).await;
+        }
         self.cancel_deploy.store(false, std::sync::atomic::Ordering::SeqCst);
         self.record_attempt(&release, &key, &result, started).await;
         let release_dir = result?;
@@ -607,7 +686,7 @@ impl Deployer {
         // publisher's fault: recorded bad, not downloaded again every tick.
         let artifact = match self.cached_or_downloaded(release, key).await {
             Err(err) if err.blames_release() => {
-                self.mark_bad(release, &chain(&err)).await;
+                self.mark_bad(release, &chain(&err), false).await;
                 return Err(err);
             }
             other => other?,
@@ -893,11 +972,17 @@ impl Deployer {
     /// Records `release` as bad, in memory and in the cache (so a restarted
     /// dewy and every host sharing the cache skip it until a newer release
     /// appears or an operator clears it).
-    pub(crate) async fn mark_bad(&self, release: &Release, reason: &str) {
+    /// With a staged rollout, a release that failed to start or become
+    /// healthy (`by_this_host`) is counted in the rollout record instead,
+    /// which halts it for the fleet after `max-failures`.
+    pub(crate) async fn mark_bad(&self, release: &Release, reason: &str, by_this_host: bool) {
         let Ok(key) = Key::artifact(&release.tag, &release.artifact_name) else {
             return;
         };
         self.state().bad_key = Some(key.to_string());
+        if by_this_host && self.config.rollout.is_some() {
+            return;
+        }
         if let Err(err) = self.cache.write(&Key::bad(&key), reason.as_bytes()).await {
             tracing::warn!(error = %chain(&err), "Could not record the bad release in the cache");
         }
@@ -977,6 +1062,10 @@ async fn forward_app_events(mut events: tokio::sync::broadcast::Receiver<Event>,
                 exit,
                 expected: false,
             }) => {
+                deployer
+                    .metrics
+                    .app_crashes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 notify.send_error(format!(
                     "Application exited unexpectedly (generation {generation}, pid {pid}, {exit}); restarting with backoff"
                 ));

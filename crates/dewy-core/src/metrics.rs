@@ -39,6 +39,8 @@ pub struct Metrics {
     pub hooks_ok: std::sync::atomic::AtomicU64,
     /// Hooks that failed (or timed out).
     pub hooks_failed: std::sync::atomic::AtomicU64,
+    /// Unexpected exits of the application.
+    pub app_crashes: std::sync::atomic::AtomicU64,
     /// Automatic rollbacks.
     pub rollbacks: std::sync::atomic::AtomicU64,
     /// Times connections waited in the accept queue with no generation

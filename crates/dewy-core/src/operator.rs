@@ -45,15 +45,29 @@ impl Deployer {
             tracing::info!(deploying = %tag, pin = version, "Cancelling the deploy in flight for an operator's pin");
         }
         let _tick = self.tick_lock.lock().await;
-        let io = |op, source| Error::Io {
-            op,
+        crate::layout::set_pin(&self.config.root, Some(version)).map_err(|source| Error::Io {
+            op: "pin the app folder at",
             path: release_dir.to_path_buf(),
             source,
-        };
-        crate::layout::set_pin(&self.config.root, Some(version)).map_err(|e| io("pin the app folder at", e))?;
-        self.releases
-            .switch(release_dir)
-            .map_err(|e| io("switch the current symlink to", e))?;
+        })?;
+        self.switch_and_restart(release_dir, version).await?;
+        tracing::info!(version, release = %release_dir.display(), "Pinned by an operator");
+        self.record_operator_action(version, "rolled-back", Some(release_dir), "by an operator; pinned");
+        self.heartbeat(true).await;
+        self.notify.send_important(format!(
+            "Rolled back to `{version}` by an operator; deploys are paused until unpinned"
+        ));
+        Ok(())
+    }
+
+    /// Points `current` at `release_dir` (a release on disk holding
+    /// `version`) and restarts the application.
+    pub(crate) async fn switch_and_restart(&self, release_dir: &Path, version: &str) -> Result<(), Error> {
+        self.releases.switch(release_dir).map_err(|source| Error::Io {
+            op: "switch the current symlink to",
+            path: release_dir.to_path_buf(),
+            source,
+        })?;
         self.notify.on_deploy(release_dir);
         {
             let mut state = self.state();
@@ -67,18 +81,12 @@ impl Deployer {
                 source,
             })?;
         }
-        tracing::info!(version, release = %release_dir.display(), "Pinned by an operator");
-        self.record_operator_action(version, "rolled-back", Some(release_dir), "by an operator; pinned");
-        self.heartbeat(true).await;
-        self.notify.send_important(format!(
-            "Rolled back to `{version}` by an operator; deploys are paused until unpinned"
-        ));
         Ok(())
     }
 
     /// Writes an operator's action to the deployment history (for the
     /// timeline of the status page).
-    fn record_operator_action(&self, version: &str, outcome: &str, release_dir: Option<&Path>, reason: &str) {
+    pub(crate) fn record_operator_action(&self, version: &str, outcome: &str, release_dir: Option<&Path>, reason: &str) {
         let entry = crate::history::Entry {
             time: self.clock.now(),
             version: version.to_owned(),

@@ -799,3 +799,360 @@ mod tests {
         assert!(err.to_string().contains("is aborted"), "{err}");
     }
 }
+
+/// This host's view of the rollout it takes part in (in memory).
+#[derive(Debug, Default)]
+pub struct Local {
+    /// The record as last read or written (status, metrics).
+    pub last: Option<Record>,
+    /// The artifact key of a rollout this host finished and found complete:
+    /// it no longer reads that record every tick.
+    settled: Option<String>,
+    /// Crashes of the app counted when this host's bake began.
+    crashes_at_bake: Option<u64>,
+    /// The last wait or stop reason logged at INFO.
+    said: Option<String>,
+}
+
+impl crate::Deployer {
+    /// The storage's time now; the offset to it is measured (by writing
+    /// this host's heartbeat and reading back when the storage wrote it)
+    /// when due.
+    pub(crate) async fn storage_now(&self) -> Timestamp {
+        if self.storage_clock.due()
+            && let Ok(key) = Key::host(&self.config.hostname)
+        {
+            let record = self.heartbeat_record().await;
+            let write = async { self.cache.write(&key, record.as_bytes()).await.map_err(Error::Cache) };
+            match self.storage_clock.calibrate(self.cache.as_ref(), &key, write).await {
+                Ok(offset) => tracing::debug!(offset_ms = offset.as_millis(), "Measured the storage clock"),
+                Err(err) => {
+                    tracing::warn!(error = %crate::chain(&err), "Could not measure the storage's clock; using this host's")
+                }
+            }
+        }
+        self.storage_clock.now()
+    }
+
+    /// Live hosts (heartbeats not stale), at least this one.
+    async fn live_fleet(&self) -> usize {
+        let live = self.fleet().await.iter().filter(|h| h["stale"] != true).count();
+        live.max(1)
+    }
+
+    fn remember(&self, record: Option<&Record>) {
+        if let Some(r) = record {
+            self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last = Some(r.clone());
+        }
+    }
+
+    /// Says once at INFO why this host waits (DEBUG after that).
+    fn say(&self, release: &str, reason: &str, stopped: bool) {
+        let line = format!("{release}: {reason}");
+        let first = {
+            let mut local = self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let first = local.said.as_deref() != Some(line.as_str());
+            local.said = Some(line);
+            first
+        };
+        match (first, stopped) {
+            (true, false) => tracing::info!(version = release, reason, "Rollout: waiting for a slot"),
+            (true, true) => tracing::info!(version = release, reason, "Rollout: this host will not deploy this release"),
+            _ => tracing::debug!(version = release, reason, "Rollout: not deploying"),
+        }
+    }
+
+    /// Before a deploy: creates the release's rollout record if this host
+    /// is the first to see it, then asks it for a slot.
+    pub(crate) async fn rollout_admit(
+        &self,
+        release: &dewy_registry::Release,
+        artifact: &Key,
+        from: Option<String>,
+    ) -> Result<Admission, Error> {
+        let plan = self.config.rollout.clone().unwrap_or_default();
+        let key = Key::rollout(artifact);
+        let host = self.config.hostname.clone();
+        let fleet = self.live_fleet().await;
+        self.storage_now().await;
+        let (admission, record) = update(
+            self.cache.as_ref(),
+            &key,
+            &host,
+            &self.storage_clock,
+            |record, now| {
+                let created = record.is_none();
+                let r = record.get_or_insert_with(|| Record::new(&release.tag, artifact, &plan, &host, now));
+                let expired = r.expire(now);
+                let admission = r.admit(&host, fleet, from.clone(), now);
+                let changed = created || !expired.is_empty() || matches!(admission, Admission::Go { .. });
+                (changed, (admission, created, expired))
+            },
+        )
+        .await?;
+        self.remember(record.as_ref());
+        let (admission, created, expired) = admission;
+        if created {
+            tracing::info!(version = %release.tag, plan = %plan, fleet, "Rollout started");
+        }
+        for gone in expired {
+            tracing::warn!(version = %release.tag, host = %gone, "Rollout: a slot's lease ran out (its host stopped renewing it); freed");
+        }
+        match &admission {
+            Admission::Go { wave } => {
+                tracing::info!(version = %release.tag, wave, fleet, "Rollout: slot taken; deploying");
+                self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).said = None;
+            }
+            Admission::Wait(reason) => self.say(&release.tag, reason, false),
+            Admission::Stopped(reason) => self.say(&release.tag, reason, true),
+        }
+        Ok(admission)
+    }
+
+    /// Renews this host's slot while its deploy runs.
+    pub(crate) async fn rollout_renew(&self, artifact: &Key) {
+        let host = self.config.hostname.clone();
+        let result = update(
+            self.cache.as_ref(),
+            &Key::rollout(artifact),
+            &host,
+            &self.storage_clock,
+            |record, now| {
+                let lease = record.as_ref().map(|r| lease_of(&r.plan())).unwrap_or_default();
+                match record.as_mut().and_then(|r| r.hosts.get_mut(&host)) {
+                    Some(slot) if slot.phase.leased() => {
+                        slot.lease_until = Some(now + lease);
+                        (true, ())
+                    }
+                    _ => (false, ()),
+                }
+            },
+        )
+        .await;
+        if let Err(err) = result {
+            tracing::warn!(error = %crate::chain(&err), "Rollout: could not renew this host's slot");
+        }
+    }
+
+    /// After a deploy: baking (the bake time starts), or failed (which may
+    /// halt the rollout). A deploy that failed for another reason (the
+    /// download, an operator's pin) keeps the slot for the next tick.
+    pub(crate) async fn rollout_after_deploy(&self, artifact: &Key, result: &Result<std::path::PathBuf, Error>) {
+        let host = self.config.hostname.clone();
+        let failure = match result {
+            Ok(_) => None,
+            Err(err) if err.blames_release() => Some(crate::chain(err)),
+            Err(_) => return,
+        };
+        if failure.is_none() {
+            let crashes = self.metrics.app_crashes.load(std::sync::atomic::Ordering::Relaxed);
+            self.rollout
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .crashes_at_bake = Some(crashes);
+        }
+        let outcome = update(
+            self.cache.as_ref(),
+            &Key::rollout(artifact),
+            &host,
+            &self.storage_clock,
+            |record, now| {
+                let Some(r) = record.as_mut() else {
+                    return (false, false);
+                };
+                match &failure {
+                    Some(error) => {
+                        let halted = r.fail(&host, error, now);
+                        (true, halted)
+                    }
+                    None => (r.set_phase(&host, Phase::Baking, now), false),
+                }
+            },
+        )
+        .await;
+        match outcome {
+            Ok((halted, record)) => {
+                self.remember(record.as_ref());
+                let Some(r) = record else { return };
+                if let Some(error) = &failure {
+                    tracing::warn!(version = %r.release, failures = r.failures, error = %error, "Rollout: this host's deploy failed; counted against the rollout");
+                }
+                if halted {
+                    let reason = r.reason.clone().unwrap_or_default();
+                    tracing::error!(version = %r.release, reason = %reason, "Rollout halted");
+                    self.notify
+                        .send_error(format!("Rollout of `{}` halted: {reason}", r.release));
+                } else if failure.is_none() {
+                    tracing::info!(version = %r.release, bake = %humantime::format_duration(r.plan().bake), "Rollout: deployed; baking");
+                }
+            }
+            Err(err) => tracing::warn!(error = %crate::chain(&err), "Rollout: could not record this host's deploy"),
+        }
+    }
+
+    /// Each tick while `release` is in place: finish the bake (or fail it
+    /// when the app crashed meanwhile), renew the lease, join the record
+    /// when this host runs the release without a slot, and go back to the
+    /// previous release when the rollout was halted (with auto-revert) or
+    /// aborted. Once the rollout is complete, the record is not read again.
+    pub(crate) async fn rollout_in_place(&self, release: &dewy_registry::Release, artifact: &Key) -> Result<(), Error> {
+        if self
+            .rollout
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .settled
+            .as_deref()
+            == Some(artifact.as_str())
+        {
+            return Ok(());
+        }
+        let host = self.config.hostname.clone();
+        let healthy = self.app.as_ref().is_none_or(|a| a.is_running() && !a.is_restarting());
+        let crashes = self.metrics.app_crashes.load(std::sync::atomic::Ordering::Relaxed);
+        let crashed = {
+            let mut local = self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = *local.crashes_at_bake.get_or_insert(crashes);
+            crashes > at
+        };
+        let fleet = self.live_fleet().await;
+        self.storage_now().await;
+        #[derive(Debug, PartialEq)]
+        enum Step {
+            Nothing,
+            Baked,
+            Failed(bool),
+            Revert(Option<String>),
+            Complete,
+        }
+        let (step, record) = update(
+            self.cache.as_ref(),
+            &Key::rollout(artifact),
+            &host,
+            &self.storage_clock,
+            |record, now| {
+                let Some(r) = record.as_mut() else {
+                    return (false, Step::Complete);
+                };
+                let plan = r.plan();
+                let stopped = matches!(r.state, State::Aborted) || (r.state == State::Halted && plan.auto_revert);
+                let wave = r.wave;
+                let slot = r.hosts.entry(host.clone()).or_insert_with(|| Slot {
+                    // Running the release without a slot (it lost the slot
+                    // while down, or deployed before the record existed):
+                    // it bakes like the others.
+                    wave,
+                    phase: Phase::Baking,
+                    since: now,
+                    lease_until: Some(now + lease_of(&plan)),
+                    from: None,
+                    error: None,
+                });
+                match slot.phase {
+                    Phase::Deploying | Phase::Baking | Phase::Done if stopped => {
+                        slot.phase = Phase::Reverted;
+                        slot.since = now;
+                        slot.lease_until = None;
+                        (true, Step::Revert(slot.from.clone()))
+                    }
+                    Phase::Deploying | Phase::Baking if crashed => {
+                        let halted = r.fail(&host, "the application crashed while baking", now);
+                        (true, Step::Failed(halted))
+                    }
+                    Phase::Deploying | Phase::Baking => {
+                        let baked = SignedDuration::try_from(plan.bake).unwrap_or_default();
+                        if healthy && now.duration_since(slot.since) >= baked && slot.phase == Phase::Baking {
+                            slot.phase = Phase::Done;
+                            slot.since = now;
+                            slot.lease_until = None;
+                            (true, Step::Baked)
+                        } else {
+                            let lease = lease_of(&plan);
+                            // Renewed once a third of the lease is gone.
+                            let due = slot.lease_until.is_none_or(|t| t.duration_since(now) < lease * 2 / 3);
+                            slot.phase = Phase::Baking;
+                            if due {
+                                slot.lease_until = Some(now + lease);
+                            }
+                            (due, Step::Nothing)
+                        }
+                    }
+                    Phase::Done => {
+                        let done = r.hosts.values().filter(|s| s.phase == Phase::Done).count();
+                        let complete = r.state == State::Active && done >= fleet;
+                        (false, if complete { Step::Complete } else { Step::Nothing })
+                    }
+                    Phase::Failed | Phase::Reverted => (false, Step::Nothing),
+                }
+            },
+        )
+        .await?;
+        self.remember(record.as_ref());
+        match step {
+            Step::Nothing => {}
+            Step::Baked => {
+                tracing::info!(version = %release.tag, "Rollout: baked; this host is done");
+            }
+            Step::Complete => {
+                tracing::debug!(version = %release.tag, "Rollout complete here; its record is no longer read");
+                self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).settled = Some(artifact.to_string());
+            }
+            Step::Failed(halted) => {
+                tracing::error!(version = %release.tag, "Rollout: the application crashed while baking; counted against the rollout");
+                if halted {
+                    self.notify.send_error(format!(
+                        "Rollout of `{}` halted: {}",
+                        release.tag,
+                        record.as_ref().and_then(|r| r.reason.clone()).unwrap_or_default()
+                    ));
+                }
+                let from = record
+                    .as_ref()
+                    .and_then(|r| r.hosts.get(&host))
+                    .and_then(|s| s.from.clone());
+                self.revert(&release.tag, from.as_deref(), "crashed while baking").await;
+            }
+            Step::Revert(from) => {
+                let reason = record
+                    .as_ref()
+                    .map(|r| format!("rollout {}", r.state.as_str()))
+                    .unwrap_or_default();
+                self.revert(&release.tag, from.as_deref(), &reason).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Goes back from `tag` to the release `from` still on disk (no pin:
+    /// the rollout's state keeps this host off `tag`).
+    async fn revert(&self, tag: &str, from: Option<&str>, reason: &str) {
+        let Some(from) = from else {
+            tracing::warn!(version = tag, reason, "Rollout: nothing ran here before this release; it stays");
+            return;
+        };
+        let Some(dir) = crate::history::folder_of(&self.config.root, from) else {
+            tracing::error!(version = tag, to = from, reason, "Rollout: cannot revert, the previous release is no longer on disk");
+            return;
+        };
+        match self.switch_and_restart(&dir, from).await {
+            Ok(()) => {
+                tracing::warn!(version = tag, to = from, reason, "Rollout: reverted to the previous release");
+                self.record_operator_action(from, "rolled-back", Some(&dir), &format!("rollout: {reason}"));
+                self.notify
+                    .send_important(format!("Reverted `{tag}` to `{from}` ({reason})"));
+            }
+            Err(err) => {
+                tracing::error!(version = tag, to = from, error = %crate::chain(&err), "Rollout: reverting failed");
+            }
+        }
+    }
+
+    /// The rollout records in the cache, newest first (for the admin API).
+    pub async fn rollouts(&self) -> Result<Vec<Record>, Error> {
+        list(self.cache.as_ref()).await
+    }
+
+    /// The rollout this host last read or wrote.
+    pub fn rollout_seen(&self) -> Option<Record> {
+        self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last.clone()
+    }
+}

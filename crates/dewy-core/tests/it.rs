@@ -1063,14 +1063,15 @@ async fn every_host_sharing_the_cache_is_in_the_fleet() {
             .iter()
             .all(|h| h["stale"] == false && h["last_outcome"] == "deployed")
     );
-    // A heartbeat from long ago is stale.
-    let old = serde_json::json!({"host": "gone", "at": "2020-01-01T00:00:00Z"});
-    r.cache
-        .write(&Key::host("gone").unwrap(), old.to_string().as_bytes())
-        .await
-        .unwrap();
-    let fleet = hosts[1].fleet().await;
-    assert_eq!(fleet.iter().find(|h| h["host"] == "gone").unwrap()["stale"], true);
+    // Age is by the storage's clock, not the writer's: a host whose clock
+    // is years off is live while it writes, stale once it stopped.
+    let skewed = serde_json::json!({"host": "gone", "at": "2020-01-01T00:00:00Z"});
+    let gone = Key::host("gone").unwrap();
+    r.cache.write(&gone, skewed.to_string().as_bytes()).await.unwrap();
+    let stale_of = |fleet: Vec<serde_json::Value>| fleet.iter().find(|h| h["host"] == "gone").unwrap()["stale"].clone();
+    assert_eq!(stale_of(hosts[1].fleet().await), false);
+    r.cache.backdate(&gone, Duration::from_secs(91));
+    assert_eq!(stale_of(hosts[1].fleet().await), true);
     assert!(!Key::host("a--b").unwrap().is_artifact());
     for d in &hosts {
         d.shutdown("SIGTERM").await;
