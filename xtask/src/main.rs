@@ -6,7 +6,7 @@
 //! grpcio, and
 //! Debian's `libserver-starter-perl`, `starlet`, `wrk`, `openssl`,
 //! `tinyproxy`, `minisign`, `chromium`, `chromium-driver`, `podman`, `runc`,
-//! `docker-registry`, `busybox-static`), then
+//! `docker-registry`, `busybox-static`, `faketime`), then
 //! runs rustfmt, clippy, nextest and cargo-deny: the same command on a
 //! laptop and in CI.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -100,6 +100,7 @@ fn install_test_servers() -> Result<()> {
         ("runc", "runc"),
         ("docker-registry", "docker-registry"),
         ("busybox", "busybox-static"),
+        ("faketime", "faketime"),
     ]
     .into_iter()
     .filter(|(bin, _)| !have(bin))

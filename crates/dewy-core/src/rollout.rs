@@ -173,6 +173,9 @@ pub enum State {
     /// An operator aborted it: no host starts it, and hosts that took it go
     /// back to what they ran before.
     Aborted,
+    /// Every live host runs it: hosts that come later deploy it at once,
+    /// and hosts no longer read the record.
+    Complete,
 }
 
 impl State {
@@ -183,6 +186,7 @@ impl State {
             Self::Paused => "paused",
             Self::Halted => "halted",
             Self::Aborted => "aborted",
+            Self::Complete => "complete",
         }
     }
 }
@@ -347,7 +351,7 @@ impl Record {
     pub fn admit(&mut self, host: &str, fleet: usize, from: Option<String>, now: Timestamp) -> Admission {
         let lease = lease_of(&self.plan());
         match self.state {
-            State::Active => {}
+            State::Active | State::Complete => {}
             State::Paused => {
                 return Admission::Wait(format!(
                     "the rollout is paused{}",
@@ -389,7 +393,7 @@ impl Record {
                 .collect()
         };
         let current = members(self.wave);
-        let wave = if current.len() < self.capacity(self.wave, fleet) {
+        let wave = if self.state == State::Complete || current.len() < self.capacity(self.wave, fleet) {
             self.wave
         } else if current.iter().all(|p| *p == Phase::Done) {
             self.wave + 1
@@ -642,6 +646,15 @@ pub async fn control(cache: &dyn Cache, artifact: &Key, command: Command, who: &
         if r.state == to {
             return (false, Ok(()));
         }
+        if r.state == State::Complete {
+            return (
+                false,
+                Err(format!(
+                    "the rollout of `{}` is complete: publish a newer release, or roll back on the hosts (`dewy rollback`)",
+                    r.release
+                )),
+            );
+        }
         if !from.contains(&r.state) {
             return (false, Err(format!("the rollout of `{}` is {}", r.release, r.state.as_str())));
         }
@@ -812,6 +825,9 @@ pub struct Local {
     crashes_at_bake: Option<u64>,
     /// The last wait or stop reason logged at INFO.
     said: Option<String>,
+    /// A release this host will never deploy (its rollout halted or
+    /// aborted, or it failed here) and why: its record is not read again.
+    stopped: Option<(String, String)>,
 }
 
 impl crate::Deployer {
@@ -870,6 +886,15 @@ impl crate::Deployer {
         artifact: &Key,
         from: Option<String>,
     ) -> Result<Admission, Error> {
+        if let Some((stopped, reason)) = &self
+            .rollout
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .stopped
+            && stopped == artifact.as_str()
+        {
+            return Ok(Admission::Stopped(reason.clone()));
+        }
         let plan = self.config.rollout.clone().unwrap_or_default();
         let key = Key::rollout(artifact);
         let host = self.config.hostname.clone();
@@ -904,7 +929,11 @@ impl crate::Deployer {
                 self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).said = None;
             }
             Admission::Wait(reason) => self.say(&release.tag, reason, false),
-            Admission::Stopped(reason) => self.say(&release.tag, reason, true),
+            Admission::Stopped(reason) => {
+                self.say(&release.tag, reason, true);
+                self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stopped =
+                    Some((artifact.to_string(), reason.clone()));
+            }
         }
         Ok(admission)
     }
@@ -1078,8 +1107,14 @@ impl crate::Deployer {
                     }
                     Phase::Done => {
                         let done = r.hosts.values().filter(|s| s.phase == Phase::Done).count();
-                        let complete = r.state == State::Active && done >= fleet;
-                        (false, if complete { Step::Complete } else { Step::Nothing })
+                        match r.state {
+                            State::Complete => (false, Step::Complete),
+                            State::Active if done >= fleet => {
+                                r.state = State::Complete;
+                                (true, Step::Complete)
+                            }
+                            _ => (false, Step::Nothing),
+                        }
                     }
                     Phase::Failed | Phase::Reverted => (false, Step::Nothing),
                 }
@@ -1093,7 +1128,10 @@ impl crate::Deployer {
                 tracing::info!(version = %release.tag, "Rollout: baked; this host is done");
             }
             Step::Complete => {
-                tracing::debug!(version = %release.tag, "Rollout complete here; its record is no longer read");
+                if record.as_ref().is_some_and(|r| r.updated_by == host && r.state == State::Complete) {
+                    tracing::info!(version = %release.tag, "Rollout complete: every live host runs it");
+                }
+                tracing::debug!(version = %release.tag, "Rollout complete; its record is no longer read here");
                 self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).settled = Some(artifact.to_string());
             }
             Step::Failed(halted) => {
