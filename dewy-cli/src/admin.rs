@@ -240,6 +240,7 @@ async fn page(State(ctx): State<Ctx>) -> Response {
         &history_entries(&ctx.admin),
         &release_rows(&ctx.admin),
         &fleet,
+        ctx.admin.deployer.rollout_seen().as_ref(),
         auth,
     );
     (

@@ -595,9 +595,16 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
     };
     let host_id = text(&raw.scalar("host_id"));
     if let Some(id) = &host_id
-        && (id.len() > 200 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        && (id.len() > 200
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(invalid("host_id", id, "letters, digits, `.`, `_` and `-` (at most 200)"));
+        return Err(invalid(
+            "host_id",
+            id,
+            "letters, digits, `.`, `_` and `-` (at most 200)",
+        ));
     }
     let otlp_insecure = boolean("otlp_insecure", &raw.scalar("otlp_insecure"))?;
     let otlp = match text(&raw.scalar("otlp_endpoint")) {

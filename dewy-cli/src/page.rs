@@ -70,8 +70,48 @@ pub(crate) fn render(
     history: &[dewy_core::HistoryEntry],
     releases: &[serde_json::Value],
     fleet: &[serde_json::Value],
+    rollout: Option<&dewy_core::rollout::Record>,
     auth: Auth,
 ) -> String {
+    let (rollout_summary, rollout_waves) = match rollout {
+        None => (
+            "No staged rollout (--rollout) seen by this host.".to_owned(),
+            String::new(),
+        ),
+        Some(r) => {
+            let summary = format!(
+                "{}: {}{}, wave {} open, {} failure{}; plan {}",
+                r.release,
+                r.state.as_str(),
+                r.reason.as_deref().map(|x| format!(" ({x})")).unwrap_or_default(),
+                r.wave,
+                r.failures,
+                if r.failures == 1 { "" } else { "s" },
+                r.plan
+            );
+            let mut waves: std::collections::BTreeMap<u32, Vec<String>> = std::collections::BTreeMap::new();
+            for (host, slot) in &r.hosts {
+                waves
+                    .entry(slot.wave)
+                    .or_default()
+                    .push(format!("{host} {}", slot.phase.as_str()));
+            }
+            let mut rows = String::new();
+            for (wave, hosts) in waves {
+                let label = if wave == 0 {
+                    "0 (canary)".to_owned()
+                } else {
+                    wave.to_string()
+                };
+                let _ = write!(
+                    rows,
+                    "<tr class=\"wave\"><td>{label}</td><td>{}</td></tr>",
+                    escape(&hosts.join(", "))
+                );
+            }
+            (escape(&summary), rows)
+        }
+    };
     let mut hosts = String::new();
     for h in fleet {
         let stale = if h["stale"] == true { " (stale)" } else { "" };
@@ -131,7 +171,7 @@ pub(crate) fn render(
         Some(why) => format!("degraded: {}", escape(why)),
         None => "ok".to_owned(),
     };
-    let replacements: [(&str, String); 24] = [
+    let replacements: [(&str, String); 26] = [
         ("{{title}}", field("current_version")),
         ("{{auth}}", auth.as_str().to_owned()),
         ("{{auth_reason}}", escape(auth.reason())),
@@ -156,6 +196,8 @@ pub(crate) fn render(
         ("{{events}}", events),
         ("{{releases}}", rows),
         ("{{fleet}}", hosts),
+        ("{{rollout_summary}}", rollout_summary),
+        ("{{rollout_waves}}", rollout_waves),
     ];
     let mut page = TEMPLATE.to_owned();
     for (key, value) in replacements {
@@ -216,7 +258,7 @@ mod tests {
             release_dir: None,
             reason: Some("it <broke>".into()),
         }];
-        let page = render(&status, &history, &[], &[], Auth::None);
+        let page = render(&status, &history, &[], &[], None, Auth::None);
         assert!(page.len() < 100 * 1024, "{} bytes", page.len());
         assert!(!page.contains("{{"), "every placeholder is filled");
         assert!(page.contains("v1.0.0&lt;script&gt;") && !page.contains("v1.0.0<script>"));
@@ -225,5 +267,23 @@ mod tests {
         for external in ["src=\"http", "href=\"http", "@import", "url(http"] {
             assert!(!page.contains(external), "no external resource: {external}");
         }
+        assert!(page.contains("No staged rollout"));
+    }
+
+    #[test]
+    fn the_rollout_is_drawn_by_wave() {
+        let key = dewy_cache::Key::new("v2--app.tgz").unwrap();
+        let now = jiff::Timestamp::UNIX_EPOCH;
+        let mut record =
+            dewy_core::rollout::Record::new("v2", &key, &dewy_core::rollout::Plan::default(), "web-1", now);
+        assert!(matches!(
+            record.admit("web-1", 4, None, now),
+            dewy_core::rollout::Admission::Go { wave: 0 }
+        ));
+        record.fail("web-1", "GET /health answered <500>", now);
+        let status = serde_json::json!({"mode": "server"});
+        let page = render(&status, &[], &[], &[], Some(&record), Auth::None);
+        assert!(page.contains("v2: halted (1 of 1 allowed failures; last on web-1: GET /health answered &lt;500&gt;)"));
+        assert!(page.contains("<td>0 (canary)</td><td>web-1 failed</td>"), "{page}");
     }
 }

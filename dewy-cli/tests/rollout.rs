@@ -47,7 +47,8 @@ impl Host {
 
     fn app_pid(&self) -> Option<i32> {
         let (_, body) = dewy_testkit::http_get(self.addr(), "/").ok()?;
-        body.split_whitespace().find_map(|w| w.strip_prefix("pid=")?.parse().ok())
+        body.split_whitespace()
+            .find_map(|w| w.strip_prefix("pid=")?.parse().ok())
     }
 
     /// The rollout lines of this host's log: (time in ms by the true
@@ -162,7 +163,11 @@ impl Fleet {
             .open(h.log_path())
             .unwrap();
         cmd.current_dir(h.app())
-            .args(["server", "--registry", &format!("file://{}", self.registry.path().display())])
+            .args([
+                "server",
+                "--registry",
+                &format!("file://{}", self.registry.path().display()),
+            ])
             .args(["--cache", &self.cache, "--rollout", &self.plan, "--host-id", &h.id])
             .args(["-p", &format!("127.0.0.1:{}", h.port), "-i", "1"])
             .args(["--health-path", "/health", "--health-timeout", "5s"])
@@ -175,7 +180,8 @@ impl Fleet {
     }
 
     fn publish(&self, tag: &str, env: &str) {
-        let mut files: Vec<(&str, &[u8], u32)> = vec![("demo-app", &self.demo, 0o755), ("VERSION", tag.as_bytes(), 0o644)];
+        let mut files: Vec<(&str, &[u8], u32)> =
+            vec![("demo-app", &self.demo, 0o755), ("VERSION", tag.as_bytes(), 0o644)];
         if !env.is_empty() {
             files.push(("demo.env", env.as_bytes(), 0o644));
         }
@@ -237,7 +243,11 @@ impl Fleet {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
-        assert!(out.status.success(), "dewy fleet: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "dewy fleet: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -252,13 +262,23 @@ impl Fleet {
     /// `dewy rollout ACTION --release TAG` run from a folder with no dewy
     /// (another host, an operator's laptop).
     fn rollout(&self, action: &str, tag: &str) -> serde_json::Value {
-        self.try_rollout(action, tag).unwrap_or_else(|e| panic!("dewy rollout {action}: {e}"))
+        self.try_rollout(action, tag)
+            .unwrap_or_else(|e| panic!("dewy rollout {action}: {e}"))
     }
 
     fn try_rollout(&self, action: &str, tag: &str) -> Result<serde_json::Value, String> {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_dewy"))
-            .args(["rollout", action, "--release", tag, "--cache", &self.cache, "--json", "-w"])
+            .args([
+                "rollout",
+                action,
+                "--release",
+                tag,
+                "--cache",
+                &self.cache,
+                "--json",
+                "-w",
+            ])
             .arg(dir.path())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
@@ -353,7 +373,10 @@ fn ten_hosts_on_moto_canary_waves_halt_revert_and_operators() {
     // The fleet as `dewy fleet` sees it: ten live hosts, the skewed one too.
     let hosts = fleet.fleet();
     assert_eq!(hosts.len(), 10, "{hosts:#?}");
-    assert!(hosts.iter().all(|h| h["stale"] == false && h["version"] == "v1.0.0"), "{hosts:#?}");
+    assert!(
+        hosts.iter().all(|h| h["stale"] == false && h["version"] == "v1.0.0"),
+        "{hosts:#?}"
+    );
 
     // v2 fails its health check on the canary: halted, nobody else tries.
     fleet.publish("v2.0.0", "DEMO_HEALTH_STATUS=500\n");
@@ -381,7 +404,12 @@ fn ten_hosts_on_moto_canary_waves_halt_revert_and_operators() {
             .any(|(_, _, m)| m.starts_with("Rollout: baked"))
     });
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(fleet.slot_holders("v3.0.0").len(), 1, "paused: {:#?}", fleet.events("v3.0.0"));
+    assert_eq!(
+        fleet.slot_holders("v3.0.0").len(),
+        1,
+        "paused: {:#?}",
+        fleet.events("v3.0.0")
+    );
     assert!(
         fleet.logs().contains("the rollout is paused (paused by"),
         "the waiting hosts say why"
@@ -396,7 +424,9 @@ fn ten_hosts_on_moto_canary_waves_halt_revert_and_operators() {
             .map(|(_, h, _)| h.clone())
             .nth(1)
     };
-    wait_for("a wave-1 host baking", Duration::from_secs(60), || baking(&fleet).is_some());
+    wait_for("a wave-1 host baking", Duration::from_secs(60), || {
+        baking(&fleet).is_some()
+    });
     let victim = baking(&fleet).unwrap();
     let host = fleet.hosts.iter().find(|h| h.id == victim).unwrap();
     let pid = host.app_pid().expect("the victim's app answers");
@@ -444,10 +474,7 @@ fn ten_hosts_on_moto_canary_waves_halt_revert_and_operators() {
         "the slot was taken only after the lease ({:?})",
         killed_at.elapsed()
     );
-    assert!(
-        fleet.logs().contains("a slot's lease ran out"),
-        "the expiry is logged"
-    );
+    assert!(fleet.logs().contains("a slot's lease ran out"), "the expiry is logged");
     // Abort once a wave after the canary started: everyone back on v1.
     wait_for("v4 in its second wave", Duration::from_secs(60), || {
         fleet.slot_holders("v4.0.0").len() >= 3
@@ -465,13 +492,19 @@ fn ten_hosts_on_moto_canary_waves_halt_revert_and_operators() {
     assert!(expired >= 1, "{}", fleet.logs());
     let skewed = &fleet.hosts[9];
     assert!(
-        skewed.events().iter().any(|(_, m, v)| v == "v1.0.0" && m.starts_with("Rollout: baked")),
+        skewed
+            .events()
+            .iter()
+            .any(|(_, m, v)| v == "v1.0.0" && m.starts_with("Rollout: baked")),
         "{}",
         skewed.log()
     );
     let all = fleet.logs();
     for line in all.lines().filter(|l| l.contains("a slot's lease ran out")) {
-        assert!(line.contains(&format!("\"host\":\"{first}\"")), "only the killed host's slot expires: {line}");
+        assert!(
+            line.contains(&format!("\"host\":\"{first}\"")),
+            "only the killed host's slot expires: {line}"
+        );
     }
 }
 
@@ -486,7 +519,9 @@ fn four_hosts_on_fake_gcs_canary_waves_and_halt() {
     let fleet = Fleet::new("gs://fleet/app".into(), env, plan, 4, None);
     fleet.wait_for_heartbeats();
     fleet.publish("v1.0.0", "");
-    wait_for("v1 on every host", Duration::from_secs(120), || fleet.all_serve("v1.0.0"));
+    wait_for("v1 on every host", Duration::from_secs(120), || {
+        fleet.all_serve("v1.0.0")
+    });
     let events = fleet.events("v1.0.0");
     assert_eq!(fleet.slot_holders("v1.0.0").len(), 4, "{events:#?}");
     assert_eq!(most_at_once(&events), 2, "{events:#?}");

@@ -10,7 +10,15 @@ use anyhow::{Context, Result, bail};
 
 use crate::{run, workspace_root};
 
-pub(crate) const NAMES: &[&str] = &["archive", "download", "restart", "ghr-polling", "fleet", "proxy"];
+pub(crate) const NAMES: &[&str] = &[
+    "archive",
+    "download",
+    "restart",
+    "ghr-polling",
+    "fleet",
+    "proxy",
+    "rollout",
+];
 
 pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
     match name {
@@ -20,13 +28,14 @@ pub(crate) fn run_bench(name: Option<&str>, args: &[String]) -> Result<()> {
         Some("ghr-polling") => ghr_polling(args),
         Some("fleet") => fleet(args),
         Some("proxy") => proxy(args),
+        Some("rollout") => crate::bench_rollout::rollout(args),
         Some(other) => bail!("unknown benchmark `{other}`; known: {}", NAMES.join(", ")),
         None => bail!("name a benchmark: {}", NAMES.join(", ")),
     }
 }
 
 /// The value of `--name=VALUE` in `args`, else `default`.
-fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T>
+pub(crate) fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T>
 where
     T::Err: std::error::Error + Send + Sync + 'static,
 {

@@ -183,5 +183,8 @@ impl Cache for MemoryCache {
 }
 
 fn version_of(t: SystemTime) -> String {
-    t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos().to_string()
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+        .to_string()
 }

@@ -294,8 +294,14 @@ impl Deployer {
                     self.notify.send_error(text);
                 }
             }
+            // A rollout may ask for an earlier check (a bake ends, a wave
+            // opens) than the interval.
+            let mut wait = self.config.interval;
+            if let Some(at) = self.state().wake_at.take() {
+                wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
+            }
             tokio::select! {
-                _ = tokio::time::sleep(self.config.interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = self.trigger.notified() => tracing::debug!("Immediate check requested"),
                 _ = shutdown.changed() => return,
             }

@@ -86,7 +86,13 @@ impl Deployer {
 
     /// Writes an operator's action to the deployment history (for the
     /// timeline of the status page).
-    pub(crate) fn record_operator_action(&self, version: &str, outcome: &str, release_dir: Option<&Path>, reason: &str) {
+    pub(crate) fn record_operator_action(
+        &self,
+        version: &str,
+        outcome: &str,
+        release_dir: Option<&Path>,
+        reason: &str,
+    ) {
         let entry = crate::history::Entry {
             time: self.clock.now(),
             version: version.to_owned(),

@@ -420,6 +420,22 @@ impl Record {
         Admission::Go { wave }
     }
 
+    /// The earliest time the open wave can let the next host in: when the
+    /// bakes of its hosts can have ended (for a host still deploying, a
+    /// bake starting now). `None` when none of them is deploying or baking.
+    pub fn wave_opens_at(&self, now: Timestamp) -> Option<Timestamp> {
+        let bake = SignedDuration::try_from(self.plan().bake).unwrap_or_default();
+        self.hosts
+            .values()
+            .filter(|s| s.wave == self.wave)
+            .filter_map(|s| match s.phase {
+                Phase::Deploying => Some(now.max(s.since) + bake),
+                Phase::Baking => Some(s.since + bake),
+                _ => None,
+            })
+            .max()
+    }
+
     /// Counts of hosts per phase, for status lines.
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         let mut out = BTreeMap::new();
@@ -592,7 +608,7 @@ pub async fn update<T>(
         match cache.write_if(key, &data, version.as_deref()).await {
             Ok(_) => return Ok((answer, record)),
             Err(dewy_cache::Error::Conflict { .. }) => {
-                let jitter = 20 + rand::random::<u64>() % (50 << attempt.min(4));
+                let jitter = 5 + rand::random::<u64>() % (20 << attempt.min(5));
                 tracing::debug!(key = %key, attempt, "Rollout record changed by another host; retrying");
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
@@ -614,7 +630,7 @@ pub async fn list(cache: &dyn Cache) -> Result<Vec<Record>, Error> {
             out.push(record);
         }
     }
-    out.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    out.sort_by_key(|r| std::cmp::Reverse(r.created_at));
     Ok(out)
 }
 
@@ -748,7 +764,12 @@ mod tests {
         assert_eq!(r.admit("c", 4, None, t(33)), Admission::Go { wave: 0 });
         assert!(r.fail("c", "did not start", t(34)));
         assert_eq!(r.state, State::Halted);
-        assert!(r.reason.as_deref().unwrap().contains("2 of 2 allowed failures; last on c"));
+        assert!(
+            r.reason
+                .as_deref()
+                .unwrap()
+                .contains("2 of 2 allowed failures; last on c")
+        );
         assert!(matches!(r.admit("d", 4, None, t(35)), Admission::Stopped(s) if s.contains("halted")));
     }
 
@@ -799,7 +820,10 @@ mod tests {
         .await
         .unwrap();
         let r = control(&cache, &artifact, Command::Pause, "ops@bastion").await.unwrap();
-        assert_eq!((r.state, r.reason.as_deref()), (State::Paused, Some("paused by ops@bastion")));
+        assert_eq!(
+            (r.state, r.reason.as_deref()),
+            (State::Paused, Some("paused by ops@bastion"))
+        );
         assert_eq!(
             control(&cache, &artifact, Command::Resume, "ops").await.unwrap().state,
             State::Active
@@ -813,6 +837,9 @@ mod tests {
     }
 }
 
+/// How long a count of the live fleet is used.
+const FLEET_RECOUNT: Duration = Duration::from_secs(30);
+
 /// This host's view of the rollout it takes part in (in memory).
 #[derive(Debug, Default)]
 pub struct Local {
@@ -825,6 +852,8 @@ pub struct Local {
     crashes_at_bake: Option<u64>,
     /// The last wait or stop reason logged at INFO.
     said: Option<String>,
+    /// The live fleet's size and when it was counted.
+    fleet: Option<(usize, std::time::Instant)>,
     /// A release this host will never deploy (its rollout halted or
     /// aborted, or it failed here) and why: its record is not read again.
     stopped: Option<(String, String)>,
@@ -850,16 +879,47 @@ impl crate::Deployer {
         self.storage_clock.now()
     }
 
-    /// Live hosts (heartbeats not stale), at least this one.
+    /// Live hosts (heartbeats not stale), at least this one; counted again
+    /// after [`FLEET_RECOUNT`] (a count reads every heartbeat).
     async fn live_fleet(&self) -> usize {
-        let live = self.fleet().await.iter().filter(|h| h["stale"] != true).count();
-        live.max(1)
+        if let Some((n, at)) = self
+            .rollout
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fleet
+            && at.elapsed() < FLEET_RECOUNT
+        {
+            return n;
+        }
+        let live = self.fleet().await.iter().filter(|h| h["stale"] != true).count().max(1);
+        self.rollout
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fleet = Some((live, std::time::Instant::now()));
+        live
     }
 
     fn remember(&self, record: Option<&Record>) {
         if let Some(r) = record {
-            self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last = Some(r.clone());
+            self.rollout
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .last = Some(r.clone());
         }
+    }
+
+    /// Asks the deploy loop to check again after `after` when that comes
+    /// before the next interval.
+    /// A moment already past asks for nothing (the interval applies: no
+    /// busy loop while a bake is overdue).
+    fn wake_in(&self, after: SignedDuration) {
+        let Ok(after) = Duration::try_from(after) else { return };
+        if after.is_zero() {
+            return;
+        }
+        let at = tokio::time::Instant::now() + after;
+        let mut state = self.state();
+        state.wake_at = Some(state.wake_at.map_or(at, |t| t.min(at)));
     }
 
     /// Says once at INFO why this host waits (DEBUG after that).
@@ -873,7 +933,11 @@ impl crate::Deployer {
         };
         match (first, stopped) {
             (true, false) => tracing::info!(version = release, reason, "Rollout: waiting for a slot"),
-            (true, true) => tracing::info!(version = release, reason, "Rollout: this host will not deploy this release"),
+            (true, true) => tracing::info!(
+                version = release,
+                reason,
+                "Rollout: this host will not deploy this release"
+            ),
             _ => tracing::debug!(version = release, reason, "Rollout: not deploying"),
         }
     }
@@ -900,23 +964,30 @@ impl crate::Deployer {
         let host = self.config.hostname.clone();
         let fleet = self.live_fleet().await;
         self.storage_now().await;
-        let (admission, record) = update(
-            self.cache.as_ref(),
-            &key,
-            &host,
-            &self.storage_clock,
-            |record, now| {
-                let created = record.is_none();
-                let r = record.get_or_insert_with(|| Record::new(&release.tag, artifact, &plan, &host, now));
-                let expired = r.expire(now);
-                let admission = r.admit(&host, fleet, from.clone(), now);
-                let changed = created || !expired.is_empty() || matches!(admission, Admission::Go { .. });
-                (changed, (admission, created, expired))
-            },
-        )
+        let (admission, record) = update(self.cache.as_ref(), &key, &host, &self.storage_clock, |record, now| {
+            let created = record.is_none();
+            let r = record.get_or_insert_with(|| Record::new(&release.tag, artifact, &plan, &host, now));
+            let expired = r.expire(now);
+            let admission = r.admit(&host, fleet, from.clone(), now);
+            let changed = created || !expired.is_empty() || matches!(admission, Admission::Go { .. });
+            let opens_in = r.wave_opens_at(now).map(|t| t.duration_since(now));
+            (changed, (admission, created, expired, opens_in))
+        })
         .await?;
         self.remember(record.as_ref());
-        let (admission, created, expired) = admission;
+        let (admission, created, expired, opens_in) = admission;
+        if let (Admission::Wait(_), Some(opens_in)) = (&admission, opens_in) {
+            // Look again just after the wave's last bake ends (the baking
+            // host marks itself done then); when that is just past (clocks
+            // read to the second), soon; when long past (a host that stopped
+            // renewing), at the interval.
+            let at = opens_in + SignedDuration::from_millis(100);
+            if at.is_positive() {
+                self.wake_in(at);
+            } else if at > SignedDuration::from_secs(-3) {
+                self.wake_in(SignedDuration::from_millis(200));
+            }
+        }
         if created {
             tracing::info!(version = %release.tag, plan = %plan, fleet, "Rollout started");
         }
@@ -926,13 +997,18 @@ impl crate::Deployer {
         match &admission {
             Admission::Go { wave } => {
                 tracing::info!(version = %release.tag, wave, fleet, "Rollout: slot taken; deploying");
-                self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).said = None;
+                self.rollout
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .said = None;
             }
             Admission::Wait(reason) => self.say(&release.tag, reason, false),
             Admission::Stopped(reason) => {
                 self.say(&release.tag, reason, true);
-                self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stopped =
-                    Some((artifact.to_string(), reason.clone()));
+                self.rollout
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .stopped = Some((artifact.to_string(), reason.clone()));
             }
         }
         Ok(admission)
@@ -1012,7 +1088,9 @@ impl crate::Deployer {
                     self.notify
                         .send_error(format!("Rollout of `{}` halted: {reason}", r.release));
                 } else if failure.is_none() {
-                    tracing::info!(version = %r.release, bake = %humantime::format_duration(r.plan().bake), "Rollout: deployed; baking");
+                    let bake = r.plan().bake;
+                    tracing::info!(version = %r.release, bake = %humantime::format_duration(bake), "Rollout: deployed; baking");
+                    self.wake_in(SignedDuration::try_from(bake).unwrap_or_default());
                 }
             }
             Err(err) => tracing::warn!(error = %crate::chain(&err), "Rollout: could not record this host's deploy"),
@@ -1053,12 +1131,14 @@ impl crate::Deployer {
             Revert(Option<String>),
             Complete,
         }
+        let mut bake_left = None;
         let (step, record) = update(
             self.cache.as_ref(),
             &Key::rollout(artifact),
             &host,
             &self.storage_clock,
             |record, now| {
+                bake_left = None;
                 let Some(r) = record.as_mut() else {
                     return (false, Step::Complete);
                 };
@@ -1095,6 +1175,9 @@ impl crate::Deployer {
                             slot.lease_until = None;
                             (true, Step::Baked)
                         } else {
+                            if slot.phase == Phase::Baking {
+                                bake_left = Some(baked - now.duration_since(slot.since));
+                            }
                             let lease = lease_of(&plan);
                             // Renewed once a third of the lease is gone.
                             let due = slot.lease_until.is_none_or(|t| t.duration_since(now) < lease * 2 / 3);
@@ -1122,17 +1205,26 @@ impl crate::Deployer {
         )
         .await?;
         self.remember(record.as_ref());
+        if let Some(left) = bake_left {
+            self.wake_in(left);
+        }
         match step {
             Step::Nothing => {}
             Step::Baked => {
                 tracing::info!(version = %release.tag, "Rollout: baked; this host is done");
             }
             Step::Complete => {
-                if record.as_ref().is_some_and(|r| r.updated_by == host && r.state == State::Complete) {
+                if record
+                    .as_ref()
+                    .is_some_and(|r| r.updated_by == host && r.state == State::Complete)
+                {
                     tracing::info!(version = %release.tag, "Rollout complete: every live host runs it");
                 }
                 tracing::debug!(version = %release.tag, "Rollout complete; its record is no longer read here");
-                self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).settled = Some(artifact.to_string());
+                self.rollout
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .settled = Some(artifact.to_string());
             }
             Step::Failed(halted) => {
                 tracing::error!(version = %release.tag, "Rollout: the application crashed while baking; counted against the rollout");
@@ -1164,16 +1256,30 @@ impl crate::Deployer {
     /// the rollout's state keeps this host off `tag`).
     async fn revert(&self, tag: &str, from: Option<&str>, reason: &str) {
         let Some(from) = from else {
-            tracing::warn!(version = tag, reason, "Rollout: nothing ran here before this release; it stays");
+            tracing::warn!(
+                version = tag,
+                reason,
+                "Rollout: nothing ran here before this release; it stays"
+            );
             return;
         };
         let Some(dir) = crate::history::folder_of(&self.config.root, from) else {
-            tracing::error!(version = tag, to = from, reason, "Rollout: cannot revert, the previous release is no longer on disk");
+            tracing::error!(
+                version = tag,
+                to = from,
+                reason,
+                "Rollout: cannot revert, the previous release is no longer on disk"
+            );
             return;
         };
         match self.switch_and_restart(&dir, from).await {
             Ok(()) => {
-                tracing::warn!(version = tag, to = from, reason, "Rollout: reverted to the previous release");
+                tracing::warn!(
+                    version = tag,
+                    to = from,
+                    reason,
+                    "Rollout: reverted to the previous release"
+                );
                 self.record_operator_action(from, "rolled-back", Some(&dir), &format!("rollout: {reason}"));
                 self.notify
                     .send_important(format!("Reverted `{tag}` to `{from}` ({reason})"));
@@ -1191,6 +1297,10 @@ impl crate::Deployer {
 
     /// The rollout this host last read or wrote.
     pub fn rollout_seen(&self) -> Option<Record> {
-        self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last.clone()
+        self.rollout
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .last
+            .clone()
     }
 }

@@ -69,4 +69,7 @@ pub(crate) struct State {
     /// and outcome it said.
     pub(crate) heartbeat_at: Option<tokio::time::Instant>,
     pub(crate) heartbeat_said: Option<(Option<String>, Option<String>)>,
+    /// Check again at this time if it comes before the next interval (a
+    /// rollout bake ending, a wave opening).
+    pub(crate) wake_at: Option<tokio::time::Instant>,
 }
