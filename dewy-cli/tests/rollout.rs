@@ -171,7 +171,10 @@ impl Fleet {
             .args(["--cache", &self.cache, "--rollout", &self.plan, "--host-id", &h.id])
             .args(["-p", &format!("127.0.0.1:{}", h.port), "-i", "1"])
             .args(["--health-path", "/health", "--health-timeout", "5s"])
-            .args(["--before-deploy-hook", "if test -f slow; then sleep 6; fi"])
+            .args([
+                "--before-deploy-hook",
+                "if test -f slow; then touch in-hook; sleep 6; fi",
+            ])
             .args(["--log-format", "json", "--", "current/demo-app"])
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
@@ -254,9 +257,19 @@ impl Fleet {
     /// Waits until every host wrote its heartbeat (the fleet's size sets
     /// the waves).
     fn wait_for_heartbeats(&self) {
-        wait_for("every heartbeat", Duration::from_secs(60), || {
-            self.fleet().len() == self.hosts.len()
-        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let fleet = self.fleet();
+            if fleet.len() == self.hosts.len() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "every heartbeat: {fleet:#?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// `dewy rollout ACTION --release TAG` run from a folder with no dewy
@@ -460,8 +473,13 @@ fn ten_hosts_on_moto_canary_waves_halt_revert_and_operators() {
         !fleet.slot_holders("v4.0.0").is_empty()
     });
     let first = fleet.slot_holders("v4.0.0")[0].clone();
-    let killed_at = Instant::now();
     let i = fleet.hosts.iter().position(|h| h.id == first).unwrap();
+    // Killed in its before-deploy hook (past the download, so no download
+    // lock is left behind: that has its own test in dewy-cache).
+    wait_for("the canary in its hook", Duration::from_secs(30), || {
+        fleet.hosts[i].app().join("in-hook").exists()
+    });
+    let killed_at = Instant::now();
     fleet.hosts[i].kill();
     for h in &fleet.hosts {
         let _ = std::fs::remove_file(h.app().join("slow"));
@@ -476,9 +494,19 @@ fn ten_hosts_on_moto_canary_waves_halt_revert_and_operators() {
     );
     assert!(fleet.logs().contains("a slot's lease ran out"), "the expiry is logged");
     // Abort once a wave after the canary started: everyone back on v1.
-    wait_for("v4 in its second wave", Duration::from_secs(60), || {
-        fleet.slot_holders("v4.0.0").len() >= 3
-    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fleet.slot_holders("v4.0.0").len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "v4 in its second wave: {:#?}\n{}",
+            fleet.events("v4.0.0"),
+            fleet
+                .try_rollout("status", "v4.0.0")
+                .map(|r| r.to_string())
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(fleet.rollout("abort", "v4.0.0")["state"], "aborted");
     wait_for("every host back on v1", Duration::from_secs(60), || {
         fleet.all_serve("v1.0.0")

@@ -37,6 +37,8 @@ pub struct CloudCache {
     download_lock_ttl: std::time::Duration,
     /// Since when the bucket fails, when that was last logged, and why.
     degraded: std::sync::Mutex<Option<Degraded>>,
+    /// The renewals of the download locks this host holds.
+    renewals: std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
@@ -44,6 +46,10 @@ struct Degraded {
     logged: std::time::Instant,
     error: String,
 }
+
+/// How long a download lock may stay unchanged before another host takes
+/// it over (its holder renews it every third of this).
+pub const DOWNLOAD_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How often a lasting bucket failure is logged again.
 const DEGRADED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
@@ -57,8 +63,9 @@ impl CloudCache {
             prefix: prefix.into(),
             local,
             node: format!("pid-{}", std::process::id()),
-            download_lock_ttl: std::time::Duration::from_secs(10 * 60),
+            download_lock_ttl: DOWNLOAD_LOCK_TTL,
             degraded: std::sync::Mutex::new(None),
+            renewals: std::sync::Mutex::default(),
         }
     }
 
@@ -98,13 +105,49 @@ impl CloudCache {
     }
 
     /// Names this host in download locks (`host:pid`), and sets how long a
-    /// download lock holds before another host may take over (default 10
-    /// minutes: a host that died mid-download delays the fleet that long at
-    /// most).
+    /// download lock may stay unchanged before another host takes it over
+    /// (default [`DOWNLOAD_LOCK_TTL`]; the holder renews it every third of
+    /// that, so a host that died mid-download delays the fleet that long at
+    /// most, however long downloads take).
     pub fn with_node(mut self, node: impl Into<String>, download_lock_ttl: std::time::Duration) -> Self {
         self.node = node.into();
         self.download_lock_ttl = download_lock_ttl;
         self
+    }
+
+    /// Rewrites the download lock of `key` every third of the lock TTL
+    /// until [`Cache::end_download`] (or until another host took it over).
+    fn renew_lock(&self, key: &Key, lock: String, mut version: String) {
+        let (store, node, every) = (self.store.clone(), self.node.clone(), self.download_lock_ttl / 3);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let body = serde_json::json!({"node": node, "at": jiff::Timestamp::now().to_string()});
+                match store
+                    .put(
+                        &lock,
+                        body.to_string().into_bytes(),
+                        Precondition::Matches(version.clone()),
+                    )
+                    .await
+                {
+                    Ok(v) => version = v,
+                    Err(dewy_store::Error::Conflict { .. }) => {
+                        tracing::warn!(key = %lock, "Another host took over this host's download lock");
+                        return;
+                    }
+                    Err(err) => tracing::warn!(key = %lock, error = %err, "Could not renew the download lock"),
+                }
+            }
+        });
+        if let Some(old) = self
+            .renewals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.to_string(), task)
+        {
+            old.abort();
+        }
     }
 
     fn lock_name(&self, key: &Key) -> String {
@@ -275,70 +318,84 @@ impl Cache for CloudCache {
     }
 
     /// One host of the fleet downloads: the first to create
-    /// `<prefix>locks/<key>` (a create-only write) does; the others wait for
-    /// the artifact to appear in the bucket. A lock older than the lock TTL
-    /// is taken over.
+    /// `<prefix>locks/<key>` (a create-only write) does, and renews the
+    /// lock every third of the lock TTL while it downloads; the others wait
+    /// for the artifact to appear in the bucket. A lock that stays
+    /// unchanged for the lock TTL, as this host watches it (so no host's
+    /// clock matters), lost its holder and is taken over.
     async fn begin_download(&self, key: &Key) -> Result<Option<PathBuf>, Error> {
         let lock = self.lock_name(key);
         let mut announced = false;
+        // The lock's version as first seen unchanged, and since when.
+        let mut watched: Option<(String, std::time::Instant)> = None;
         loop {
-            let body = serde_json::json!({"node": self.node, "at": jiff::Timestamp::now().to_string()}).to_string();
+            let body = || {
+                serde_json::json!({"node": self.node, "at": jiff::Timestamp::now().to_string()})
+                    .to_string()
+                    .into_bytes()
+            };
             // A bucket that does not answer: download without the lock.
             let Some(current) = self.bucket("read the download lock", self.store.get(&lock)).await else {
                 return Ok(None);
             };
-            let held = match current {
-                None => match self.store.put(&lock, body.into_bytes(), Precondition::Absent).await {
-                    // The previous holder may have finished just before.
-                    Ok(_) => match self.local_path(key).await? {
-                        Some(path) => {
-                            self.end_download(key).await;
-                            return Ok(Some(path));
-                        }
-                        None => return Ok(None),
-                    },
-                    Err(dewy_store::Error::Conflict { .. }) => true,
+            let taken = match current {
+                None => match self.store.put(&lock, body(), Precondition::Absent).await {
+                    Ok(version) => Some(version),
+                    Err(dewy_store::Error::Conflict { .. }) => None,
                     Err(e) => {
                         self.bucket("write the download lock", async { Err::<(), _>(e) }).await;
                         return Ok(None);
                     }
                 },
-                Some((data, version)) => {
-                    let at = serde_json::from_slice::<serde_json::Value>(&data)
-                        .ok()
-                        .and_then(|v| v["at"].as_str()?.parse::<jiff::Timestamp>().ok());
-                    let ttl = jiff::SignedDuration::try_from(self.download_lock_ttl).unwrap_or_default();
-                    let expired = at.is_none_or(|t| jiff::Timestamp::now().duration_since(t) >= ttl);
-                    if expired {
-                        tracing::warn!(key = %lock, "Download lock expired; taking it over");
-                        match self
-                            .store
-                            .put(&lock, body.into_bytes(), Precondition::Matches(version))
-                            .await
-                        {
-                            Ok(_) => return Ok(None),
-                            Err(dewy_store::Error::Conflict { .. }) => true,
+                Some((_, version)) => {
+                    let since = match &watched {
+                        Some((v, since)) if *v == version => *since,
+                        _ => {
+                            watched = Some((version.clone(), std::time::Instant::now()));
+                            std::time::Instant::now()
+                        }
+                    };
+                    if since.elapsed() >= self.download_lock_ttl {
+                        tracing::warn!(key = %lock, "Download lock not renewed (its holder stopped); taking it over");
+                        match self.store.put(&lock, body(), Precondition::Matches(version)).await {
+                            Ok(version) => Some(version),
+                            Err(dewy_store::Error::Conflict { .. }) => None,
                             Err(e) => return Err(e.into()),
                         }
                     } else {
-                        true
+                        None
                     }
                 }
             };
-            if held {
+            if let Some(version) = taken {
+                // The previous holder may have finished just before.
                 if let Some(path) = self.local_path(key).await? {
+                    self.store.delete(&lock).await.ok();
                     return Ok(Some(path));
                 }
-                if !announced {
-                    tracing::info!(cache_key = %key, "Another host is downloading this artifact; waiting for it");
-                    announced = true;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                self.renew_lock(key, lock, version);
+                return Ok(None);
             }
+            if let Some(path) = self.local_path(key).await? {
+                return Ok(Some(path));
+            }
+            if !announced {
+                tracing::info!(cache_key = %key, "Another host is downloading this artifact; waiting for it");
+                announced = true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
     }
 
     async fn end_download(&self, key: &Key) {
+        if let Some(renewal) = self
+            .renewals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key.as_str())
+        {
+            renewal.abort();
+        }
         if self.degraded().is_some() {
             return;
         }

@@ -189,3 +189,76 @@ async fn s3_missing_bucket_degrades_to_the_local_cache() {
 async fn gcs_missing_bucket_degrades_to_the_local_cache() {
     missing_bucket_degrades_then_recovers("gcs").await;
 }
+
+/// The download lock: renewed while its holder downloads (however long
+/// that takes, nobody takes it over), taken over once its holder stopped
+/// renewing it (its process died), and versioned records written only by
+/// compare-and-swap.
+#[test]
+fn download_locks_are_renewed_and_taken_over_when_their_holder_dies() {
+    let server = Server::start("s3");
+    server.create_bucket("locks");
+    let (store, prefix) = server.store("locks", "c");
+    let ttl = Duration::from_secs(2);
+    let host = |name: &str, dir: &std::path::Path| {
+        Arc::new(CloudCache::new(store.clone(), prefix.clone(), FileCache::open(dir).unwrap()).with_node(name, ttl))
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rt = |threads| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let key = Key::artifact("v1.0.0", ART).unwrap();
+    let b_rt = rt(1);
+    let b = host("b", db.path());
+
+    // a downloads for three lock TTLs: b waits all along, then gets a's copy.
+    let a_rt = rt(1);
+    let a = host("a", da.path());
+    assert_eq!(a_rt.block_on(a.begin_download(&key)).unwrap(), None, "a downloads");
+    let waiting = b_rt.spawn({
+        let (b, key) = (b.clone(), key.clone());
+        async move { b.begin_download(&key).await }
+    });
+    std::thread::sleep(ttl * 3);
+    assert!(!waiting.is_finished(), "a renews its lock: b keeps waiting");
+    let staged = a.staging_dir().join("v1");
+    std::fs::write(&staged, b"artifact").unwrap();
+    a_rt.block_on(async {
+        a.put_file(&key, &staged).await.unwrap();
+        a.end_download(&key).await;
+    });
+    let got = b_rt.block_on(waiting).unwrap().unwrap().expect("b uses a's upload");
+    assert_eq!(std::fs::read(got).unwrap(), b"artifact");
+
+    // a takes the lock of v2 and dies (its runtime and renewals gone): b
+    // takes the lock over once it stayed unchanged for the TTL.
+    let key2 = Key::artifact("v2.0.0", ART).unwrap();
+    assert_eq!(a_rt.block_on(a.begin_download(&key2)).unwrap(), None);
+    a_rt.shutdown_background();
+    let started = std::time::Instant::now();
+    assert_eq!(b_rt.block_on(b.begin_download(&key2)).unwrap(), None, "b downloads");
+    assert!(started.elapsed() >= ttl, "{:?}", started.elapsed());
+    assert!(started.elapsed() < ttl * 3, "{:?}", started.elapsed());
+    b_rt.block_on(b.end_download(&key2));
+
+    // Compare-and-swap records.
+    b_rt.block_on(async {
+        let record = Key::new("rollout.v1.0.0--x").unwrap();
+        let v1 = b.write_if(&record, b"one", None).await.unwrap();
+        let err = b.write_if(&record, b"again", None).await.unwrap_err();
+        assert!(matches!(err, dewy_cache::Error::Conflict { .. }), "{err}");
+        let read = b.read_versioned(&record).await.unwrap().unwrap();
+        assert_eq!(
+            (read.data.as_slice(), read.version.as_str()),
+            (&b"one"[..], v1.as_str())
+        );
+        b.write_if(&record, b"two", Some(&v1)).await.unwrap();
+        let err = b.write_if(&record, b"three", Some(&v1)).await.unwrap_err();
+        assert!(matches!(err, dewy_cache::Error::Conflict { .. }), "{err}");
+        assert!(b.written_at(&record).await.unwrap().is_some());
+    });
+}
