@@ -195,13 +195,17 @@ impl Proxy {
 }
 
 /// Copies both ways (half-closes passed on) until both sides are done, or
-/// nothing moved for `idle`.
+/// nothing moved for `idle`. One timer per connection, re-armed only when
+/// it fires (not on every read).
 async fn pipe(client: &mut tokio::net::TcpStream, upstream: &mut tokio::net::TcpStream, idle: Duration) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut client_rx, mut client_tx) = client.split();
     let (mut up_rx, mut up_tx) = upstream.split();
-    let (mut to_up, mut to_client) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+    let (mut to_up, mut to_client) = (vec![0u8; 8 << 10], vec![0u8; 8 << 10]);
     let (mut client_open, mut up_open) = (true, true);
+    let mut last_active = tokio::time::Instant::now();
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
     while client_open || up_open {
         tokio::select! {
             r = client_rx.read(&mut to_up), if client_open => match r {
@@ -210,6 +214,7 @@ async fn pipe(client: &mut tokio::net::TcpStream, upstream: &mut tokio::net::Tcp
                     let _ = up_tx.shutdown().await;
                 }
                 Ok(n) => {
+                    last_active = tokio::time::Instant::now();
                     if up_tx.write_all(&to_up[..n]).await.is_err() {
                         return;
                     }
@@ -221,12 +226,19 @@ async fn pipe(client: &mut tokio::net::TcpStream, upstream: &mut tokio::net::Tcp
                     let _ = client_tx.shutdown().await;
                 }
                 Ok(n) => {
+                    last_active = tokio::time::Instant::now();
                     if client_tx.write_all(&to_client[..n]).await.is_err() {
                         return;
                     }
                 }
             },
-            () = tokio::time::sleep(idle) => return,
+            () = &mut timer => {
+                let deadline = last_active + idle;
+                if deadline <= tokio::time::Instant::now() {
+                    return;
+                }
+                timer.as_mut().reset(deadline);
+            }
         }
     }
 }

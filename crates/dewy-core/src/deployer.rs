@@ -516,6 +516,15 @@ impl Deployer {
             tracing::debug!(cache_key = %key, "Deploy skipped");
             return Ok(TickOutcome::Skipped);
         }
+        // A release whose rollout already stopped for this host (halted,
+        // aborted, failed here): no request at all until a newer one.
+        if let Some(reason) = self.rollout_stopped(&key) {
+            resumed?;
+            return Ok(TickOutcome::RolloutStopped {
+                tag: release.tag,
+                reason,
+            });
+        }
         let recorded_bad = self.cache.read(&Key::bad(&key)).await.ok().flatten().is_some();
         if recorded_bad || self.state().bad_key.as_deref() == Some(key.as_str()) {
             resumed?;

@@ -942,6 +942,17 @@ impl crate::Deployer {
         }
     }
 
+    /// Why this host will never deploy `artifact`, when its rollout said so
+    /// (kept in memory: the record is not read again).
+    pub(crate) fn rollout_stopped(&self, artifact: &Key) -> Option<String> {
+        let local = self.rollout.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        local
+            .stopped
+            .as_ref()
+            .filter(|(stopped, _)| stopped == artifact.as_str())
+            .map(|(_, reason)| reason.clone())
+    }
+
     /// Before a deploy: creates the release's rollout record if this host
     /// is the first to see it, then asks it for a slot.
     pub(crate) async fn rollout_admit(
@@ -950,14 +961,8 @@ impl crate::Deployer {
         artifact: &Key,
         from: Option<String>,
     ) -> Result<Admission, Error> {
-        if let Some((stopped, reason)) = &self
-            .rollout
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .stopped
-            && stopped == artifact.as_str()
-        {
-            return Ok(Admission::Stopped(reason.clone()));
+        if let Some(reason) = self.rollout_stopped(artifact) {
+            return Ok(Admission::Stopped(reason));
         }
         let plan = self.config.rollout.clone().unwrap_or_default();
         let key = Key::rollout(artifact);
