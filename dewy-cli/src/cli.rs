@@ -203,26 +203,25 @@ pub struct RolloutArgs {
     /// The release (its tag). Default: the newest rollout.
     #[arg(long = "release", value_name = "TAG")]
     pub release: Option<String>,
-    /// The app folder (for its dewy.toml). Default: the current directory.
-    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
-    pub workdir: Option<String>,
-    /// The cache the fleet shares (`--cache` of `dewy server`/`assets`).
-    /// Default: `DEWY_CACHE`, else `cache` in the folder's dewy.toml.
-    #[arg(long = "cache", value_name = "URL")]
-    pub cache: Option<String>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub shared: SharedCacheArgs,
 }
 
 /// `dewy fleet`.
 #[derive(Debug, Args)]
 pub struct FleetArgs {
+    #[command(flatten)]
+    pub shared: SharedCacheArgs,
+}
+
+/// Where `dewy rollout` and `dewy fleet` find the fleet's cache.
+#[derive(Debug, Args)]
+pub struct SharedCacheArgs {
     /// The app folder (for its dewy.toml). Default: the current directory.
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]
     pub workdir: Option<String>,
-    /// The cache the fleet shares. Default: `DEWY_CACHE`, else `cache` in
-    /// the folder's dewy.toml.
+    /// The cache the fleet shares (`--cache` of `dewy server`/`assets`).
+    /// Default: `DEWY_CACHE`, else `cache` in the folder's dewy.toml.
     #[arg(long = "cache", value_name = "URL")]
     pub cache: Option<String>,
     /// Print JSON instead of a table.

@@ -7,12 +7,11 @@ use dewy_core::rollout::{self, Command, Record};
 
 /// The cache of `--cache` (or as the daemon finds it), on a small runtime.
 fn with_cache<T>(
-    workdir: Option<&str>,
-    flag: Option<&str>,
+    args: &crate::cli::SharedCacheArgs,
     f: impl AsyncFnOnce(&dyn dewy_cache::Cache) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let root = crate::commands::root_from(workdir);
-    let url = crate::commands::cache_url_for(&root, flag);
+    let root = crate::commands::root_from(args.workdir.as_deref());
+    let url = crate::commands::cache_url_for(&root, args.cache.as_deref());
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -37,7 +36,7 @@ fn operator() -> String {
 
 /// `dewy rollout status|pause|resume|abort [--release TAG]`.
 pub(crate) fn rollout(args: &crate::cli::RolloutArgs) -> ExitCode {
-    let result = with_cache(args.workdir.as_deref(), args.cache.as_deref(), async |cache| {
+    let result = with_cache(&args.shared, async |cache| {
         let records = rollout::list(cache).await?;
         let chosen = match &args.release {
             Some(tag) => records.into_iter().find(|r| &r.release == tag),
@@ -62,7 +61,7 @@ pub(crate) fn rollout(args: &crate::cli::RolloutArgs) -> ExitCode {
         Ok(rollout::control(cache, &artifact, command, &operator()).await?)
     });
     match result {
-        Ok(record) if args.json => {
+        Ok(record) if args.shared.json => {
             println!("{}", serde_json::to_string_pretty(&record).unwrap_or_default());
             ExitCode::SUCCESS
         }
@@ -101,7 +100,7 @@ fn print_rollout(r: &Record) {
 /// `dewy fleet`: every host's heartbeat, live or stale by the storage's
 /// clock.
 pub(crate) fn fleet(args: &crate::cli::FleetArgs) -> ExitCode {
-    let result = with_cache(args.workdir.as_deref(), args.cache.as_deref(), async |cache| {
+    let result = with_cache(&args.shared, async |cache| {
         let mut hosts = Vec::new();
         let now = jiff::Timestamp::now();
         for entry in cache.list().await? {
@@ -129,7 +128,7 @@ pub(crate) fn fleet(args: &crate::cli::FleetArgs) -> ExitCode {
         Ok(h) => h,
         Err(err) => return fail(&err),
     };
-    if args.json {
+    if args.shared.json {
         println!("{}", serde_json::Value::Array(hosts));
         return ExitCode::SUCCESS;
     }

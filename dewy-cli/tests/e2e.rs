@@ -148,9 +148,18 @@ impl World {
                 "incomplete release folder {d}"
             );
         }
-        let cache = self.app().join(".dewy/cache");
-        if let Ok(rd) = std::fs::read_dir(cache.join(".staging")) {
-            let left: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
+        // A download may be in progress right now (a failed release is
+        // retried every second): a leftover is a file still there later.
+        let staging = self.app().join(".dewy/cache/.staging");
+        let in_staging = || -> Vec<std::ffi::OsString> {
+            std::fs::read_dir(&staging)
+                .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default()
+        };
+        let before = in_staging();
+        if !before.is_empty() {
+            std::thread::sleep(Duration::from_secs(3));
+            let left: Vec<_> = in_staging().into_iter().filter(|f| before.contains(f)).collect();
             assert!(left.is_empty(), "partial downloads left in the cache: {left:?}");
         }
     }

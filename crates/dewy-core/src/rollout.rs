@@ -909,9 +909,8 @@ impl crate::Deployer {
     }
 
     /// Asks the deploy loop to check again after `after` when that comes
-    /// before the next interval.
-    /// A moment already past asks for nothing (the interval applies: no
-    /// busy loop while a bake is overdue).
+    /// before the next interval. A moment already past asks for nothing
+    /// (the interval applies: no busy loop while a bake is overdue).
     fn wake_in(&self, after: SignedDuration) {
         let Ok(after) = Duration::try_from(after) else { return };
         if after.is_zero() {
