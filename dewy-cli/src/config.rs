@@ -722,6 +722,28 @@ mod tests {
     }
 
     #[test]
+    fn rollout_plan_and_host_id_from_the_file_or_flags() {
+        let s = load_with(
+            "registry = \"file:///srv/r\"\nrollout = \"canary=2,bake=30s,auto-revert\"\nhost_id = \"web-7\"\n",
+            &[],
+        )
+        .unwrap();
+        let plan = s.core.rollout.unwrap();
+        assert_eq!(plan.canary, dewy_core::rollout::Count::Hosts(2));
+        assert_eq!(plan.bake, Duration::from_secs(30));
+        assert!(plan.auto_revert);
+        assert_eq!(s.host_id.as_deref(), Some("web-7"));
+        let err = load_with("registry = \"file:///srv/r\"\n", &["--rollout", "canary=0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--rollout") && err.contains("canary=0"), "{err}");
+        let err = load_with("registry = \"file:///srv/r\"\n", &["--host-id", "web 7"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--host-id") && err.contains("web 7"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_and_lists_for_single_values_are_named() {
         let err = load_with("registry = \"file:///srv/r\"\nkeep_release = 3\n", &[])
             .unwrap_err()
