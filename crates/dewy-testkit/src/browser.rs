@@ -97,38 +97,59 @@ impl Browser {
         self.elements(css).len()
     }
 
-    /// The rendered text of the first element matching `css`.
+    /// The rendered text of the first element matching `css`, read in one
+    /// script (a page that re-renders every few seconds never hands back a
+    /// stale element between finding it and reading it).
     pub fn text(&self, css: &str) -> String {
-        let id = self.element(css);
-        self.call("GET", &format!("/element/{id}/text"), None)
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+        match self.texts_of(css, true).into_iter().next() {
+            Some(text) => text,
+            None => panic!("no element matches `{css}`"),
+        }
     }
 
-    /// The texts of every element matching `css`.
+    /// The texts of every element matching `css` (one script, as
+    /// [`Browser::text`]).
     pub fn texts(&self, css: &str) -> Vec<String> {
-        self.elements(css)
-            .into_iter()
-            .map(|id| {
-                self.call("GET", &format!("/element/{id}/text"), None)
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect()
+        self.texts_of(css, false)
+    }
+
+    fn texts_of(&self, css: &str, first: bool) -> Vec<String> {
+        let script = "const all = Array.from(document.querySelectorAll(arguments[0])).map((e) => e.innerText);\
+                      return arguments[1] ? all.slice(0, 1) : all;";
+        let found = self.call(
+            "POST",
+            "/execute/sync",
+            Some(&json!({"script": script, "args": [css, first]})),
+        );
+        found
+            .as_array()
+            .map(|a| a.iter().map(|t| t.as_str().unwrap_or_default().to_owned()).collect())
+            .unwrap_or_default()
     }
 
     /// A DOM property (`disabled`, `title`, `value`) of the first match.
     pub fn property(&self, css: &str, name: &str) -> Value {
-        let id = self.element(css);
-        self.call("GET", &format!("/element/{id}/property/{name}"), None)
+        self.on_element(css, "GET", &format!("property/{name}"), None)
     }
 
     /// Clicks the first element matching `css`.
     pub fn click(&self, css: &str) {
-        let id = self.element(css);
-        self.call("POST", &format!("/element/{id}/click"), Some(&json!({})));
+        self.on_element(css, "POST", "click", Some(&json!({})));
+    }
+
+    /// One command on the first element matching `css`, found again when
+    /// the page re-rendered it in between (a stale element).
+    fn on_element(&self, css: &str, method: &str, command: &str, body: Option<&Value>) -> Value {
+        for _ in 0..5 {
+            let id = self.element(css);
+            let path = format!("/session/{}/element/{id}/{command}", self.session);
+            match try_call(self.driver, method, &path, body) {
+                Ok(value) => return value,
+                Err((error, _)) if error == "stale element reference" => continue,
+                Err((error, message)) => panic!("WebDriver {method} {path}: {error}: {message}"),
+            }
+        }
+        panic!("`{css}` kept being re-rendered under five attempts to {command} it")
     }
 
     /// Clears the first element matching `css` and types `text` into it.
@@ -174,6 +195,12 @@ impl Drop for Browser {
 
 /// One WebDriver command; panics on an error answer, naming it.
 fn call(driver: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Value {
+    try_call(driver, method, path, body)
+        .unwrap_or_else(|(error, message)| panic!("WebDriver {method} {path}: {error}: {message}"))
+}
+
+/// One WebDriver command: its value, or the error and message it answered.
+fn try_call(driver: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<Value, (String, Value)> {
     let body = body.map(Value::to_string).unwrap_or_default();
     let mut stream = TcpStream::connect(driver).expect("connect to chromedriver");
     stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
@@ -223,9 +250,9 @@ fn call(driver: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> V
     let answer: Value = serde_json::from_str(&payload).unwrap_or_else(|e| panic!("{method} {path}: {e}: {payload}"));
     let value = answer["value"].clone();
     if let Some(error) = value.get("error").and_then(Value::as_str) {
-        panic!("WebDriver {method} {path}: {error}: {}", value["message"]);
+        return Err((error.to_owned(), value["message"].clone()));
     }
-    value
+    Ok(value)
 }
 
 fn dechunk(mut rest: &str) -> String {
