@@ -14,6 +14,9 @@ use dewy_testkit::wait_for;
 /// The skewed host's clock, behind the others.
 const SKEW_SECS: i64 = 600;
 
+/// Debian's libfaketime (package `faketime`).
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
 struct Host {
     id: String,
     dir: tempfile::TempDir,
@@ -144,14 +147,17 @@ impl Fleet {
     fn start(&mut self, i: usize) {
         let h = &self.hosts[i];
         let dewy = env!("CARGO_BIN_EXE_dewy");
-        let mut cmd = if h.skewed {
-            let mut c = Command::new(dewy_testkit::require("faketime"));
-            c.args(["-f", &format!("-{SKEW_SECS}s"), dewy])
+        let mut cmd = Command::new(dewy);
+        if h.skewed {
+            // libfaketime preloaded into dewy itself (not the `faketime`
+            // wrapper, whose child would outlive a kill of the wrapper).
+            dewy_testkit::require("faketime");
+            let lib = std::path::Path::new(FAKETIME_LIB);
+            assert!(lib.exists(), "{FAKETIME_LIB} is missing: apt-get install faketime");
+            cmd.env("LD_PRELOAD", lib)
+                .env("FAKETIME", format!("-{SKEW_SECS}s"))
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-            c
-        } else {
-            Command::new(dewy)
-        };
+        }
         for (k, _) in std::env::vars() {
             if k.starts_with("DEWY_") || k.starts_with("AWS_") || k == "STORAGE_EMULATOR_HOST" {
                 cmd.env_remove(k);
