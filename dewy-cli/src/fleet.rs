@@ -101,28 +101,7 @@ fn print_rollout(r: &Record) {
 /// clock.
 pub(crate) fn fleet(args: &crate::cli::FleetArgs) -> ExitCode {
     let result = with_cache(&args.shared, async |cache| {
-        let mut hosts = Vec::new();
-        let now = jiff::Timestamp::now();
-        for entry in cache.list().await? {
-            if !entry.key.is_host_record() {
-                continue;
-            }
-            let Some(data) = cache.read(&entry.key).await? else {
-                continue;
-            };
-            let Ok(mut host) = serde_json::from_slice::<serde_json::Value>(&data) else {
-                continue;
-            };
-            let written = jiff::Timestamp::try_from(entry.modified).ok();
-            let period = 30.max(host["interval_secs"].as_u64().unwrap_or(0)) as i64;
-            host["written_at"] = written.map(|t| t.to_string()).into();
-            host["stale"] = written
-                .is_none_or(|t| now.duration_since(t).as_secs() > 3 * period)
-                .into();
-            hosts.push(host);
-        }
-        hosts.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
-        Ok(hosts)
+        Ok(dewy_core::fleet_of(cache, jiff::Timestamp::now()).await?)
     });
     let hosts = match result {
         Ok(h) => h,

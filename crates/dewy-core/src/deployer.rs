@@ -360,29 +360,9 @@ impl Deployer {
     /// clock is off is neither dropped nor kept alive by it), and
     /// `written_at`.
     pub async fn fleet(&self) -> Vec<serde_json::Value> {
-        let Ok(entries) = self.cache.list().await else {
-            return Vec::new();
-        };
-        let now = self.storage_clock.now();
-        let mut hosts = Vec::new();
-        for entry in entries.into_iter().filter(|e| e.key.is_host_record()) {
-            let Ok(Some(data)) = self.cache.read(&entry.key).await else {
-                continue;
-            };
-            let Ok(mut record) = serde_json::from_slice::<serde_json::Value>(&data) else {
-                continue;
-            };
-            let period = HEARTBEAT_EVERY.max(Duration::from_secs(record["interval_secs"].as_u64().unwrap_or(0)));
-            let written = jiff::Timestamp::try_from(entry.modified).ok();
-            let age = written.map(|t| now.duration_since(t));
-            record["written_at"] = written.map(|t| t.to_string()).into();
-            let stale =
-                age.is_none_or(|a| a > jiff::SignedDuration::try_from(period * 3).unwrap_or(jiff::SignedDuration::MAX));
-            record["stale"] = stale.into();
-            hosts.push(record);
-        }
-        hosts.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
-        hosts
+        fleet_of(self.cache.as_ref(), self.storage_clock.now())
+            .await
+            .unwrap_or_default()
     }
 
     fn record_tick(&self, result: &Result<TickOutcome, Error>) {
@@ -1104,6 +1084,35 @@ async fn forward_app_events(mut events: tokio::sync::broadcast::Receiver<Event>,
             Err(_) => return,
         }
     }
+}
+
+/// Every host's heartbeat record in `cache`, sorted by host, each with
+/// `written_at` (the storage's write time) and `stale: true` when that is
+/// more than three heartbeat periods before `now` (a time by the storage's
+/// clock, or the caller's best estimate of it).
+pub async fn fleet_of(cache: &dyn Cache, now: jiff::Timestamp) -> Result<Vec<serde_json::Value>, Error> {
+    let mut hosts = Vec::new();
+    for entry in cache.list().await.map_err(Error::Cache)? {
+        if !entry.key.is_host_record() {
+            continue;
+        }
+        let Some(data) = cache.read(&entry.key).await.map_err(Error::Cache)? else {
+            continue;
+        };
+        let Ok(mut record) = serde_json::from_slice::<serde_json::Value>(&data) else {
+            continue;
+        };
+        let period = HEARTBEAT_EVERY.max(Duration::from_secs(record["interval_secs"].as_u64().unwrap_or(0)));
+        let written = jiff::Timestamp::try_from(entry.modified).ok();
+        let age = written.map(|t| now.duration_since(t));
+        record["written_at"] = written.map(|t| t.to_string()).into();
+        let stale =
+            age.is_none_or(|a| a > jiff::SignedDuration::try_from(period * 3).unwrap_or(jiff::SignedDuration::MAX));
+        record["stale"] = stale.into();
+        hosts.push(record);
+    }
+    hosts.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
+    Ok(hosts)
 }
 
 /// How often a host writes its heartbeat record.

@@ -73,7 +73,7 @@ pub mod rollout;
 mod status;
 
 pub use config::{Clock, Config, Mode, Soak, SystemClock};
-pub use deployer::{Deployer, FailureLog, SHUTDOWN_GRACE, TickOutcome};
+pub use deployer::{Deployer, FailureLog, SHUTDOWN_GRACE, TickOutcome, fleet_of};
 pub use dewy_cache::Cache;
 pub use dewy_notify::Notify;
 pub use dewy_registry::Registry;
