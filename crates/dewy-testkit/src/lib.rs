@@ -798,7 +798,7 @@ pub struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
-    errors: Arc<Mutex<Vec<String>>>,
+    errors: Arc<Mutex<Vec<(std::time::SystemTime, String)>>>,
     last: Arc<Mutex<String>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -825,11 +825,12 @@ impl Load {
                         }
                         Ok((status, body)) => {
                             failed.fetch_add(1, Ordering::Relaxed);
-                            errors.lock().unwrap().push(format!("HTTP {status}: {body}"));
+                            let e = format!("HTTP {status}: {body}");
+                            errors.lock().unwrap().push((std::time::SystemTime::now(), e));
                         }
                         Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
-                            errors.lock().unwrap().push(e);
+                            errors.lock().unwrap().push((std::time::SystemTime::now(), e));
                         }
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -860,6 +861,33 @@ impl Load {
         self.failed.load(Ordering::Relaxed)
     }
 
+    /// The failures so far, one line per distinct error: how many, and the
+    /// UTC times of the first and the last (to set beside a log).
+    pub fn error_spans(&self) -> String {
+        fn clock(t: std::time::SystemTime) -> String {
+            let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let s = d.as_secs() % 86_400;
+            format!(
+                "{:02}:{:02}:{:02}.{:03}",
+                s / 3600,
+                s / 60 % 60,
+                s % 60,
+                d.subsec_millis()
+            )
+        }
+        let mut spans: Vec<(String, u64, std::time::SystemTime, std::time::SystemTime)> = Vec::new();
+        for (at, e) in self.errors.lock().unwrap().iter() {
+            match spans.iter_mut().find(|s| s.0 == *e) {
+                Some(s) => (s.1, s.3) = (s.1 + 1, *at),
+                None => spans.push((e.clone(), 1, *at, *at)),
+            }
+        }
+        spans
+            .iter()
+            .map(|(e, n, first, last)| format!("{e:?} x{n} {}..{}\n", clock(*first), clock(*last)))
+            .collect()
+    }
+
     /// Stops the client: requests that succeeded, that failed, and why.
     pub fn finish(mut self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
@@ -869,7 +897,7 @@ impl Load {
         (
             self.ok.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
-            self.errors.lock().unwrap().clone(),
+            self.errors.lock().unwrap().iter().map(|(_, e)| e.clone()).collect(),
         )
     }
 }
