@@ -7,11 +7,11 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::CommandCargoExt;
-use dewy_testkit::Load;
+use dewy_testkit::{Load, Reaped};
 
 fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     dewy_testkit::http_get(addr, path).map_err(|e| e.to_string())
@@ -173,7 +173,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn stop(mut child: Child) {
+fn stop(mut child: Reaped) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -220,7 +220,7 @@ fn record(scenario: &str, faults: &str, ok: u64, failed: u64, checked: &str) {
 fn releases_in_a_row_under_load() {
     let w = World::new();
     w.publish("v1.0.0", &[]);
-    let dewy = w.dewy(&w.file_registry(), &[]).spawn().unwrap();
+    let dewy = Reaped(w.dewy(&w.file_registry(), &[]).spawn().unwrap());
     wait_for("v1.0.0 served", Duration::from_secs(60), || w.serving("v1.0.0"));
     let load = Load::start(w.addr());
     w.publish("v2.0.0", &[]);
@@ -259,7 +259,7 @@ fn registry_faults_keep_the_current_version_serving() {
     dewy_cmd
         .env("GITHUB_API_URL", format!("http://127.0.0.1:{api_port}"))
         .env("GH_TOKEN", "t");
-    let dewy = dewy_cmd.spawn().unwrap();
+    let dewy = Reaped(dewy_cmd.spawn().unwrap());
     std::thread::sleep(Duration::from_secs(2));
     let gh = dewy_testkit::github::FakeGithub::start_on(api_port);
     gh.add_token("t");
@@ -361,7 +361,7 @@ fn bomb() -> Vec<u8> {
 fn bad_artifacts_never_reach_releases() {
     let w = World::new();
     w.publish("v1.0.0", &[]);
-    let dewy = w.dewy(&w.file_registry(), &[]).spawn().unwrap();
+    let dewy = Reaped(w.dewy(&w.file_registry(), &[]).spawn().unwrap());
     wait_for("v1.0.0 served", Duration::from_secs(60), || w.serving("v1.0.0"));
     let load = Load::start(w.addr());
     let good = w.archive("v2.0.0", &[]);
@@ -444,7 +444,7 @@ fn full_or_read_only_disk_aborts_the_deploy_cleanly() {
     );
     let _mount = Mount(releases.clone());
     w.publish("v1.0.0", &[]);
-    let dewy = w.dewy(&w.file_registry(), &[]).spawn().unwrap();
+    let dewy = Reaped(w.dewy(&w.file_registry(), &[]).spawn().unwrap());
     wait_for("v1.0.0 served", Duration::from_secs(60), || w.serving("v1.0.0"));
     let load = Load::start(w.addr());
     w.publish("v2.0.0", &[]);
@@ -501,8 +501,8 @@ fn full_or_read_only_disk_aborts_the_deploy_cleanly() {
 fn process_faults_are_contained() {
     let w = World::new();
     w.publish("v1.0.0", &[]);
-    let dewy = w
-        .dewy(
+    let dewy = Reaped(
+        w.dewy(
             &w.file_registry(),
             &[
                 "--stop-timeout",
@@ -514,7 +514,8 @@ fn process_faults_are_contained() {
             ],
         )
         .spawn()
-        .unwrap();
+        .unwrap(),
+    );
     wait_for("v1.0.0 served", Duration::from_secs(60), || w.serving("v1.0.0"));
     let load = Load::start(w.addr());
 
@@ -563,7 +564,7 @@ fn process_faults_are_contained() {
     wait_for("no orphan app processes", Duration::from_secs(10), || {
         processes_with(&app_dir).is_empty()
     });
-    let dewy = w.dewy(&w.file_registry(), &[]).spawn().unwrap();
+    let dewy = Reaped(w.dewy(&w.file_registry(), &[]).spawn().unwrap());
     wait_for("v3.0.0 served after dewy's restart", Duration::from_secs(60), || {
         w.serving("v3.0.0")
     });
@@ -641,7 +642,7 @@ fn notifier_faults_do_not_delay_deploys() {
         w.publish("v1.0.0", &[]);
         let mut cmd = w.dewy(&w.file_registry(), &["--notifier", &notifier]);
         cmd.env("SLACK_TOKEN", "xoxb-test").env("SLACK_API_URL", &api);
-        let dewy = cmd.spawn().unwrap();
+        let dewy = Reaped(cmd.spawn().unwrap());
         wait_for("v1.0.0 served", Duration::from_secs(60), || w.serving("v1.0.0"));
         let load = Load::start(w.addr());
         let published = Instant::now();

@@ -37,16 +37,17 @@ fn the_status_page_shows_the_timeline_and_acts_with_the_token() {
         }
     }
     let log = dir.path().join("dewy.log");
-    let mut dewy = cmd
-        .current_dir(&app)
-        .args(["server", "--registry", &format!("file://{}", reg.display())])
-        .args(["-p", &format!("127.0.0.1:{port}"), "-i", "1"])
-        .args(["--admin-port", &admin_port.to_string(), "--admin-token", "page-token"])
-        .args(["--", "current/demo-app"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut dewy = dewy_testkit::Reaped(
+        cmd.current_dir(&app)
+            .args(["server", "--registry", &format!("file://{}", reg.display())])
+            .args(["-p", &format!("127.0.0.1:{port}"), "-i", "1"])
+            .args(["--admin-port", &admin_port.to_string(), "--admin-token", "page-token"])
+            .args(["--", "current/demo-app"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let serving =
         |v: &str| dewy_testkit::http_get(addr, "/").is_ok_and(|(_, b)| b.starts_with(&format!("version={v}")));

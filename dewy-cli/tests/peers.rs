@@ -63,7 +63,7 @@ fn three_releases_under_load(app_file: (&str, &str), command: &[&str]) -> u64 {
         .args(command)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut dewy = dewy.spawn().unwrap();
+    let mut dewy = dewy_testkit::Reaped(dewy.spawn().unwrap());
     let served = |tag: &str| {
         dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with(&format!("version={tag} ")))
     };

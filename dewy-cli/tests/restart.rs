@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::CommandCargoExt;
-use dewy_testkit::{Load, wait_for};
+use dewy_testkit::{Load, Reaped, wait_for};
 
 /// Serves `version=<VERSION>` on the first inherited socket only; exits 3
 /// at once when its release holds a `CRASH` file.
@@ -90,23 +90,25 @@ impl World {
         cmd
     }
 
-    fn server(&self, extra: &[&str]) -> Child {
-        self.dewy()
-            .args(["server", "--registry"])
-            .arg(format!("file://{}", self.registry.display()))
-            .args(["-p", &format!("127.0.0.1:{}", self.port), "-i", "1"])
-            .args(extra)
-            .args(["--", "current/app"])
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.log_path())
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap()
+    fn server(&self, extra: &[&str]) -> Reaped {
+        Reaped(
+            self.dewy()
+                .args(["server", "--registry"])
+                .arg(format!("file://{}", self.registry.display()))
+                .args(["-p", &format!("127.0.0.1:{}", self.port), "-i", "1"])
+                .args(extra)
+                .args(["--", "current/app"])
+                .stdout(Stdio::null())
+                .stderr(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(self.log_path())
+                        .unwrap(),
+                )
+                .spawn()
+                .unwrap(),
+        )
     }
 
     fn log_path(&self) -> PathBuf {
@@ -308,14 +310,15 @@ fn relative_file_registry_is_read_from_where_dewy_was_started() {
     );
     // Started in the parent folder with -w app: `./site/rel` is the
     // parent's, not the app folder's.
-    let mut child = w
-        .dewy()
-        .current_dir(w.app.parent().unwrap())
-        .args(["assets", "--registry", "file://./site/rel", "-w", "app", "-i", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        w.dewy()
+            .current_dir(w.app.parent().unwrap())
+            .args(["assets", "--registry", "file://./site/rel", "-w", "app", "-i", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for("the platform-neutral site deployed", Duration::from_secs(20), || {
         std::fs::read_to_string(w.app.join("current/index.html")).is_ok_and(|s| s == "v1")
     });
