@@ -962,9 +962,10 @@ fn wrk_rate(port: u16, secs: u64) -> Result<(f64, f64)> {
 }
 
 /// `cargo xtask bench proxy`: wrk through dewy's container proxy against
-/// wrk straight to the replica it forwards to (busybox httpd in a podman
-/// container), alternating rounds: requests/s ratio (goal >= 0.8), added
-/// p99 latency, and the proxy's peak RSS (goal < 32 MiB).
+/// wrk straight to the replica it forwards to, alternating rounds, for two
+/// replicas in podman: busybox httpd (a new connection per request) and
+/// demo-app built static (keep-alive). Prints the requests/s ratio (goal
+/// >= 0.8), the added p99 latency, and the proxy's peak RSS (goal < 32 MiB).
 fn proxy(args: &[String]) -> Result<()> {
     let secs: u64 = flag(args, "--secs=", 5)?;
     let rounds: usize = flag(args, "--rounds=", 3)?;
@@ -974,10 +975,41 @@ fn proxy(args: &[String]) -> Result<()> {
         }
     }
     build_release(&["-p", "dewy-cli", "--bin", "dewy"])?;
-    let dewy = target_dir().join("release/dewy");
+    let demo = static_demo_app()?;
     let registry = dewy_testkit::ImageRegistry::start();
     let page = format!("version=v1.0.0 {}\n", "x".repeat(1024));
     registry.push_web_image("bench/web", "v1.0.0", &page, Some("ok"));
+    registry.push_binary_image(
+        "bench/keepalive",
+        "v1.0.0",
+        &demo,
+        &["HOST=0.0.0.0", "PORT=8080", "APP_VERSION=v1.0.0"],
+    );
+    println!("proxy: wrk -t2 -c32 {secs}s x{rounds} rounds (medians), one replica in podman");
+    for (label, repo) in [
+        ("busybox httpd, a connection per request", "bench/web"),
+        ("demo-app, keep-alive", "bench/keepalive"),
+    ] {
+        proxy_case(&registry, label, repo, secs, rounds)?;
+    }
+    Ok(())
+}
+
+/// demo-app linked statically (it runs in an image with nothing else).
+fn static_demo_app() -> Result<PathBuf> {
+    let dir = target_dir().join("static");
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["build", "--release", "--quiet", "-p", "demo-app"])
+        .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+        .arg(&dir))?;
+    Ok(dir.join("x86_64-unknown-linux-gnu/release/demo-app"))
+}
+
+/// One `dewy container` in front of `repo`, measured against its replica.
+fn proxy_case(registry: &dewy_testkit::ImageRegistry, label: &str, repo: &str, secs: u64, rounds: usize) -> Result<()> {
+    let dewy = target_dir().join("release/dewy");
     let work = tempfile::tempdir()?;
     let app = format!("bench{}", std::process::id());
     let port = free_port()?;
@@ -986,7 +1018,7 @@ fn proxy(args: &[String]) -> Result<()> {
         cmd.env(k, v);
     }
     let mut child = cmd
-        .args(["container", "--registry", &format!("img://{}/bench/web", registry.host)])
+        .args(["container", "--registry", &format!("img://{}/{repo}", registry.host)])
         .args([
             "--runtime",
             "podman",
@@ -1057,7 +1089,7 @@ fn proxy(args: &[String]) -> Result<()> {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0);
-        println!("proxy: wrk -t2 -c32 {secs}s x{rounds} rounds (medians), busybox httpd in podman as the replica");
+        println!("{label}:");
         println!("  straight to the replica: {rate_direct:>10.0} req/s  p99 {p99_direct:.2} ms");
         println!("  through dewy's proxy:    {rate_via:>10.0} req/s  p99 {p99_via:.2} ms");
         println!(

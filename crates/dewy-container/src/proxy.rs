@@ -154,45 +154,104 @@ impl Proxy {
     }
 
     async fn forward(&self, mut client: tokio::net::TcpStream) {
-        let mut tried = Vec::new();
         // No replica yet (the first rollout is starting one): wait a little
         // rather than drop the connection.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !self.has_healthy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let Some((mut upstream, backend)) = self.connect().await else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(proxy = %self.listen, "No backend available");
+            return;
+        };
+        backend.open.fetch_add(1, Ordering::SeqCst);
+        let _guard = OpenGuard(backend);
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        match self.idle_timeout {
+            None => {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+            Some(idle) => pipe(&mut client, &mut upstream, idle).await,
+        }
+    }
+
+    /// A connection to a healthy backend, round-robin. A backend that
+    /// refuses is taken out of rotation and the next one tried. A connect
+    /// still pending after [`HEDGE_AFTER`] most likely lost its SYN to a
+    /// full accept queue (the kernel resends it only after a second):
+    /// another attempt starts beside it, on the next backend (the same one
+    /// when it is alone), and the first to connect wins. At most
+    /// [`MAX_ATTEMPTS`] attempts, within [`CONNECT_TIMEOUT`].
+    async fn connect(&self) -> Option<(tokio::net::TcpStream, Arc<Backend>)> {
+        type Attempt =
+            std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>;
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut refused: Vec<SocketAddr> = Vec::new();
+        let mut inflight: Vec<(Arc<Backend>, Attempt)> = Vec::new();
+        let mut started = 0;
+        let mut start_one = true;
         loop {
-            let Some(backend) = self.pick(&tried) else {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(proxy = %self.listen, "No backend available");
-                return;
-            };
-            tried.push(backend.addr);
-            let connect =
-                tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(backend.addr)).await;
-            match connect {
-                Ok(Ok(mut upstream)) => {
-                    backend.open.fetch_add(1, Ordering::SeqCst);
-                    let _guard = OpenGuard(backend);
-                    let _ = client.set_nodelay(true);
-                    let _ = upstream.set_nodelay(true);
-                    match self.idle_timeout {
-                        None => {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                        }
-                        Some(idle) => pipe(&mut client, &mut upstream, idle).await,
+            if start_one
+                && started < MAX_ATTEMPTS
+                && let Some(backend) = self.pick(&refused)
+            {
+                started += 1;
+                let addr = backend.addr;
+                inflight.push((backend, Box::pin(tokio::net::TcpStream::connect(addr))));
+            }
+            if inflight.is_empty() {
+                return None;
+            }
+            let next_hedge = (tokio::time::Instant::now() + HEDGE_AFTER).min(deadline);
+            let done = std::future::poll_fn(|cx| {
+                for i in 0..inflight.len() {
+                    if let std::task::Poll::Ready(out) = inflight[i].1.as_mut().poll(cx) {
+                        return std::task::Poll::Ready((inflight.swap_remove(i).0, out));
                     }
-                    return;
                 }
-                _ => {
-                    // Taken out until the next health pass puts it back.
-                    backend.failed.store(true, Ordering::SeqCst);
-                    tracing::warn!(proxy = %self.listen, backend = %backend.addr, container = %backend.container, "Failed to connect to backend; taken out of rotation");
+                std::task::Poll::Pending
+            });
+            tokio::select! {
+                (backend, result) = done => match result {
+                    Ok(stream) => return Some((stream, backend)),
+                    Err(e) => {
+                        refused.push(backend.addr);
+                        self.take_out(&backend, &e.to_string());
+                        start_one = true;
+                    }
+                },
+                () = tokio::time::sleep_until(next_hedge) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        for (backend, _) in &inflight {
+                            self.take_out(backend, &format!("no connection within {CONNECT_TIMEOUT:?}"));
+                        }
+                        return None;
+                    }
+                    start_one = true;
                 }
             }
         }
     }
+
+    /// Takes `backend` out of rotation until the next health pass puts it
+    /// back.
+    fn take_out(&self, backend: &Backend, why: &str) {
+        backend.failed.store(true, Ordering::SeqCst);
+        tracing::warn!(proxy = %self.listen, backend = %backend.addr, container = %backend.container, error = why, "Failed to connect to backend; taken out of rotation");
+    }
 }
+
+/// How long a backend connect may take before another attempt starts
+/// beside it.
+const HEDGE_AFTER: Duration = Duration::from_millis(200);
+
+/// Attempts per client connection (hedges and retries after refusals).
+const MAX_ATTEMPTS: usize = 4;
+
+/// How long a client connection waits for a backend connection at most.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Copies both ways (half-closes passed on) until both sides are done, or
 /// nothing moved for `idle`. One timer per connection, re-armed only when

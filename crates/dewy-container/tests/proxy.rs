@@ -89,3 +89,43 @@ async fn round_robin_failover_drain_and_idle_timeout() {
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
     assert_eq!(drain(&live, Duration::from_secs(2)).await, 0);
 }
+
+/// A listener whose accept queue is full and never served: the kernel drops
+/// further SYNs (and resends them only after a second), as a replica
+/// overwhelmed by a burst does.
+async fn full_accept_queue() -> (SocketAddr, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    // Fill the queue: connects that complete; the next ones hang.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => queued.push(s),
+            _ => break,
+        }
+        assert!(queued.len() < 16, "the accept queue never filled");
+    }
+    std::mem::forget(listener);
+    (addr, queued)
+}
+
+#[tokio::test]
+async fn a_backend_that_drops_syns_costs_a_hedge_not_a_second() {
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let (stuck, _queued) = full_accept_queue().await;
+    proxy.add(Backend::new("cstuck", stuck));
+    proxy.add(Backend::new("cok", echo("ok").await));
+    // Every second connection is first sent to the stuck replica: it is
+    // answered by the other one after the hedge delay, far below the
+    // kernel's one-second SYN resend, and the stuck one is not taken out
+    // (a full queue is load, not a dead replica).
+    for i in 0..4 {
+        let started = std::time::Instant::now();
+        assert_eq!(ask(proxy.listen, "hi").await, "ok:hi");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(800), "request {i} took {took:?}");
+    }
+    assert!(proxy.backends().iter().all(|b| !b.failed()));
+}

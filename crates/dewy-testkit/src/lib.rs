@@ -1589,10 +1589,33 @@ impl ImageRegistry {
         if let Some(h) = health {
             std::fs::write(root.path().join("www/health"), h).expect("write health");
         }
+        self.push_rootfs(
+            root.path(),
+            repo,
+            tag,
+            &[r#"CMD ["/bin/busybox","httpd","-f","-p","8080","-h","/www"]"#],
+        )
+    }
+
+    /// Builds an image offline holding the static executable `binary` as
+    /// `/app`, run with `env` (`KEY=VALUE`) and port 8080 exposed, and
+    /// pushes it as `REPO:TAG`. Returns its digest.
+    pub fn push_binary_image(&self, repo: &str, tag: &str, binary: &Path, env: &[&str]) -> String {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(binary, root.path().join("app")).expect("copy the executable");
+        let mut changes = vec![r#"CMD ["/app"]"#.to_owned()];
+        changes.extend(env.iter().map(|e| format!("ENV {e}")));
+        let changes: Vec<&str> = changes.iter().map(String::as_str).collect();
+        self.push_rootfs(root.path(), repo, tag, &changes)
+    }
+
+    /// Imports the folder `root` as an image (port 8080 exposed, plus
+    /// `changes` as Dockerfile instructions) and pushes it as `REPO:TAG`.
+    fn push_rootfs(&self, root: &Path, repo: &str, tag: &str, changes: &[&str]) -> String {
         let tar = self.dir.path().join(format!("{}-{tag}.tar", repo.replace('/', "_")));
         let out = Command::new("tar")
             .arg("-C")
-            .arg(root.path())
+            .arg(root)
             .arg("-cf")
             .arg(&tar)
             .arg(".")
@@ -1609,12 +1632,12 @@ impl ImageRegistry {
             );
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         };
-        run(self
-            .podman()
-            .args(["import", "--change", "EXPOSE 8080", "--change"])
-            .arg(r#"CMD ["/bin/busybox","httpd","-f","-p","8080","-h","/www"]"#)
-            .arg(&tar)
-            .arg(&reference));
+        let mut import = self.podman();
+        import.args(["import", "--change", "EXPOSE 8080"]);
+        for c in changes {
+            import.args(["--change", c]);
+        }
+        run(import.arg(&tar).arg(&reference));
         let digest_file = self.dir.path().join("digest");
         run(self
             .podman()

@@ -3,7 +3,8 @@
 //!
 //! Sockets come from `SERVER_STARTER_PORT` (`host:port=fd;...`), else from
 //! systemd's `LISTEN_FDS` (fds from 3, checked against `LISTEN_PID`), else it
-//! binds `127.0.0.1:$PORT` itself. Every answer says
+//! binds `$HOST:$PORT` itself (default `127.0.0.1:8000`; `HOST=0.0.0.0` in a
+//! container). Every answer says
 //! `version=<v> generation=<g> pid=<p>`; the version comes from `APP_VERSION`
 //! or the `VERSION` file next to the executable (so a release folder carries
 //! it). `GET /health` answers with `DEMO_HEALTH_STATUS` (default 200).
@@ -141,9 +142,10 @@ fn main() {
     }
     let mut listeners = inherited();
     if listeners.is_empty() {
+        let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
         let port = std::env::var("PORT").unwrap_or_else(|_| "8000".into());
         listeners.push(Listener::Tcp(
-            TcpListener::bind(format!("127.0.0.1:{port}")).expect("bind"),
+            TcpListener::bind(format!("{host}:{port}")).expect("bind"),
         ));
     }
     let config = Arc::new(Config {
