@@ -123,6 +123,13 @@ pub struct ContainerArgs {
     #[arg(long = "proxy-idle-timeout", value_name = "SECONDS", default_value = "300")]
     pub proxy_idle_timeout: String,
 
+    /// Images dewy pulled that are kept after each rollout (the most
+    /// recently pulled); older ones are removed with `rmi` (never forced:
+    /// images a container uses, or that carry other names, stay). 0 keeps
+    /// all. Default 7 (as Dewy).
+    #[arg(long = "keep-images", value_name = "N", default_value_t = 7)]
+    pub keep_images: usize,
+
     /// Shell command run before each rollout (after the pull).
     #[arg(long = "before-deploy-hook", value_name = "COMMAND")]
     pub before_deploy_hook: Option<String>,

@@ -110,6 +110,7 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
             hook_env: crate::run::child_env(&args.pass_env),
             workdir: workdir.clone(),
             hook_timeout: Duration::from_secs(300),
+            keep_images: args.keep_images,
         },
         registry,
         runtime: args.runtime.clone(),

@@ -43,12 +43,13 @@ impl Drop for Dewy {
     }
 }
 
-/// Removes the app's containers at the end, whatever happened.
-struct Cleanup(Vec<(String, std::path::PathBuf)>, String);
+/// Removes the app's containers and the images of this test's registry at
+/// the end, whatever happened.
+struct Cleanup(Vec<(String, std::path::PathBuf)>, String, String);
 
 impl Cleanup {
     fn new(registry: &ImageRegistry, app: &str) -> Self {
-        Self(registry.podman_env.clone(), app.to_owned())
+        Self(registry.podman_env.clone(), app.to_owned(), registry.host.clone())
     }
 }
 
@@ -69,7 +70,48 @@ impl Drop for Cleanup {
             rm.envs(self.0.iter().map(|(k, v)| (k, v)));
             let _ = rm.args(["rm", "-f"]).args(&ids).output();
         }
+        let mut images = Command::new("podman");
+        images.envs(self.0.iter().map(|(k, v)| (k, v)));
+        let images: Vec<String> = images
+            .args(["images", "-q", "--filter"])
+            .arg(format!("reference={}/*", self.2))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect())
+            .unwrap_or_default();
+        if !images.is_empty() {
+            let mut rmi = Command::new("podman");
+            rmi.envs(self.0.iter().map(|(k, v)| (k, v)));
+            let _ = rmi.args(["rmi", "-f"]).args(&images).output();
+        }
     }
+}
+
+/// Pushes a web image as `acme/web:TAG`, then drops the test's own local
+/// name for it, so that the only name left is the one dewy pulls (and may
+/// remove); returns the image id.
+fn push_only_remote(registry: &ImageRegistry, tag: &str, body: &str, health: Option<&str>) -> String {
+    registry.push_web_image("acme/web", tag, body, health);
+    let name = format!("{}/acme/web:{tag}", registry.host);
+    let out = registry
+        .podman()
+        .args(["image", "inspect", "--format", "{{.Id}}", &name])
+        .output()
+        .unwrap();
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(!id.is_empty(), "no image id for {name}");
+    let out = registry.podman().args(["untag", &name]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    id
+}
+
+/// Whether the local storage holds the image `id`.
+fn image_exists(registry: &ImageRegistry, id: &str) -> bool {
+    registry
+        .podman()
+        .args(["image", "exists", id])
+        .status()
+        .unwrap()
+        .success()
 }
 
 /// The app's running containers.
@@ -133,6 +175,7 @@ fn dewy_via(
         .args(["--stop-timeout", "1s", "-i", "1", "--listen", "127.0.0.1", "-n", app])
         .args(["--admin-port", &admin.to_string()])
         .args(["--after-deploy-hook", "echo \"$DEWY_VERSION $DEWY_APP\" >> hooks.log"])
+        .args(["--keep-images", "2"])
         .arg("-w")
         .arg(workdir)
         .stdout(Stdio::null())
@@ -153,7 +196,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     let log = dir.path().join("dewy.log");
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     let body = |v: &str| format!("version={v} \n");
-    registry.push_web_image("acme/web", "v1.0.0", &body("v1.0.0"), Some("ok"));
+    let v1 = push_only_remote(&registry, "v1.0.0", &body("v1.0.0"), Some("ok"));
     let mut child = dewy(&registry, &app, (proxy, admin), &log, dir.path());
     let serving = |v: &str| {
         dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with(&format!("version={v}")))
@@ -180,14 +223,14 @@ fn rolling_updates_adoption_and_healing_with_podman() {
 
     // v1 -> v2 under load: no request fails.
     let load = Load::start(addr);
-    registry.push_web_image("acme/web", "v2.0.0", &body("v2.0.0"), Some("ok"));
+    let v2 = push_only_remote(&registry, "v2.0.0", &body("v2.0.0"), Some("ok"));
     wait_for("v2", Duration::from_secs(60), || load.version() == "v2.0.0");
     wait_for("the v1 replicas retired", Duration::from_secs(30), || {
         replicas(&registry, &app).len() == 2 && text().matches("Container deployed").count() == 2
     });
 
     // A v3 whose health path is missing never gets traffic.
-    registry.push_web_image("acme/web", "v3.0.0", &body("v3.0.0"), None);
+    let v3_bad = push_only_remote(&registry, "v3.0.0", &body("v3.0.0"), None);
     wait_for("v3 refused", Duration::from_secs(60), || {
         text().contains("failed its health check")
     });
@@ -200,7 +243,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     assert_eq!(text().matches("failed its health check").count(), tries, "{}", text());
 
     // v3 pushed again, fixed: a new digest, so a new release.
-    registry.push_web_image("acme/web", "v3.0.0", &body("v3.0.0"), Some("ok"));
+    let v3 = push_only_remote(&registry, "v3.0.0", &body("v3.0.0"), Some("ok"));
     wait_for("the fixed v3", Duration::from_secs(60), || load.version() == "v3.0.0");
     std::thread::sleep(Duration::from_secs(1));
     let (ok, failed, errors) = load.finish();
@@ -219,6 +262,25 @@ fn rolling_updates_adoption_and_healing_with_podman() {
         "{}",
         text()
     );
+    // With --keep-images 2, the images of v1 and v2 went after the v3
+    // rollout (pulled: v1, v2, the failing v3, the fixed v3); the two
+    // most recently pulled stay.
+    wait_for("the old images removed", Duration::from_secs(30), || {
+        text().contains("removed=2")
+    });
+    assert!(
+        !image_exists(&registry, &v1) && !image_exists(&registry, &v2),
+        "{}",
+        text()
+    );
+    assert!(image_exists(&registry, &v3) && image_exists(&registry, &v3_bad));
+    let keep = text()
+        .lines()
+        .filter(|l| l.contains("Keep images"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert_eq!(keep.len(), 3, "once per rollout: {keep:?}");
+    assert!(keep.iter().all(|l| l.contains("count=2")), "{keep:?}");
 
     // dewy killed: the next one adopts the replicas and serves at once.
     wait_for("the v2 replicas retired", Duration::from_secs(30), || {

@@ -19,6 +19,7 @@
 
 #![deny(missing_docs)]
 
+mod images;
 pub mod proxy;
 pub mod runtime;
 
@@ -135,6 +136,9 @@ pub struct ContainerConfig {
     pub workdir: std::path::PathBuf,
     /// Hooks are killed after this.
     pub hook_timeout: Duration,
+    /// Images dewy pulled that are kept after a rollout (the most recently
+    /// pulled, besides those running); older ones are removed. 0 keeps all.
+    pub keep_images: usize,
 }
 
 /// A replica in rotation.
@@ -254,6 +258,10 @@ impl ContainerDeployer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    fn pulled(&self) -> images::Pulled {
+        images::Pulled::new(&self.config.workdir)
     }
 
     fn set_replicas(&self, list: Vec<Replica>) {
@@ -514,6 +522,7 @@ impl ContainerDeployer {
     async fn roll_out(&self, release: &Release) -> Result<Outcome, Error> {
         tracing::info!(tag = %release.tag, image = %release.artifact_url, "Pulling image");
         self.runtime.pull(&release.artifact_url).await?;
+        self.pulled().record(&release.artifact_url);
         self.notify.send(format!("Pulled image for `{}`", release.tag));
         self.hook("Before", self.config.before_hook.as_ref(), release).await;
         let old = self.replicas();
@@ -543,6 +552,9 @@ impl ContainerDeployer {
         }
         tracing::info!(tag = %release.tag, replicas = new.len(), "Container deployed");
         self.hook("After", self.config.after_hook.as_ref(), release).await;
+        self.pulled()
+            .keep(&self.runtime, self.config.keep_images, &[release.artifact_url.as_str()])
+            .await;
         self.notify.send_important(format!(
             "Container deployed successfully: `{}/{}` replicas of `{}`",
             new.len(),

@@ -111,6 +111,12 @@ impl Runtime {
         self.run_cmd(&Self::args(&["pull", "-q", image])).await.map(|_| ())
     }
 
+    /// Removes the reference `image` (`rmi`, never forced: an image a
+    /// container uses stays, one with other names only loses this one).
+    pub async fn remove_image(&self, image: &str) -> Result<(), Error> {
+        self.run_cmd(&Self::args(&["rmi", image])).await.map(|_| ())
+    }
+
     /// The TCP ports `image` EXPOSEs.
     pub async fn exposed_ports(&self, image: &str) -> Result<Vec<u16>, Error> {
         let out = self
