@@ -130,30 +130,31 @@ pub(crate) async fn serve(
         }
     });
     if let Some(port) = port {
-        // Dewy's default admin port 17539 moves up to +9 when taken, so
-        // several instances on one host each find one.
-        let candidates: Vec<u16> = if port == DEWY_ADMIN_PORT {
-            (port..port + 10).collect()
-        } else {
-            vec![port]
-        };
-        let mut bound = None;
-        for p in &candidates {
-            if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", *p)).await {
-                bound = Some((l, *p));
-                break;
-            }
-        }
-        let Some((tcp, port)) = bound else {
-            anyhow::bail!("cannot listen for the admin API on 127.0.0.1 (tried ports {candidates:?})");
-        };
-        tracing::info!(port, "Admin API port bound successfully");
+        let tcp = bind_port(port).await?;
         let tcp_app = router(admin, false);
         tokio::spawn(async move {
             let _ = axum::serve(tcp, tcp_app).with_graceful_shutdown(stop(shutdown)).await;
         });
     }
     Ok(())
+}
+
+/// The admin API's TCP listener on 127.0.0.1:`port`. Dewy's default port
+/// 17539 moves up to +9 when taken, so several instances on one host each
+/// find one.
+pub(crate) async fn bind_port(port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    let candidates: Vec<u16> = if port == DEWY_ADMIN_PORT {
+        (port..port + 10).collect()
+    } else {
+        vec![port]
+    };
+    for p in &candidates {
+        if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", *p)).await {
+            tracing::info!(port = *p, "Admin API port bound successfully");
+            return Ok(l);
+        }
+    }
+    anyhow::bail!("cannot listen for the admin API on 127.0.0.1 (tried ports {candidates:?})")
 }
 
 fn refuse(status: StatusCode, why: &str) -> Response {

@@ -174,6 +174,34 @@ pub struct ContainerArgs {
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]
     pub workdir: Option<String>,
 
+    /// Blue/green slot: deploy only tags whose build metadata is SLOT.
+    #[arg(short = 's', long, value_name = "SLOT")]
+    pub slot: Option<String>,
+
+    /// CalVer format of the tags, such as `YYYY.0M.0D.MICRO`.
+    #[arg(long, value_name = "FORMAT")]
+    pub calver: Option<String>,
+
+    /// Dewy's telemetry switch: also serve the status API with `/metrics`
+    /// on 127.0.0.1:17539 (the first free port up to 17548), or on
+    /// `--admin-port`.
+    #[arg(long = "telemetry")]
+    pub telemetry: bool,
+
+    /// Push the metrics of `/metrics` to an OpenTelemetry collector:
+    /// `HOST:PORT` over OTLP/gRPC (TLS unless `--otlp-insecure`) or an
+    /// `http(s)://` URL over OTLP/HTTP. Turns `--telemetry` on.
+    #[arg(long = "otlp-endpoint", value_name = "HOST:PORT|URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Plaintext gRPC to a `HOST:PORT` `--otlp-endpoint` (no TLS).
+    #[arg(long = "otlp-insecure")]
+    pub otlp_insecure: bool,
+
+    /// How often metrics are pushed with `--otlp-endpoint`. Default 60s.
+    #[arg(long = "otlp-interval", value_name = "DURATION", default_value = "60s")]
+    pub otlp_interval: String,
+
     /// Extra `run` arguments for the replicas (after `--`).
     #[arg(last = true, value_name = "RUN-ARGS")]
     pub extra: Vec<String>,

@@ -345,6 +345,28 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
     validate(mode, raw)
 }
 
+/// `--otlp-endpoint`: `HOST:PORT` for OTLP/gRPC (TLS unless `insecure`),
+/// or an `http(s)://` URL for OTLP/HTTP.
+pub(crate) fn otlp_target(endpoint: Option<String>, insecure: bool) -> Result<Option<Otlp>, ConfigError> {
+    Ok(match endpoint {
+        None => None,
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(Otlp::Http(url)),
+        Some(target) => {
+            let valid = target.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !valid {
+                return Err(invalid(
+                    "otlp_endpoint",
+                    &target,
+                    "HOST:PORT for OTLP/gRPC (localhost:4317) or an http(s) URL for OTLP/HTTP (http://collector:4318/v1/metrics)",
+                ));
+            }
+            Some(Otlp::Grpc { target, insecure })
+        }
+    })
+}
+
 /// A `file://` URL with a relative path (`file://./releases`,
 /// `file://releases`) made absolute against the directory dewy was started
 /// in, as a user reads it; other URLs unchanged.
@@ -607,26 +629,7 @@ fn validate(mode: Mode, raw: Raw) -> Result<Settings, ConfigError> {
         ));
     }
     let otlp_insecure = boolean("otlp_insecure", &raw.scalar("otlp_insecure"))?;
-    let otlp = match text(&raw.scalar("otlp_endpoint")) {
-        None => None,
-        Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(Otlp::Http(url)),
-        Some(target) => {
-            let valid = target.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !valid {
-                return Err(invalid(
-                    "otlp_endpoint",
-                    &target,
-                    "HOST:PORT for OTLP/gRPC (localhost:4317) or an http(s) URL for OTLP/HTTP (http://collector:4318/v1/metrics)",
-                ));
-            }
-            Some(Otlp::Grpc {
-                target,
-                insecure: otlp_insecure,
-            })
-        }
-    };
+    let otlp = otlp_target(text(&raw.scalar("otlp_endpoint")), otlp_insecure)?;
     // Dewy's telemetry serves `/metrics` on the admin port 17539 (moving
     // up when taken); an OTLP endpoint turns it on too.
     let telemetry = boolean("telemetry", &raw.scalar("telemetry"))? || otlp.is_some();

@@ -36,6 +36,10 @@ fn app_name(registry: &str) -> String {
 /// Validated settings of `dewy container`.
 struct Settings {
     admin_port: Option<u16>,
+    otlp: Option<crate::config::Otlp>,
+    otlp_interval: Duration,
+    slot: Option<String>,
+    calver: Option<String>,
     registry: String,
     config: dewy_container::ContainerConfig,
     runtime: String,
@@ -87,12 +91,32 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
         .listen
         .parse()
         .with_context(|| format!("invalid value `{}` for --listen: an IP address", args.listen))?;
+    let calver = args.calver.clone().filter(|c| !c.is_empty());
+    if let Some(c) = &calver {
+        dewy_registry::CalVerFormat::new(c).map_err(|e| anyhow::anyhow!("invalid value `{c}` for --calver: {e}"))?;
+    }
+    let otlp = crate::config::otlp_target(args.otlp_endpoint.clone().filter(|e| !e.is_empty()), args.otlp_insecure)?;
+    let otlp_interval = duration("--otlp-interval", &args.otlp_interval)?;
+    if otlp_interval.is_zero() {
+        bail!(
+            "invalid value `{}` for --otlp-interval: more than 0",
+            args.otlp_interval
+        );
+    }
+    // Dewy's telemetry serves `/metrics` on the admin port 17539 (moving
+    // up when taken); an OTLP endpoint turns it on too.
+    let telemetry = args.telemetry || otlp.is_some();
+    let admin_port = args.admin_port.or(telemetry.then_some(crate::admin::DEWY_ADMIN_PORT));
     let workdir = match &args.workdir {
         Some(w) => std::path::PathBuf::from(w),
         None => std::env::current_dir().context("cannot read the current directory")?,
     };
     Ok(Settings {
-        admin_port: args.admin_port,
+        admin_port,
+        otlp,
+        otlp_interval,
+        slot: args.slot.clone().filter(|s| !s.is_empty()),
+        calver,
         config: dewy_container::ContainerConfig {
             app: args.name.clone().unwrap_or_else(|| app_name(&registry)),
             replicas: args.replicas.max(1),
@@ -161,6 +185,8 @@ fn oci_env() -> dewy_registry::OciEnv {
 async fn run(s: Settings) -> Result<()> {
     let options = dewy_registry::OpenOptions {
         oci: oci_env(),
+        slot: s.slot.clone(),
+        calver: s.calver.clone(),
         ..Default::default()
     };
     let registry = dewy_registry::open(&s.registry, &options)
@@ -185,6 +211,10 @@ async fn run(s: Settings) -> Result<()> {
     ));
     let checks = Arc::new(std::sync::Mutex::new(LastCheck::default()));
     serve_admin(deployer.clone(), checks.clone(), &s.workdir, s.admin_port).await?;
+    let otlp = match &s.otlp {
+        Some(target) => Some(crate::otlp::start(target, s.otlp_interval, deployer.clone()).await),
+        None => None,
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     // One ERROR line per failure, as in server mode.
@@ -220,8 +250,24 @@ async fn run(s: Settings) -> Result<()> {
         "Shutting down; the replicas keep running for the next dewy to adopt"
     );
     notify.send("Stop receiving by `SIGTERM` signal");
+    if let Some(otlp) = otlp {
+        otlp.stop().await;
+    }
     notify.shutdown(Duration::from_secs(5)).await;
     Ok(())
+}
+
+/// `--otlp-endpoint` pushes the same families as `/metrics`.
+impl crate::otlp::Source for dewy_container::ContainerDeployer {
+    fn families(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<crate::metrics::Family>> + Send + '_>> {
+        Box::pin(async move { families(self) })
+    }
+
+    fn new_durations(&self) -> Vec<f64> {
+        Vec::new()
+    }
 }
 
 /// The last check, for the status API.
@@ -367,10 +413,7 @@ async fn serve_admin(
         let _ = axum::serve(unix, unix_app).await;
     });
     if let Some(port) = port {
-        let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .with_context(|| format!("cannot listen for the admin API on 127.0.0.1:{port}"))?;
-        tracing::info!(port, "Admin API port bound successfully");
+        let tcp = crate::admin::bind_port(port).await?;
         tokio::spawn(async move {
             let _ = axum::serve(tcp, app).await;
         });

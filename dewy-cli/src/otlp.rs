@@ -5,7 +5,8 @@
 //! The SDK's periodic reader runs on its own thread and the exporter uses a
 //! blocking HTTP client, which must be built and dropped outside the tokio
 //! runtime; so the provider lives on a dedicated thread. Its observable
-//! instruments read a snapshot of [`crate::metrics::families`] that a tokio
+//! instruments read a snapshot of the metric families (server and assets
+//! mode: [`crate::metrics::families`]; container mode: its own) that a tokio
 //! task refreshes (reading dewy's status is async).
 
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,25 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 
-use crate::metrics::{Family, families};
+use crate::metrics::Family;
+
+/// What the pushed metrics are read from.
+pub(crate) trait Source: Send + Sync + 'static {
+    /// The metric families now (as `/metrics` renders them).
+    fn families(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Family>> + Send + '_>>;
+    /// The durations (seconds) of deploys finished since the last call.
+    fn new_durations(&self) -> Vec<f64>;
+}
+
+impl Source for dewy_core::Deployer {
+    fn families(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Family>> + Send + '_>> {
+        Box::pin(crate::metrics::families(self))
+    }
+
+    fn new_durations(&self) -> Vec<f64> {
+        self.metrics().deployment_duration.take_new()
+    }
+}
 
 /// The running exporter; [`Otlp::stop`] sends the last export.
 #[derive(Debug)]
@@ -26,20 +45,16 @@ pub(crate) struct Otlp {
 }
 
 /// Starts pushing every `interval` to `target`.
-pub(crate) async fn start(
-    target: &crate::config::Otlp,
-    interval: Duration,
-    deployer: Arc<dewy_core::Deployer>,
-) -> Otlp {
-    let first = families(&deployer).await;
+pub(crate) async fn start(target: &crate::config::Otlp, interval: Duration, source: Arc<dyn Source>) -> Otlp {
+    let first = source.families().await;
     let snapshot: Arc<Mutex<Vec<Family>>> = Arc::new(Mutex::new(first.clone()));
     let refresh = {
-        let (snapshot, deployer) = (snapshot.clone(), deployer.clone());
+        let (snapshot, source) = (snapshot.clone(), source.clone());
         let every = (interval / 2).max(Duration::from_millis(200));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                let now = families(&deployer).await;
+                let now = source.families().await;
                 *snapshot.lock().expect("metrics snapshot") = now;
             }
         })
@@ -140,7 +155,7 @@ pub(crate) async fn start(
             .map(|(labels, _)| labels.iter().map(|(k, v)| KeyValue::new(*k, v.clone())).collect())
             .unwrap_or_default();
         let record_durations = || {
-            for secs in deployer.metrics().deployment_duration.take_new() {
+            for secs in source.new_durations() {
                 duration.record(secs, &command);
             }
         };

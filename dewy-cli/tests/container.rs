@@ -2,6 +2,8 @@
 //! rolling updates under load, a failing image that never gets traffic, a
 //! re-pushed tag, adoption after SIGKILL, and a replica killed by hand.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -138,7 +140,7 @@ fn dewy(
     log: &std::path::Path,
     workdir: &std::path::Path,
 ) -> Dewy {
-    dewy_via(registry, &registry.host, app, ports, log, workdir)
+    dewy_via(registry, &registry.host, app, ports, log, workdir, &[])
 }
 
 /// The JSON of `GET path` on 127.0.0.1:`port`.
@@ -157,6 +159,7 @@ fn dewy_via(
     (proxy, admin): (u16, u16),
     log: &std::path::Path,
     workdir: &std::path::Path,
+    extra: &[&str],
 ) -> Dewy {
     let mut cmd = Command::cargo_bin("dewy").unwrap();
     for (k, v) in &registry.podman_env {
@@ -176,6 +179,7 @@ fn dewy_via(
         .args(["--admin-port", &admin.to_string()])
         .args(["--after-deploy-hook", "echo \"$DEWY_VERSION $DEWY_APP\" >> hooks.log"])
         .args(["--keep-images", "2"])
+        .args(extra)
         .arg("-w")
         .arg(workdir)
         .stdout(Stdio::null())
@@ -352,10 +356,37 @@ fn registry_faults_keep_the_current_version_serving() {
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     registry.push_web_image("acme/web", "v1.0.0", "version=v1.0.0 \n", Some("ok"));
     let serving = || dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with("version=v1.0.0"));
-    let mut first = dewy(&registry, &app, (proxy, admin), &log, dir.path());
+    // Dewy's telemetry flags work in container mode too: the container
+    // metrics reach an OTLP/gRPC collector.
+    let (collector, names) = common::otlp_grpc_collector();
+    let endpoint = format!("127.0.0.1:{collector}");
+    let telemetry = [
+        "--telemetry",
+        "--otlp-endpoint",
+        &endpoint,
+        "--otlp-insecure",
+        "--otlp-interval",
+        "1s",
+    ];
+    let mut first = dewy_via(
+        &registry,
+        &registry.host,
+        &app,
+        (proxy, admin),
+        &log,
+        dir.path(),
+        &telemetry,
+    );
     wait_for("v1", Duration::from_secs(60), || {
         serving() && text().contains("Container deployed") && replicas(&registry, &app).len() == 2
     });
+    wait_for("the container metrics over OTLP", Duration::from_secs(20), || {
+        let names = names.lock().unwrap();
+        ["dewy_container_replicas", "dewy_proxy_connections_total"]
+            .iter()
+            .all(|n| names.iter().any(|m| m == n))
+    });
+    assert!(text().contains("Pushing metrics over OTLP"), "{}", text());
     first.kill().unwrap();
     first.wait().unwrap();
     let before = replicas(&registry, &app);
@@ -365,7 +396,7 @@ fn registry_faults_keep_the_current_version_serving() {
         dewy_testkit::FlakyProxy::start(&format!("http://{}", registry.host), vec![401, 401, 500, 503, 500, 500]);
     let via = flaky.endpoint.trim_start_matches("http://").to_owned();
     registry.allow_insecure(&via);
-    let mut second = dewy_via(&registry, &via, &app, (proxy, admin), &log, dir.path());
+    let mut second = dewy_via(&registry, &via, &app, (proxy, admin), &log, dir.path(), &[]);
     wait_for("the proxy port", Duration::from_secs(10), || {
         std::net::TcpStream::connect(addr).is_ok()
     });
