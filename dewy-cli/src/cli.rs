@@ -163,9 +163,10 @@ pub struct ContainerArgs {
     #[arg(short = 'f', long = "log-format", value_name = "FORMAT", default_value = "text")]
     pub log_format: String,
 
-    /// Also serve the read-only status API (`/api/status`, `/metrics`) on
-    /// 127.0.0.1:PORT (it always listens on `.dewy/admin.sock` in the
-    /// workdir, owner only).
+    /// The read-only status API (`/api/status`, `/api/containers`,
+    /// `/metrics`) on 127.0.0.1:PORT. Default: Dewy's 17539, or the first
+    /// free port up to 17548 (it always listens on `.dewy/admin.sock` in
+    /// the workdir too, owner only).
     #[arg(long = "admin-port", value_name = "PORT")]
     pub admin_port: Option<u16>,
 
@@ -182,9 +183,8 @@ pub struct ContainerArgs {
     #[arg(long, value_name = "FORMAT")]
     pub calver: Option<String>,
 
-    /// Dewy's telemetry switch: also serve the status API with `/metrics`
-    /// on 127.0.0.1:17539 (the first free port up to 17548), or on
-    /// `--admin-port`.
+    /// Dewy's telemetry switch, accepted as is: container mode always
+    /// serves `/metrics` with its status API.
     #[arg(long = "telemetry")]
     pub telemetry: bool,
 

@@ -35,7 +35,7 @@ fn app_name(registry: &str) -> String {
 
 /// Validated settings of `dewy container`.
 struct Settings {
-    admin_port: Option<u16>,
+    admin_port: u16,
     otlp: Option<crate::config::Otlp>,
     otlp_interval: Duration,
     slot: Option<String>,
@@ -103,10 +103,10 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
             args.otlp_interval
         );
     }
-    // Dewy's telemetry serves `/metrics` on the admin port 17539 (moving
-    // up when taken); an OTLP endpoint turns it on too.
-    let telemetry = args.telemetry || otlp.is_some();
-    let admin_port = args.admin_port.or(telemetry.then_some(crate::admin::DEWY_ADMIN_PORT));
+    // As Dewy, container mode always serves its admin API on a port: 17539
+    // (moving up when taken) unless `--admin-port`; `--telemetry` changes
+    // nothing here (the metrics are always served).
+    let admin_port = args.admin_port.unwrap_or(crate::admin::DEWY_ADMIN_PORT);
     let workdir = match &args.workdir {
         Some(w) => std::path::PathBuf::from(w),
         None => std::env::current_dir().context("cannot read the current directory")?,
@@ -320,10 +320,16 @@ fn status(d: &dewy_container::ContainerDeployer, checks: &Checks) -> serde_json:
             })
         })
         .collect();
+    let proxy_backends: usize = d.proxies().iter().map(|p| p.backends().len()).sum();
     serde_json::json!({
+        // Dewy's fields first (`command` 2 is container mode).
+        "name": d.app(),
+        "command": 2,
+        "current_version": current_version.unwrap_or_default(),
+        "proxy_backends": proxy_backends,
+        "is_running": false,
         "mode": "container",
         "dewy_version": env!("CARGO_PKG_VERSION"),
-        "current_version": current_version,
         "replicas": replicas,
         "proxies": proxies,
         "last_check": last.at.map(|t| t.to_string()),
@@ -375,13 +381,60 @@ fn families(d: &dewy_container::ContainerDeployer) -> Vec<crate::metrics::Family
     ]
 }
 
-/// The read-only status API: `.dewy/admin.sock` (owner only) and, with
-/// `--admin-port`, 127.0.0.1:PORT.
+/// `GET /api/containers` in Dewy's shape: the app's containers with the
+/// address dewy's first proxy port reaches each one on.
+async fn containers(d: &dewy_container::ContainerDeployer) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let list = match d.containers().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot list the containers for the admin API");
+            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "Internal server error\n").into_response();
+        }
+    };
+    let first_proxy = d.proxies().into_iter().next();
+    let time = |secs: i64| {
+        jiff::Timestamp::from_second(secs)
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    };
+    let items: Vec<serde_json::Value> = list
+        .into_iter()
+        .map(|c| {
+            let ip_port = first_proxy
+                .as_ref()
+                .and_then(|p| p.backends().into_iter().find(|b| b.container == c.id))
+                .map(|b| b.addr.to_string())
+                .unwrap_or_default();
+            let started_at = c.started_at.map(time).unwrap_or_default();
+            let deployed_at = if c.deployed_at.is_empty() {
+                started_at.clone()
+            } else {
+                c.deployed_at.clone()
+            };
+            serde_json::json!({
+                "id": c.id,
+                "name": c.name,
+                "image": c.image,
+                "status": c.status,
+                "ip_port": ip_port,
+                "started_at": started_at,
+                "deployed_at": deployed_at,
+                "labels": c.labels,
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "containers": items })).into_response()
+}
+
+/// The read-only status API: `.dewy/admin.sock` (owner only) and
+/// 127.0.0.1:PORT (`--admin-port`, by default Dewy's 17539 moving up to
+/// 17548; none free is a warning, not a failure).
 async fn serve_admin(
     deployer: Arc<dewy_container::ContainerDeployer>,
     checks: Checks,
     workdir: &std::path::Path,
-    port: Option<u16>,
+    port: u16,
 ) -> Result<()> {
     use axum::routing::get;
     let app = axum::Router::new()
@@ -390,6 +443,13 @@ async fn serve_admin(
             get({
                 let (d, c) = (deployer.clone(), checks.clone());
                 move || async move { axum::Json(status(&d, &c)) }
+            }),
+        )
+        .route(
+            "/api/containers",
+            get({
+                let d = deployer.clone();
+                move || async move { containers(&d).await }
             }),
         )
         .route(
@@ -412,8 +472,17 @@ async fn serve_admin(
     tokio::spawn(async move {
         let _ = axum::serve(unix, unix_app).await;
     });
-    if let Some(port) = port {
-        let tcp = crate::admin::bind_port(port).await?;
+    let tcp = match crate::admin::bind_port(port).await {
+        Ok(tcp) => Some(tcp),
+        // Dewy's default port range taken by other instances: the socket
+        // still serves; an explicit port must work.
+        Err(e) if port == crate::admin::DEWY_ADMIN_PORT => {
+            tracing::warn!(error = %e, "No admin port free; the status API is on the unix socket only");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(tcp) = tcp {
         tokio::spawn(async move {
             let _ = axum::serve(tcp, app).await;
         });

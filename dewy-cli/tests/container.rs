@@ -213,6 +213,19 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     let status = json(admin, "/api/status");
     assert_eq!(status["replicas"].as_array().unwrap().len(), 2, "{status}");
     assert_eq!(status["current_version"], "v1.0.0");
+    // Dewy's fields and its `/api/containers`.
+    assert_eq!((&status["name"], &status["command"]), (&app.clone().into(), &2.into()));
+    assert_eq!(status["proxy_backends"], 2, "{status}");
+    let listed = json(admin, "/api/containers");
+    let containers = listed["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 2, "{listed}");
+    for c in containers {
+        assert_eq!(c["status"], "running", "{c}");
+        assert!(c["ip_port"].as_str().unwrap().starts_with("127.0.0.1:"), "{c}");
+        assert_eq!(c["labels"]["dewy.app"], app.as_str(), "{c}");
+        assert!(c["name"].as_str().unwrap().starts_with(&app), "{c}");
+        assert!(!c["deployed_at"].as_str().unwrap().is_empty(), "{c}");
+    }
     assert_eq!(
         status["proxies"][0]["backends"].as_array().unwrap().len(),
         2,

@@ -247,6 +247,16 @@ impl ContainerDeployer {
         Ok(this)
     }
 
+    /// The app name (`dewy.app` label).
+    pub fn app(&self) -> &str {
+        &self.config.app
+    }
+
+    /// The app's containers as the runtime sees them (running or not).
+    pub async fn containers(&self) -> Result<Vec<runtime::Container>, Error> {
+        self.runtime.managed(&self.config.app).await
+    }
+
     /// The proxies, for status and metrics.
     pub fn proxies(&self) -> Vec<Arc<Proxy>> {
         self.proxies.iter().map(|(_, p)| p.clone()).collect()

@@ -30,6 +30,12 @@ pub struct Container {
     pub started_at: Option<i64>,
     /// The image id it runs.
     pub image: String,
+    /// Its name (without Docker's leading `/`).
+    pub name: String,
+    /// The runtime's state word (`running`, `exited`, …).
+    pub status: String,
+    /// Its labels.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What to run.
@@ -200,14 +206,15 @@ impl Runtime {
                 .run_cmd(&Self::args(&[
                     "inspect",
                     "--format",
-                    r#"{{.State.Running}}|{{index .Config.Labels "dewy.digest"}}|{{index .Config.Labels "dewy.version"}}|{{index .Config.Labels "dewy.deployed_at"}}|{{.State.StartedAt.Unix}}|{{.Image}}"#,
+                    r#"{{.State.Running}}|{{index .Config.Labels "dewy.digest"}}|{{index .Config.Labels "dewy.version"}}|{{index .Config.Labels "dewy.deployed_at"}}|{{.State.StartedAt.Unix}}|{{.Image}}|{{.Name}}|{{.State.Status}}|{{json .Config.Labels}}"#,
                     id,
                 ]))
                 .await
             else {
                 continue; // removed meanwhile
             };
-            let mut parts = line.splitn(6, '|');
+            // The labels' JSON comes last: it may hold `|`.
+            let mut parts = line.splitn(9, '|');
             let mut next = || parts.next().unwrap_or_default().to_owned();
             out.push(Container {
                 id: id.to_owned(),
@@ -217,6 +224,9 @@ impl Runtime {
                 deployed_at: next(),
                 started_at: next().trim().parse().ok().filter(|t: &i64| *t > 0),
                 image: next(),
+                name: next().trim_start_matches('/').to_owned(),
+                status: next(),
+                labels: serde_json::from_str(&next()).unwrap_or_default(),
             });
         }
         Ok(out)
