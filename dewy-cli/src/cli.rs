@@ -202,8 +202,14 @@ pub struct ContainerArgs {
     #[arg(long = "otlp-interval", value_name = "DURATION", default_value = "60s")]
     pub otlp_interval: String,
 
+    /// Config file (TOML; keys are the flags' long names with `_`, and
+    /// `run_args` for the arguments after `--`). Default: `dewy.toml` in
+    /// the working directory when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<String>,
+
     /// Extra `run` arguments for the replicas (after `--`).
-    #[arg(last = true, value_name = "RUN-ARGS")]
+    #[arg(last = true, value_name = "RUN-ARGS", id = "run_args")]
     pub extra: Vec<String>,
 }
 

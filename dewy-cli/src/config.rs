@@ -48,7 +48,7 @@ pub fn keys() -> Vec<Key> {
 /// figment) or TOML.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-enum Scalar {
+pub(crate) enum Scalar {
     Str(String),
     Int(i64),
     Float(f64),
@@ -68,13 +68,13 @@ impl Scalar {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-enum OneOrMany {
+pub(crate) enum OneOrMany {
     Many(Vec<Scalar>),
     One(Scalar),
 }
 
 impl OneOrMany {
-    fn items(&self) -> Vec<String> {
+    pub(crate) fn items(&self) -> Vec<String> {
         match self {
             Self::Many(v) => v.iter().map(Scalar::text).collect(),
             Self::One(s) => vec![s.text()],

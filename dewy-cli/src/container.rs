@@ -146,6 +146,14 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
 
 /// `dewy container`.
 pub(crate) fn main(args: &ContainerArgs) -> ExitCode {
+    let merged = match with_config(args) {
+        Ok(m) => m,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let args = merged.as_ref().unwrap_or(args);
     if args.list.is_some() {
         return list(args);
     }
@@ -574,6 +582,119 @@ fn list(args: &ContainerArgs) -> ExitCode {
         Err(err) => {
             eprintln!("error: {err}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `dewy container`'s flags completed from `dewy.toml` (or `--config`) and
+/// `DEWY_<KEY>` variables, in that order of precedence below the flags:
+/// each key missing from the command line becomes its flag again, and the
+/// whole is parsed once more (so a value from the file is checked exactly
+/// as the flag's). `None` when neither adds anything.
+fn with_config(args: &ContainerArgs) -> Result<Option<ContainerArgs>> {
+    use clap::CommandFactory;
+    use figment::providers::{Env, Format, Toml};
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = crate::cli::Cli::command();
+    let Ok(matches) = cli.clone().try_get_matches_from(&argv) else {
+        return Ok(None);
+    };
+    let Some(("container", given)) = matches.subcommand() else {
+        return Ok(None);
+    };
+    let sub = cli.find_subcommand("container").context("no container command")?;
+    let keys: Vec<&clap::Arg> = sub
+        .get_arguments()
+        .filter(|a| !matches!(a.get_id().as_str(), "list" | "config" | "help" | "version"))
+        .collect();
+    let file = match &args.config {
+        Some(f) if !std::path::Path::new(f).exists() => {
+            bail!("the config file `{f}` given with --config does not exist")
+        }
+        Some(f) => Some(std::path::PathBuf::from(f)),
+        None => Some(std::path::PathBuf::from("dewy.toml")).filter(|f| f.exists()),
+    };
+    let names: Vec<String> = keys.iter().map(|a| a.get_id().to_string()).collect();
+    let mut figment = figment::Figment::new();
+    if let Some(f) = &file {
+        figment = figment.merge(Toml::file(f));
+    }
+    let known = names.clone();
+    figment =
+        figment.merge(Env::prefixed("DEWY_").filter(move |k| known.iter().any(|x| k.as_str().eq_ignore_ascii_case(x))));
+    let source = || match &file {
+        Some(f) => format!("{} or DEWY_* variables", f.display()),
+        None => "DEWY_* variables".to_owned(),
+    };
+    let raw: std::collections::BTreeMap<String, crate::config::OneOrMany> = figment
+        .extract()
+        .map_err(|e| anyhow::anyhow!("{e} (in {})", source()))?;
+    let mut added: Vec<String> = Vec::new();
+    let mut run_args: Vec<String> = Vec::new();
+    for (key, value) in &raw {
+        let Some(arg) = keys.iter().find(|a| a.get_id() == key.as_str()) else {
+            bail!(
+                "unknown key `{key}` (in {}; valid keys: {})",
+                source(),
+                names.join(", ")
+            );
+        };
+        if given.value_source(key) == Some(clap::parser::ValueSource::CommandLine) {
+            continue; // the flag wins
+        }
+        if key == "run_args" {
+            run_args = value.items();
+            continue;
+        }
+        let flag = format!("--{}", arg.get_long().unwrap_or(key));
+        match arg.get_action() {
+            clap::ArgAction::SetTrue => {
+                if value.items().iter().any(|v| matches!(v.as_str(), "true" | "1")) {
+                    added.push(flag);
+                }
+            }
+            clap::ArgAction::Append => {
+                for item in value.items() {
+                    added.push(format!("{flag}={item}"));
+                }
+            }
+            _ => {
+                let items = value.items();
+                if items.len() != 1 {
+                    bail!("invalid value for {flag}: a single value, not a list (in {})", source());
+                }
+                added.push(format!("{flag}={}", items[0]));
+            }
+        }
+    }
+    if added.is_empty() && run_args.is_empty() {
+        return Ok(None);
+    }
+    let at = argv
+        .iter()
+        .position(|a| a == "container")
+        .context("no container command on the command line")?;
+    let mut merged: Vec<std::ffi::OsString> = argv[..=at].to_vec();
+    merged.extend(added.iter().map(std::ffi::OsString::from));
+    merged.extend(argv[at + 1..].iter().cloned());
+    if !run_args.is_empty() && !argv.iter().any(|a| a == "--") {
+        merged.push("--".into());
+        merged.extend(run_args.iter().map(std::ffi::OsString::from));
+    }
+    match <crate::cli::Cli as clap::Parser>::try_parse_from(&merged) {
+        Ok(crate::cli::Cli {
+            command: Some(crate::cli::Command::Container(merged)),
+            ..
+        }) => Ok(Some(merged)),
+        Ok(_) => bail!("the configuration changed the command"),
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            bail!(
+                "{} (a value from {})",
+                first.trim_start_matches("error: ").trim(),
+                source()
+            )
         }
     }
 }

@@ -1728,3 +1728,54 @@ fn assets_from_a_grpc_registry_service() {
             .all(|r| r["authorization"] == "Bearer grpc-s3cret")
     );
 }
+
+/// `dewy container` reads `dewy.toml` (or `--config`) and `DEWY_<KEY>`
+/// below its flags, with the same checks and errors naming the key or the
+/// flag.
+#[test]
+fn container_flags_come_from_dewy_toml_and_dewy_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |text: &str| std::fs::write(dir.path().join("dewy.toml"), text).unwrap();
+    let base = "registry = \"img://127.0.0.1:1/acme/web\"\nport = [8080, \"8081:80\"]\n";
+    toml(&format!("{base}runtime = \"nerdctl\"\n"));
+    let refused = |cmd: &mut Command, says: &str| {
+        let (code, _, err) = run(cmd);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(says), "expected `{says}` in: {err}");
+    };
+    // The file, then a variable over it, then a flag over both.
+    refused(
+        dewy(dir.path()).arg("container"),
+        "invalid value `nerdctl` for --runtime",
+    );
+    refused(
+        dewy(dir.path()).arg("container").env("DEWY_RUNTIME", "fromenv"),
+        "invalid value `fromenv` for --runtime",
+    );
+    refused(
+        dewy(dir.path())
+            .args(["container", "--runtime", "fromflag"])
+            .env("DEWY_RUNTIME", "fromenv"),
+        "invalid value `fromflag` for --runtime",
+    );
+    toml(&format!("{base}replica = 2\n"));
+    refused(dewy(dir.path()).arg("container"), "unknown key `replica`");
+    toml(&format!("{base}replicas = \"many\"\n"));
+    refused(dewy(dir.path()).arg("container"), "'--replicas <N>'");
+    toml(&format!("{base}calver = \"abc\"\n"));
+    refused(dewy(dir.path()).arg("container"), "--calver");
+    // Another file named with --config; a missing one is named.
+    std::fs::write(
+        dir.path().join("other.toml"),
+        format!("{base}otlp_endpoint = \"collector\"\n"),
+    )
+    .unwrap();
+    refused(
+        dewy(dir.path()).args(["container", "--config", "other.toml"]),
+        "--otlp-endpoint",
+    );
+    refused(
+        dewy(dir.path()).args(["container", "--config", "missing.toml"]),
+        "`missing.toml`",
+    );
+}

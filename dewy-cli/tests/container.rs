@@ -140,7 +140,15 @@ fn dewy(
     log: &std::path::Path,
     workdir: &std::path::Path,
 ) -> Dewy {
-    dewy_via(registry, &registry.host, app, ports, log, workdir, &[])
+    dewy_via(
+        registry,
+        &registry.host,
+        app,
+        ports,
+        log,
+        workdir,
+        &["--keep-images", "2"],
+    )
 }
 
 /// The JSON of `GET path` on 127.0.0.1:`port`.
@@ -178,10 +186,10 @@ fn dewy_via(
         .args(["--stop-timeout", "1s", "-i", "1", "--listen", "127.0.0.1", "-n", app])
         .args(["--admin-port", &admin.to_string()])
         .args(["--after-deploy-hook", "echo \"$DEWY_VERSION $DEWY_APP\" >> hooks.log"])
-        .args(["--keep-images", "2"])
         .args(extra)
         .arg("-w")
         .arg(workdir)
+        .current_dir(workdir)
         .stdout(Stdio::null())
         .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
         .spawn()
@@ -381,6 +389,8 @@ fn registry_faults_keep_the_current_version_serving() {
         "--otlp-interval",
         "1s",
     ];
+    // A key from dewy.toml in the working directory takes effect.
+    std::fs::write(dir.path().join("dewy.toml"), "keep_images = 5\n").unwrap();
     let mut first = dewy_via(
         &registry,
         &registry.host,
@@ -393,6 +403,16 @@ fn registry_faults_keep_the_current_version_serving() {
     wait_for("v1", Duration::from_secs(60), || {
         serving() && text().contains("Container deployed") && replicas(&registry, &app).len() == 2
     });
+    wait_for("the images kept", Duration::from_secs(10), || {
+        text().contains("Keep images")
+    });
+    assert!(
+        text()
+            .lines()
+            .any(|l| l.contains("Keep images") && l.contains("count=5")),
+        "{}",
+        text()
+    );
     wait_for("the container metrics over OTLP", Duration::from_secs(20), || {
         let names = names.lock().unwrap();
         ["dewy_container_replicas", "dewy_proxy_connections_total"]
