@@ -190,7 +190,7 @@ pub struct ContainerArgs {
 
     /// Push the metrics of `/metrics` to an OpenTelemetry collector:
     /// `HOST:PORT` over OTLP/gRPC (TLS unless `--otlp-insecure`) or an
-    /// `http(s)://` URL over OTLP/HTTP. Turns `--telemetry` on.
+    /// `http(s)://` URL over OTLP/HTTP.
     #[arg(long = "otlp-endpoint", value_name = "HOST:PORT|URL")]
     pub otlp_endpoint: Option<String>,
 
