@@ -218,7 +218,15 @@ async fn run(s: Settings) -> Result<()> {
         env!("CARGO_PKG_VERSION")
     ));
     let checks = Arc::new(std::sync::Mutex::new(LastCheck::default()));
-    serve_admin(deployer.clone(), checks.clone(), &s.workdir, s.admin_port).await?;
+    let check_now = Arc::new(tokio::sync::Notify::new());
+    serve_admin(
+        deployer.clone(),
+        checks.clone(),
+        check_now.clone(),
+        &s.workdir,
+        s.admin_port,
+    )
+    .await?;
     let otlp = match &s.otlp {
         Some(target) => Some(crate::otlp::start(target, s.otlp_interval, deployer.clone()).await),
         None => None,
@@ -249,6 +257,7 @@ async fn run(s: Settings) -> Result<()> {
         }
         tokio::select! {
             _ = tokio::time::sleep(s.interval) => {}
+            () = check_now.notified() => tracing::info!("Check requested through the admin socket"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -441,6 +450,7 @@ async fn containers(d: &dewy_container::ContainerDeployer) -> axum::response::Re
 async fn serve_admin(
     deployer: Arc<dewy_container::ContainerDeployer>,
     checks: Checks,
+    check_now: Arc<tokio::sync::Notify>,
     workdir: &std::path::Path,
     port: u16,
 ) -> Result<()> {
@@ -451,6 +461,26 @@ async fn serve_admin(
             get({
                 let (d, c) = (deployer.clone(), checks.clone());
                 move || async move { axum::Json(status(&d, &c)) }
+            }),
+        )
+        .route(
+            "/",
+            get({
+                let (d, c) = (deployer.clone(), checks.clone());
+                move || async move {
+                    (
+                        [
+                            ("content-type", "text/html; charset=utf-8"),
+                            ("cache-control", "no-store"),
+                            // Nothing loaded, nothing run: a static page.
+                            (
+                                "content-security-policy",
+                                "default-src 'none'; style-src 'unsafe-inline'",
+                            ),
+                        ],
+                        crate::page::render_container(&status(&d, &c)),
+                    )
+                }
             }),
         )
         .route(
@@ -476,7 +506,15 @@ async fn serve_admin(
             }),
         );
     let unix = crate::admin::bind_socket(workdir)?;
-    let unix_app = app.clone();
+    // The one action, on the socket only (owner only; the TCP port has no
+    // token in container mode): check the registry now.
+    let unix_app = app.clone().route(
+        "/api/check",
+        axum::routing::post(move || async move {
+            check_now.notify_one();
+            (axum::http::StatusCode::ACCEPTED, "check requested\n")
+        }),
+    );
     tokio::spawn(async move {
         let _ = axum::serve(unix, unix_app).await;
     });

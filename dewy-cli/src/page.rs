@@ -240,6 +240,86 @@ pub(crate) fn folder_size(dir: &Path) -> u64 {
     total
 }
 
+/// The status page of `dewy container` (read-only; refreshed every 5 s by
+/// the browser, no script): the replicas with their version, digest, open
+/// connections and whether they serve, the proxy ports, and the last check,
+/// from the JSON of its `/api/status`.
+pub(crate) fn render_container(status: &serde_json::Value) -> String {
+    let short = |v: &serde_json::Value, n: usize| {
+        let t = text(v);
+        let t = t.trim_start_matches("sha256:");
+        escape(&t.chars().take(n).collect::<String>())
+    };
+    let backends: Vec<&serde_json::Value> = status["proxies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["backends"].as_array().into_iter().flatten())
+        .collect();
+    let mut replicas = String::new();
+    for r in status["replicas"].as_array().into_iter().flatten() {
+        let id = r["id"].as_str().unwrap_or_default();
+        let mine: Vec<&&serde_json::Value> = backends.iter().filter(|b| b["container"] == id).collect();
+        let open: u64 = mine.iter().filter_map(|b| b["open_connections"].as_u64()).sum();
+        let serving = !mine.is_empty() && mine.iter().all(|b| b["failed"] != true);
+        replicas.push_str(&format!(
+            "<tr><td><code>{}</code></td><td>{}</td><td><code>{}</code></td><td>{open}</td><td class=\"{}\">{}</td></tr>\n",
+            short(&r["id"], 12),
+            escape(&text(&r["version"])),
+            short(&r["digest"], 12),
+            if serving { "ok" } else { "bad" },
+            if serving { "serving" } else { "not serving" },
+        ));
+    }
+    if replicas.is_empty() {
+        replicas.push_str("<tr><td colspan=\"5\">No replica yet.</td></tr>\n");
+    }
+    let mut proxies = String::new();
+    for p in status["proxies"].as_array().into_iter().flatten() {
+        proxies.push_str(&format!(
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            escape(&text(&p["listen"])),
+            escape(&text(&p["accepted"])),
+            escape(&text(&p["refused"])),
+            p["backends"].as_array().map_or(0, Vec::len),
+        ));
+    }
+    let error = match &status["last_error"] {
+        serde_json::Value::String(e) if !e.is_empty() => format!("<p class=\"bad\">Last error: {}</p>", escape(e)),
+        _ => String::new(),
+    };
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>dewy · {name} (container)</title>
+<style>
+body{{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem;color:#1d1d1f}}
+table{{border-collapse:collapse;width:100%;margin:.5rem 0 1.5rem}}td,th{{text-align:left;padding:.3rem .6rem;border-bottom:1px solid #ddd}}
+.big{{font-size:2rem;font-weight:600}}.ok{{color:#1a7f37}}.bad{{color:#cf222e}}code{{font-size:.9em}}.muted{{color:#6e6e73}}
+</style></head><body>
+<h1>{name} <span class="muted">container mode · dewy {dewy}</span></h1>
+<div class="big" id="version">{version}</div>
+<p>{count} replica(s) · last check {at} ({outcome})</p>
+{error}
+<h2>Replicas</h2>
+<table><tr><th>Container</th><th>Version</th><th>Digest</th><th>Open connections</th><th>Proxy</th></tr>
+{replicas}</table>
+<h2>Proxy ports</h2>
+<table><tr><th>Listen</th><th>Accepted</th><th>Refused</th><th>Backends</th></tr>
+{proxies}</table>
+<p class="muted">Read-only; refreshed every 5 seconds. JSON: <code>/api/status</code>, <code>/api/containers</code>, <code>/metrics</code>.</p>
+</body></html>
+"#,
+        name = escape(&text(&status["name"])),
+        dewy = escape(&text(&status["dewy_version"])),
+        version = escape(&text(&status["current_version"])),
+        count = status["replicas"].as_array().map_or(0, Vec::len),
+        at = escape(&text(&status["last_check"])),
+        outcome = escape(&text(&status["last_outcome"])),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,6 +45,10 @@ impl Drop for Dewy {
     }
 }
 
+/// A socket, Unix or TCP.
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
 /// Removes the app's containers and the images of this test's registry at
 /// the end, whatever happened.
 struct Cleanup(Vec<(String, std::path::PathBuf)>, String, String);
@@ -224,6 +228,15 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     // Dewy's fields and its `/api/containers`.
     assert_eq!((&status["name"], &status["command"]), (&app.clone().into(), &2.into()));
     assert_eq!(status["proxy_backends"], 2, "{status}");
+    // The status page: readable without script, both replicas serving.
+    let (code, page) = dewy_testkit::http_get(([127, 0, 0, 1], admin).into(), "/").unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("<div class=\"big\" id=\"version\">v1.0.0</div>"),
+        "{page}"
+    );
+    assert_eq!(page.matches(">serving<").count(), 2, "{page}");
+    assert!(!page.contains("<script"), "{page}");
     let listed = json(admin, "/api/containers");
     let containers = listed["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 2, "{listed}");
@@ -346,6 +359,31 @@ fn rolling_updates_adoption_and_healing_with_podman() {
         assert!(cols[2].ends_with('s') || cols[2].ends_with('m'), "uptime: {table}");
         assert_eq!((cols[3], cols[4]), ("serving", "v3.0.0"), "{table}");
     }
+
+    // `POST /api/check` on the socket asks for a check at once; the TCP
+    // port has no such action.
+    let post = |mut s: Box<dyn ReadWrite>| {
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "POST /api/check HTTP/1.1\r\nHost: dewy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let socket = std::os::unix::net::UnixStream::connect(dir.path().join(".dewy/admin.sock")).unwrap();
+    let answer = post(Box::new(socket));
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    wait_for("the requested check", Duration::from_secs(5), || {
+        text().contains("Check requested through the admin socket")
+    });
+    let answer = post(Box::new(std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap()));
+    assert!(
+        answer.starts_with("HTTP/1.1 404") || answer.starts_with("HTTP/1.1 405"),
+        "{answer}"
+    );
 
     // A replica killed by hand is replaced.
     let victim = before[0].clone();
