@@ -346,6 +346,7 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let body = || dewy_testkit::http_get(addr, "/").map(|(_, b)| b).unwrap_or_default();
     wait_for("v1", Duration::from_secs(30), || body().starts_with("version=v1.0.0"));
@@ -471,6 +472,7 @@ fn sigkill_during_deploys_converges_after_restart() {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(dewy_testkit::Reaped)
             .unwrap()
     };
     let body = || dewy_testkit::http_get(addr, "/").map(|(_, b)| b).unwrap_or_default();
@@ -548,6 +550,7 @@ fn health_path_gates_a_restart() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let body = || dewy_testkit::http_get(addr, "/").map(|(_, b)| b).unwrap_or_default();
     wait_for("v1", Duration::from_secs(30), || body().starts_with("version=v1.0.0"));
@@ -697,6 +700,7 @@ fn admin_api_status_metrics_and_webhook() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     wait_for("v1", Duration::from_secs(30), || {
         std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|v| v == "v1.0.0")
@@ -821,6 +825,7 @@ fn unhealthy_release_during_soak_is_rolled_back() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let body = || dewy_testkit::http_get(addr, "/").map(|(_, b)| b).unwrap_or_default();
     wait_for("v1", Duration::from_secs(30), || body().starts_with("version=v1.0.0"));
@@ -889,6 +894,7 @@ fn a_fresh_host_deploys_the_previous_release_while_the_newest_is_incomplete() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let served = |v: &str| std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|x| x == v);
     wait_for("v1.0.0 deployed meanwhile", Duration::from_secs(30), || {
@@ -942,6 +948,7 @@ fn switching_from_dewy_with_a_shared_cache_dir_does_not_redeploy() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     wait_for("three checks", Duration::from_secs(30), || {
         std::fs::read_to_string(&log)
@@ -992,6 +999,7 @@ fn two_apps_sharing_a_cache_do_not_redeploy_each_other() {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(dewy_testkit::Reaped)
             .unwrap();
         children.push(child);
         apps.push(app);
@@ -1048,6 +1056,7 @@ fn requests_go_through_the_proxy_from_the_environment() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let deployed = std::panic::catch_unwind(|| {
         wait_for("v1.0.0 through the proxy", Duration::from_secs(60), || {
@@ -1097,6 +1106,7 @@ fn github_endpoint_and_artifact_variables_are_read_as_dewy_reads_them() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     wait_for("the artifact GITHUB_ARTIFACT names", Duration::from_secs(30), || {
         std::fs::read_to_string(dir.path().join("current/index.html")).is_ok_and(|v| v == "docs")
@@ -1132,6 +1142,7 @@ fn assets_from_github_releases_with_a_token_that_never_leaks() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let current = dir.path().join("current/index.html");
     wait_for("v1.0.0 from GitHub", Duration::from_secs(30), || {
@@ -1195,6 +1206,7 @@ fn a_denied_bucket_is_one_error_line_and_no_credential_is_logged_even_at_debug()
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_for("five failed checks", Duration::from_secs(60), || {
@@ -1280,6 +1292,7 @@ fn a_fleet_on_s3_downloads_each_release_once_and_a_new_host_still_deploys() {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(app.join("dewy.log")).unwrap())
             .spawn()
+            .map(dewy_testkit::Reaped)
             .unwrap();
         (app, child)
     };
@@ -1423,6 +1436,7 @@ fn metrics_are_pushed_over_otlp() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let contains = |body: &[u8], text: &str| body.windows(text.len()).any(|w| w == text.as_bytes());
     wait_for(
@@ -1479,6 +1493,7 @@ fn dewy_telemetry_flags_push_over_otlp_grpc_and_serve_metrics() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     wait_for("an OTLP/gRPC export with the deploy", Duration::from_secs(30), || {
         let names = names.lock().unwrap();
@@ -1526,6 +1541,7 @@ fn an_unreachable_otlp_collector_is_logged_once_and_no_notification_counts_as_se
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_for("the OTLP failure logged", Duration::from_secs(30), || {
@@ -1572,6 +1588,7 @@ fn only_signed_releases_are_deployed() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let log = || std::fs::read_to_string(&log).unwrap();
     let served = |v: &str| std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|x| x == v);
@@ -1681,6 +1698,7 @@ fn assets_from_a_grpc_registry_service() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(dewy_testkit::Reaped)
         .unwrap();
     let served = |v: &str| std::fs::read_to_string(app.join("current/index.html")).is_ok_and(|x| x == v);
     wait_for("v1.0.0 from the service", Duration::from_secs(30), || served("v1.0.0"));

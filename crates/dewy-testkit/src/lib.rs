@@ -58,12 +58,23 @@ fn venv_bin(name: &str) -> PathBuf {
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it
-/// again right away).
+/// again right away). Never the same port twice in one test process: a
+/// port released and not bound yet is free again for the kernel, and two
+/// calls in a row could get it both (ten hosts of one test once did).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no new free port on 127.0.0.1 after 100 tries")
 }
 
 /// A running child process that is terminated (SIGTERM, then SIGKILL after
