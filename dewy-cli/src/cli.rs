@@ -175,7 +175,8 @@ pub struct ContainerArgs {
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]
     pub workdir: Option<String>,
 
-    /// Blue/green slot: deploy only tags whose build metadata is SLOT.
+    /// Accepted for Dewy's command lines and refused with a reason: OCI
+    /// tags cannot carry the build metadata (`+SLOT`) slots select on.
     #[arg(short = 's', long, value_name = "SLOT")]
     pub slot: Option<String>,
 

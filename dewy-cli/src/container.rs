@@ -38,7 +38,6 @@ struct Settings {
     admin_port: u16,
     otlp: Option<crate::config::Otlp>,
     otlp_interval: Duration,
-    slot: Option<String>,
     calver: Option<String>,
     registry: String,
     config: dewy_container::ContainerConfig,
@@ -91,6 +90,13 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
         .listen
         .parse()
         .with_context(|| format!("invalid value `{}` for --listen: an IP address", args.listen))?;
+    if let Some(slot) = args.slot.as_deref().filter(|s| !s.is_empty()) {
+        // Accepted by the parser for Dewy's command lines, refused here
+        // rather than polling forever for a tag that cannot exist.
+        bail!(
+            "invalid value `{slot}` for --slot: container mode cannot use slots (OCI tags cannot carry build metadata such as `+{slot}`, so no tag would ever match)"
+        );
+    }
     let calver = args.calver.clone().filter(|c| !c.is_empty());
     if let Some(c) = &calver {
         dewy_registry::CalVerFormat::new(c).map_err(|e| anyhow::anyhow!("invalid value `{c}` for --calver: {e}"))?;
@@ -115,7 +121,6 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
         admin_port,
         otlp,
         otlp_interval,
-        slot: args.slot.clone().filter(|s| !s.is_empty()),
         calver,
         config: dewy_container::ContainerConfig {
             app: args.name.clone().unwrap_or_else(|| app_name(&registry)),
@@ -193,7 +198,6 @@ fn oci_env() -> dewy_registry::OciEnv {
 async fn run(s: Settings) -> Result<()> {
     let options = dewy_registry::OpenOptions {
         oci: oci_env(),
-        slot: s.slot.clone(),
         calver: s.calver.clone(),
         ..Default::default()
     };

@@ -173,6 +173,18 @@ fn every_bad_value_is_a_usage_error_naming_the_flag() {
             ],
             "--otlp-interval",
         ),
+        (
+            &[
+                "container",
+                "--registry",
+                "img://127.0.0.1:1/a/b",
+                "-p",
+                "8080",
+                "--slot",
+                "blue",
+            ],
+            "--slot",
+        ),
         (&[&base[..], &["--verify-key", "RWQnot-a-key"]].concat(), "--verify-key"),
         (
             &[&base[..], &["--verify-key", "@/nonexistent.pub"]].concat(),

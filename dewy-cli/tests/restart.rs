@@ -511,3 +511,47 @@ fn health_path_with_an_app_that_serves_only_its_first_socket() {
     assert!(ok > 0);
     terminate(&mut dewy);
 }
+
+/// The zombie children of `pid` (exited, not reaped).
+fn zombies_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let fields: Vec<String> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().take(2).map(str::to_owned).collect())
+            .unwrap_or_default();
+        if fields.len() == 2 && fields[0] == "Z" && fields[1] == pid.to_string() {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// A hook's background job is re-parented to dewy (the subreaper) when the
+/// hook's shell exits; when the job exits in turn, dewy reaps it, so no
+/// zombie piles up per deploy.
+#[test]
+fn background_jobs_of_hooks_are_reaped_when_they_exit() {
+    let w = World::new();
+    w.publish("v1.0.0", false);
+    let mut dewy = w.server(&[
+        "--after-deploy-hook",
+        "sleep 0.5 & sleep 0.5 & echo background-jobs-left",
+    ]);
+    w.wait_served("v1.0.0", SERVES_WITHIN);
+    w.publish("v2.0.0", false);
+    w.wait_served("v2.0.0", SERVES_WITHIN);
+    assert!(w.log().matches("background-jobs-left").count() >= 2, "{}", w.log());
+    // The jobs end 0.5 s after their hook; then none may stay a zombie.
+    std::thread::sleep(Duration::from_secs(2));
+    wait_for("no zombie child of dewy", Duration::from_secs(5), || {
+        zombies_of(dewy.id()).is_empty()
+    });
+    terminate(&mut dewy);
+}

@@ -23,6 +23,71 @@ pub(crate) fn become_subreaper() {
     }
 }
 
+/// Reaps, every time a child exits (and every 30 s), the processes that
+/// were re-parented to dewy as its subreaper and have exited: a hook's
+/// background job, a worker whose master died. Without it each would stay
+/// a zombie for dewy's lifetime. Ends once `alive` says so (the starter
+/// is gone).
+pub(crate) fn spawn_reaper(alive: impl Fn() -> bool + Send + 'static) {
+    tokio::spawn(async move {
+        let mut chld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok();
+        while alive() {
+            match chld.as_mut() {
+                Some(sig) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), sig.recv()).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(30)).await,
+            }
+            let reaped = tokio::task::spawn_blocking(reap_adopted).await.unwrap_or(0);
+            if reaped > 0 {
+                tracing::debug!(reaped, "Reaped exited processes re-parented to dewy");
+            }
+        }
+    });
+}
+
+/// Reaps dewy's exited children that dewy did not start. Everything the
+/// starter and the hooks start leads its own process group and is reaped
+/// by its owner; a zombie child in another process's group (not its own,
+/// and not dewy's, where an embedding program's own children are) was
+/// adopted. An adopted process that called `setsid` leads a group and is
+/// left alone: it cannot be told from dewy's own. Returns how many were
+/// reaped.
+pub(crate) fn reap_adopted() -> usize {
+    let me = std::process::id();
+    let my_group = nix::unistd::getpgrp().as_raw() as u32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut reaped = 0;
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid pgrp ...`
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().take(3).collect();
+        let [state, ppid, pgrp] = fields[..] else {
+            continue;
+        };
+        let Ok(pgrp) = pgrp.parse::<u32>() else {
+            continue;
+        };
+        if state == "Z" && ppid.parse() == Ok(me) && pgrp != pid && pgrp != my_group {
+            let flags = Some(nix::sys::wait::WaitPidFlag::WNOHANG);
+            if nix::sys::wait::waitpid(Pid::from_raw(pid as i32), flags).is_ok() {
+                reaped += 1;
+            }
+        }
+    }
+    reaped
+}
+
 /// The inode numbers of `fds` (sockets), to recognise them in
 /// `/proc/PID/fd`.
 pub(crate) fn socket_inodes<'a>(fds: impl Iterator<Item = BorrowedFd<'a>>) -> HashSet<u64> {

@@ -239,6 +239,8 @@ impl Starter {
             first_socket_only: AtomicBool::new(false),
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), exits_rx));
+        let reaping = Arc::downgrade(&inner);
+        crate::orphans::spawn_reaper(move || reaping.strong_count() > 0);
         let (sample, report) = (Arc::downgrade(&inner), Arc::downgrade(&inner));
         tokio::spawn(crate::watch::watch(
             move || sample.upgrade().map(|inner| inner.queued()),
