@@ -16,6 +16,9 @@
 //!   into the proxy (a dewy restart neither drops nor restarts them); a
 //!   replica that stopped is replaced at the next check.
 //! - dewy stopping leaves the replicas running (the next dewy adopts them).
+//! - After a rollout, the images dewy pulled beyond the `keep_images` most
+//!   recent are removed with a plain `rmi` (never forced; images dewy did
+//!   not pull are never touched).
 
 #![deny(missing_docs)]
 
