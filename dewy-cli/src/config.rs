@@ -300,27 +300,9 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
             return Err(ConfigError::Source("a command is required: server or assets".into()));
         }
     };
-    let mut figment = Figment::new();
-    let file = common.config.clone().map(PathBuf::from).or_else(|| {
-        let default = PathBuf::from("dewy.toml");
-        default.exists().then_some(default)
-    });
-    if let Some(file) = &file {
-        if !file.exists() {
-            return Err(ConfigError::Source(format!(
-                "the config file `{}` given with --config does not exist",
-                file.display()
-            )));
-        }
-        figment = figment.merge(Toml::file(file));
-    }
     let keys = keys();
-    let known: Vec<String> = keys.iter().map(|k| k.name.clone()).collect();
-    // DEWY_CACHEDIR and other DEWY_* variables that are not keys are left
-    // alone (the key arrives here in its original case).
-    figment =
-        figment.merge(Env::prefixed("DEWY_").filter(move |k| known.iter().any(|x| k.as_str().eq_ignore_ascii_case(x))));
-    figment = figment.merge(flags);
+    let (figment, file) = file_and_env(common.config.as_deref(), keys.iter().map(|k| k.name.clone()).collect())?;
+    let figment = figment.merge(flags);
     let valid = || keys.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ");
     let source = |msg: String| {
         ConfigError::Source(match file.as_ref() {
@@ -343,6 +325,35 @@ pub(crate) fn load(cli: &Cli) -> Result<Settings, ConfigError> {
         }
     }
     validate(mode, raw)
+}
+
+/// The config file (`--config FILE`, else `dewy.toml` in the working
+/// directory when it exists) merged under the `DEWY_<KEY>` variables of
+/// `known` keys, and the file read. A `--config` file that does not exist
+/// is an error.
+pub(crate) fn file_and_env(
+    config: Option<&str>,
+    known: Vec<String>,
+) -> Result<(Figment, Option<PathBuf>), ConfigError> {
+    let mut figment = Figment::new();
+    let file = config.map(PathBuf::from).or_else(|| {
+        let default = PathBuf::from("dewy.toml");
+        default.exists().then_some(default)
+    });
+    if let Some(file) = &file {
+        if !file.exists() {
+            return Err(ConfigError::Source(format!(
+                "the config file `{}` given with --config does not exist",
+                file.display()
+            )));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    // DEWY_CACHEDIR and other DEWY_* variables that are not keys are left
+    // alone (the key arrives here in its original case).
+    figment =
+        figment.merge(Env::prefixed("DEWY_").filter(move |k| known.iter().any(|x| k.as_str().eq_ignore_ascii_case(x))));
+    Ok((figment, file))
 }
 
 /// `--otlp-endpoint`: `HOST:PORT` for OTLP/gRPC (TLS unless `insecure`),

@@ -635,7 +635,6 @@ fn list(args: &ContainerArgs) -> ExitCode {
 /// as the flag's). `None` when neither adds anything.
 fn with_config(args: &ContainerArgs) -> Result<Option<ContainerArgs>> {
     use clap::CommandFactory;
-    use figment::providers::{Env, Format, Toml};
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cli = crate::cli::Cli::command();
     let Ok(matches) = cli.clone().try_get_matches_from(&argv) else {
@@ -649,21 +648,8 @@ fn with_config(args: &ContainerArgs) -> Result<Option<ContainerArgs>> {
         .get_arguments()
         .filter(|a| !matches!(a.get_id().as_str(), "list" | "config" | "help" | "version"))
         .collect();
-    let file = match &args.config {
-        Some(f) if !std::path::Path::new(f).exists() => {
-            bail!("the config file `{f}` given with --config does not exist")
-        }
-        Some(f) => Some(std::path::PathBuf::from(f)),
-        None => Some(std::path::PathBuf::from("dewy.toml")).filter(|f| f.exists()),
-    };
     let names: Vec<String> = keys.iter().map(|a| a.get_id().to_string()).collect();
-    let mut figment = figment::Figment::new();
-    if let Some(f) = &file {
-        figment = figment.merge(Toml::file(f));
-    }
-    let known = names.clone();
-    figment =
-        figment.merge(Env::prefixed("DEWY_").filter(move |k| known.iter().any(|x| k.as_str().eq_ignore_ascii_case(x))));
+    let (figment, file) = crate::config::file_and_env(args.config.as_deref(), names.clone())?;
     let source = || match &file {
         Some(f) => format!("{} or DEWY_* variables", f.display()),
         None => "DEWY_* variables".to_owned(),

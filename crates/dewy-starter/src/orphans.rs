@@ -56,29 +56,9 @@ pub(crate) fn spawn_reaper(alive: impl Fn() -> bool + Send + 'static) {
 pub(crate) fn reap_adopted() -> usize {
     let me = std::process::id();
     let my_group = nix::unistd::getpgrp().as_raw() as u32;
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut reaped = 0;
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid pgrp ...`
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().take(3).collect();
-        let [state, ppid, pgrp] = fields[..] else {
-            continue;
-        };
-        let Ok(pgrp) = pgrp.parse::<u32>() else {
-            continue;
-        };
-        if state == "Z" && ppid.parse() == Ok(me) && pgrp != pid && pgrp != my_group {
+    for (pid, stat) in processes() {
+        if stat.state == 'Z' && stat.ppid == me && stat.pgrp != pid && stat.pgrp != my_group {
             let flags = Some(nix::sys::wait::WaitPidFlag::WNOHANG);
             if nix::sys::wait::waitpid(Pid::from_raw(pid as i32), flags).is_ok() {
                 reaped += 1;
@@ -96,29 +76,40 @@ pub(crate) fn socket_inodes<'a>(fds: impl Iterator<Item = BorrowedFd<'a>>) -> Ha
         .collect()
 }
 
+/// The fields of `/proc/PID/stat` dewy reads.
+struct ProcStat {
+    /// `R`, `S`, `Z`, …
+    state: char,
+    ppid: u32,
+    pgrp: u32,
+}
+
+/// `pid`'s state, parent and process group, or `None` when it is gone.
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    Some(ProcStat {
+        state: fields.next()?.chars().next()?,
+        ppid: fields.next()?.parse().ok()?,
+        pgrp: fields.next()?.parse().ok()?,
+    })
+}
+
 /// Every process's parent, from `/proc/PID/stat`.
 fn parents() -> HashMap<u32, u32> {
-    let mut out = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse().ok());
-        if let Some(ppid) = ppid {
-            out.insert(pid, ppid);
-        }
-    }
-    out
+    processes().map(|(pid, stat)| (pid, stat.ppid)).collect()
+}
+
+/// Every process with its `/proc/PID/stat` fields.
+fn processes() -> impl Iterator<Item = (u32, ProcStat)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, proc_stat(pid)?)))
 }
 
 /// Whether `pid` holds a socket with one of `inodes`.
@@ -168,10 +159,7 @@ pub(crate) async fn stop(pids: &[u32], signal: Signal, timeout: Duration) {
     let alive = |pid: u32| {
         // Reap it if it is an adopted child that already exited.
         let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
+        proc_stat(pid).is_some_and(|s| s.state != 'Z')
     };
     for &pid in pids {
         let _ = kill(Pid::from_raw(pid as i32), signal);
