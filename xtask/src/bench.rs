@@ -969,7 +969,7 @@ fn wrk_rate(port: u16, secs: u64) -> Result<(f64, f64)> {
 fn proxy(args: &[String]) -> Result<()> {
     let secs: u64 = flag(args, "--secs=", 5)?;
     let rounds: usize = flag(args, "--rounds=", 3)?;
-    for tool in ["wrk", "podman", "docker-registry"] {
+    for tool in ["wrk", "podman", "docker-registry", "haproxy"] {
         if !crate::have(tool) {
             bail!("`{tool}` is needed for this benchmark (cargo xtask test installs it)");
         }
@@ -993,6 +993,37 @@ fn proxy(args: &[String]) -> Result<()> {
         proxy_case(&registry, label, repo, secs, rounds)?;
     }
     Ok(())
+}
+
+/// HAProxy in TCP mode on `port`, forwarding to `127.0.0.1:backend` (two
+/// threads, as many as the machine has cores); stopped on drop.
+fn start_haproxy(dir: &Path, port: u16, backend: u16) -> Result<dewy_testkit::Reaped> {
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            "global\n  nbthread 2\n  maxconn 4096\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend bench\n  bind 127.0.0.1:{port}\n  default_backend replica\n\
+             backend replica\n  server r1 127.0.0.1:{backend}\n"
+        ),
+    )?;
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting haproxy (the peer; cargo xtask test installs it)")?;
+    let haproxy = dewy_testkit::Reaped(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("haproxy did not listen on 127.0.0.1:{port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(haproxy)
 }
 
 /// demo-app linked statically (it runs in an image with nothing else).
@@ -1071,10 +1102,14 @@ fn proxy_case(registry: &dewy_testkit::ImageRegistry, label: &str, repo: &str, s
             .and_then(|l| l.rsplit(':').next())
             .and_then(|p| p.trim().parse().ok())
             .context("the replica's published port")?;
-        let (mut via, mut straight) = (Vec::new(), Vec::new());
+        // The peer: HAProxy in TCP mode in front of the same replica.
+        let haproxy_port = free_port()?;
+        let _haproxy = start_haproxy(work.path(), haproxy_port, direct)?;
+        let (mut via, mut straight, mut peer) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             straight.push(wrk_rate(direct, secs)?);
             via.push(wrk_rate(port, secs)?);
+            peer.push(wrk_rate(haproxy_port, secs)?);
         }
         let med = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
             let mut x: Vec<f64> = v.iter().map(f).collect();
@@ -1083,6 +1118,7 @@ fn proxy_case(registry: &dewy_testkit::ImageRegistry, label: &str, repo: &str, s
         };
         let (rate_via, rate_direct) = (med(&via, |r| r.0), med(&straight, |r| r.0));
         let (p99_via, p99_direct) = (med(&via, |r| r.1), med(&straight, |r| r.1));
+        let (rate_peer, p99_peer) = (med(&peer, |r| r.0), med(&peer, |r| r.1));
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
         let hwm_kib: u64 = status
             .lines()
@@ -1092,11 +1128,17 @@ fn proxy_case(registry: &dewy_testkit::ImageRegistry, label: &str, repo: &str, s
         println!("{label}:");
         println!("  straight to the replica: {rate_direct:>10.0} req/s  p99 {p99_direct:.2} ms");
         println!("  through dewy's proxy:    {rate_via:>10.0} req/s  p99 {p99_via:.2} ms");
+        println!("  through HAProxy (peer):  {rate_peer:>10.0} req/s  p99 {p99_peer:.2} ms");
         println!(
             "  ratio {:.2} (goal >= 0.8), added p99 {:.2} ms, dewy peak RSS {:.1} MiB (goal < 32)",
             rate_via / rate_direct,
             p99_via - p99_direct,
             hwm_kib as f64 / 1024.0
+        );
+        println!(
+            "  peer: HAProxy's ratio {:.2}; dewy against HAProxy {:.2}",
+            rate_peer / rate_direct,
+            rate_via / rate_peer
         );
         Ok(())
     })();

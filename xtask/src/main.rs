@@ -102,6 +102,7 @@ fn install_test_servers() -> Result<()> {
         ("docker-registry", "docker-registry"),
         ("busybox", "busybox-static"),
         ("faketime", "faketime"),
+        ("haproxy", "haproxy"),
     ]
     .into_iter()
     .filter(|(bin, _)| !have(bin))
