@@ -165,10 +165,17 @@ fn refuse(status: StatusCode, why: &str) -> Response {
 /// Mutating calls: trusted on the socket, bearer token on TCP. Returns the
 /// refusal, if any.
 fn unauthorized(ctx: &Ctx, headers: &HeaderMap) -> Option<Response> {
-    if ctx.trusted {
+    refusal(ctx.trusted, ctx.admin.token.as_deref(), headers)
+}
+
+/// A mutating call's refusal, if any: callers on the unix socket
+/// (`trusted`) are the owner; on TCP the bearer `token` must be sent, and
+/// without one configured nothing is allowed.
+pub(crate) fn refusal(trusted: bool, token: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+    if trusted {
         return None;
     }
-    let Some(token) = &ctx.admin.token else {
+    let Some(token) = token else {
         return Some(refuse(
             StatusCode::FORBIDDEN,
             "no --admin-token is configured; use the unix socket",

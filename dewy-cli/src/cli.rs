@@ -170,6 +170,12 @@ pub struct ContainerArgs {
     #[arg(long = "admin-port", value_name = "PORT")]
     pub admin_port: Option<u16>,
 
+    /// Bearer token that callers on the admin port must send for the
+    /// actions (`POST /api/check`, `/api/restart`, `/api/clear-bad`);
+    /// without it they work on `.dewy/admin.sock` only.
+    #[arg(long = "admin-token", value_name = "TOKEN")]
+    pub admin_token: Option<String>,
+
     /// The folder for dewy's state (`.dewy/cache`: bad-image records).
     /// Default: the current directory.
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]

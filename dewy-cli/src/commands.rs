@@ -15,6 +15,9 @@ pub(crate) fn root_from(workdir: Option<&str>) -> std::path::PathBuf {
 /// between ticks and restarts the app), else on the folder directly.
 pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process::ExitCode {
     let root = root_from(workdir);
+    if let Some(code) = refuse_in_container_mode(&root) {
+        return code;
+    }
     let (path, version) = match crate::releases::rollback_target(&root, to) {
         Ok(t) => t,
         Err(why) => {
@@ -61,6 +64,23 @@ pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process:
     std::process::ExitCode::SUCCESS
 }
 
+/// `dewy rollback`, `pin` and `unpin` against a running `dewy container`:
+/// it has no releases on disk to go back to, so say so rather than
+/// complain about the folder.
+fn refuse_in_container_mode(root: &std::path::Path) -> Option<std::process::ExitCode> {
+    let Ok((200, body)) = crate::client::request(root, "GET", "/api/status") else {
+        return None;
+    };
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (status["command"] == 2).then(|| {
+        eprintln!(
+            "error: rollback, pin and unpin do not apply to container mode (the dewy in {} runs `dewy container`): its replicas run the newest image not recorded as bad; to go back, publish the previous image under a newer tag. `dewy clear-bad` and `dewy container list` work there.",
+            root.display()
+        );
+        std::process::ExitCode::from(1)
+    })
+}
+
 fn percent_encode(v: &str) -> String {
     v.bytes()
         .map(|b| {
@@ -102,14 +122,7 @@ pub(crate) fn clear_bad(args: &crate::cli::ClearBadArgs) -> std::process::ExitCo
     };
     let cleared = async {
         let cache = crate::run::open_cache_url(&cache_url, &root, &crate::run::cloud_options())?.cache;
-        let mut n = 0;
-        for entry in cache.list().await? {
-            if entry.key.is_bad_record() {
-                cache.delete(&entry.key).await?;
-                n += 1;
-            }
-        }
-        anyhow::Ok(n)
+        anyhow::Ok(dewy_cache::delete_bad_records(cache.as_ref()).await?)
     };
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -148,6 +161,9 @@ pub(crate) fn cache_url_for(root: &std::path::Path, flag: Option<&str>) -> Strin
 /// `dewy unpin`.
 pub(crate) fn unpin(workdir: Option<&str>) -> std::process::ExitCode {
     let root = root_from(workdir);
+    if let Some(code) = refuse_in_container_mode(&root) {
+        return code;
+    }
     if let Ok((200, _)) = crate::client::request(&root, "POST", "/api/unpin") {
         println!("unpinned: the running dewy checks the registry now");
         return std::process::ExitCode::SUCCESS;

@@ -36,6 +36,7 @@ fn app_name(registry: &str) -> String {
 /// Validated settings of `dewy container`.
 struct Settings {
     admin_port: u16,
+    admin_token: Option<String>,
     otlp: Option<crate::config::Otlp>,
     otlp_interval: Duration,
     calver: Option<String>,
@@ -119,6 +120,7 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
     };
     Ok(Settings {
         admin_port,
+        admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
         otlp,
         otlp_interval,
         calver,
@@ -229,6 +231,7 @@ async fn run(s: Settings) -> Result<()> {
         check_now.clone(),
         &s.workdir,
         s.admin_port,
+        s.admin_token.clone(),
     )
     .await?;
     let otlp = match &s.otlp {
@@ -261,7 +264,7 @@ async fn run(s: Settings) -> Result<()> {
         }
         tokio::select! {
             _ = tokio::time::sleep(s.interval) => {}
-            () = check_now.notified() => tracing::info!("Check requested through the admin socket"),
+            () = check_now.notified() => tracing::info!("Check requested through the admin API"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -457,6 +460,7 @@ async fn serve_admin(
     check_now: Arc<tokio::sync::Notify>,
     workdir: &std::path::Path,
     port: u16,
+    token: Option<String>,
 ) -> Result<()> {
     use axum::routing::get;
     let app = axum::Router::new()
@@ -510,15 +514,9 @@ async fn serve_admin(
             }),
         );
     let unix = crate::admin::bind_socket(workdir)?;
-    // The one action, on the socket only (owner only; the TCP port has no
-    // token in container mode): check the registry now.
-    let unix_app = app.clone().route(
-        "/api/check",
-        axum::routing::post(move || async move {
-            check_now.notify_one();
-            (axum::http::StatusCode::ACCEPTED, "check requested\n")
-        }),
-    );
+    let token: Option<Arc<str>> = token.map(Into::into);
+    let unix_app = app.clone().merge(actions(&deployer, &check_now, None, true));
+    let app = app.merge(actions(&deployer, &check_now, token, false));
     tokio::spawn(async move {
         let _ = axum::serve(unix, unix_app).await;
     });
@@ -538,6 +536,87 @@ async fn serve_admin(
         });
     }
     Ok(())
+}
+
+/// The actions: for the owner on the unix socket (`trusted`), on the TCP
+/// port with `Authorization: Bearer <--admin-token>` (refused without a
+/// token configured), as in server mode.
+fn actions(
+    deployer: &Arc<dewy_container::ContainerDeployer>,
+    check_now: &Arc<tokio::sync::Notify>,
+    token: Option<Arc<str>>,
+    trusted: bool,
+) -> axum::Router {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+    let refused = move |headers: &HeaderMap| crate::admin::refusal(trusted, token.as_deref(), headers);
+    let unsupported = {
+        let refused = refused.clone();
+        move |headers: HeaderMap| async move {
+            if let Some(r) = refused(&headers) {
+                return r;
+            }
+            (
+                StatusCode::NOT_IMPLEMENTED,
+                "container mode has no rollback or pin: the replicas run the newest image that is not recorded as bad; to go back, publish the previous image under a newer tag\n",
+            )
+                .into_response()
+        }
+    };
+    axum::Router::new()
+        .route(
+            "/api/check",
+            post({
+                let (refused, check_now) = (refused.clone(), check_now.clone());
+                move |headers: HeaderMap| async move {
+                    if let Some(r) = refused(&headers) {
+                        return r;
+                    }
+                    check_now.notify_one();
+                    (StatusCode::ACCEPTED, "check requested\n").into_response()
+                }
+            }),
+        )
+        .route(
+            "/api/clear-bad",
+            post({
+                let (refused, check_now, d) = (refused.clone(), check_now.clone(), deployer.clone());
+                move |headers: HeaderMap| async move {
+                    if let Some(r) = refused(&headers) {
+                        return r;
+                    }
+                    match d.clear_bad().await {
+                        Ok(n) => {
+                            check_now.notify_one();
+                            (StatusCode::OK, format!("cleared {n} bad release records\n")).into_response()
+                        }
+                        Err(e) => {
+                            (StatusCode::INTERNAL_SERVER_ERROR, format!("{}\n", dewy_core::chain(&e))).into_response()
+                        }
+                    }
+                }
+            }),
+        )
+        .route(
+            "/api/restart",
+            post({
+                let (refused, d) = (refused, deployer.clone());
+                move |headers: HeaderMap| async move {
+                    if let Some(r) = refused(&headers) {
+                        return r;
+                    }
+                    match d.restart().await {
+                        Ok(n) => (StatusCode::OK, format!("restarted {n} replicas\n")).into_response(),
+                        Err(e) => {
+                            (StatusCode::INTERNAL_SERVER_ERROR, format!("{}\n", dewy_core::chain(&e))).into_response()
+                        }
+                    }
+                }
+            }),
+        )
+        .route("/api/rollback", post(unsupported.clone()))
+        .route("/api/unpin", post(unsupported))
 }
 
 /// The containers a running dewy's proxies route to (backends not failed).

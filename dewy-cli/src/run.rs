@@ -28,6 +28,8 @@ const SECRETS: &[&str] = &[
     "MAIL_PASSWORD",
     "DOCKER_PASSWORD",
     "DEWY_GRPC_TOKEN",
+    "DEWY_ADMIN_TOKEN",
+    "DEWY_WEBHOOK_SECRET",
 ];
 
 pub(crate) fn child_env(pass: &[String]) -> Vec<(OsString, OsString)> {

@@ -355,6 +355,8 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
         .args(["-f", "json"])
         .args(["--", "current/demo-app"])
         .env("GITHUB_TOKEN", "must-not-leak")
+        .env("DEWY_ADMIN_TOKEN", "must-not-leak-admin")
+        .env("DEWY_WEBHOOK_SECRET", "must-not-leak-webhook")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -412,7 +414,7 @@ fn server_deploys_v1_then_v2_and_stops_on_sigterm() {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(
         !String::from_utf8_lossy(&environ).contains("must-not-leak"),
-        "secrets stay out of the app's environment"
+        "secrets (GITHUB_TOKEN, DEWY_ADMIN_TOKEN, DEWY_WEBHOOK_SECRET) stay out of the app's environment"
     );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

@@ -279,6 +279,25 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     let tries = text().matches("failed its health check").count();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(text().matches("failed its health check").count(), tries, "{}", text());
+    // `dewy clear-bad -w DIR` while dewy runs (docs/container.md): v3 is
+    // tried once more, fails again, and is recorded bad again.
+    let out = Command::new(env!("CARGO_BIN_EXE_dewy"))
+        .args(["clear-bad", "-w"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("cleared 1 bad release records"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("v3 tried again", Duration::from_secs(60), || {
+        text().matches("failed its health check").count() == tries + 1
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(text().matches("failed its health check").count(), tries + 1, "{}", text());
+    assert_eq!(load.version(), "v2.0.0");
 
     // v3 pushed again, fixed: a new digest, so a new release.
     let v3 = push_only_remote(&registry, "v3.0.0", &body("v3.0.0"), Some("ok"));
@@ -329,7 +348,15 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     child.wait().unwrap();
     assert_eq!(replicas(&registry, &app), before, "the replicas outlive dewy");
     let started = Instant::now();
-    let mut child = dewy(&registry, &app, (proxy, admin), &log, dir.path());
+    let mut child = dewy_via(
+        &registry,
+        &registry.host,
+        &app,
+        (proxy, admin),
+        &log,
+        dir.path(),
+        &["--keep-images", "2", "--admin-token", "s3cret"],
+    );
     wait_for("serving again", Duration::from_secs(10), || serving("v3.0.0"));
     let took = started.elapsed();
     assert!(took < Duration::from_secs(1), "took {took:?}");
@@ -360,29 +387,60 @@ fn rolling_updates_adoption_and_healing_with_podman() {
         assert_eq!((cols[3], cols[4]), ("serving", "v3.0.0"), "{table}");
     }
 
-    // `POST /api/check` on the socket asks for a check at once; the TCP
-    // port has no such action.
-    let post = |mut s: Box<dyn ReadWrite>| {
+    // `POST /api/check` on the socket asks for a check at once; on the TCP
+    // port only with the bearer `--admin-token`.
+    let post = |mut s: Box<dyn ReadWrite>, path: &str, auth: &str| {
         use std::io::{Read, Write};
         write!(
             s,
-            "POST /api/check HTTP/1.1\r\nHost: dewy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "POST {path} HTTP/1.1\r\nHost: dewy\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
         )
         .unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
         answer
     };
-    let socket = std::os::unix::net::UnixStream::connect(dir.path().join(".dewy/admin.sock")).unwrap();
-    let answer = post(Box::new(socket));
+    let socket = || Box::new(std::os::unix::net::UnixStream::connect(dir.path().join(".dewy/admin.sock")).unwrap());
+    let tcp = || Box::new(std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap());
+    let answer = post(socket(), "/api/check", "");
     assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
     wait_for("the requested check", Duration::from_secs(5), || {
-        text().contains("Check requested through the admin socket")
+        text().contains("Check requested through the admin API")
     });
-    let answer = post(Box::new(std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap()));
+    for (auth, expected) in [
+        ("", "HTTP/1.1 401"),
+        ("Authorization: Bearer wrong\r\n", "HTTP/1.1 401"),
+        ("Authorization: Bearer s3cret\r\n", "HTTP/1.1 202"),
+    ] {
+        let answer = post(tcp(), "/api/check", auth);
+        assert!(answer.starts_with(expected), "{auth}: {answer}");
+    }
+    assert!(!text().contains("s3cret"), "the token is not logged");
+
+    // `POST /api/restart`: every replica replaced by a fresh one of the
+    // same image, one at a time, under load: no request fails.
+    let load = Load::start(addr);
+    let answer = post(socket(), "/api/restart", "");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("restarted 2 replicas"), "{answer}");
+    let after = replicas(&registry, &app);
+    assert_eq!(after.len(), 2, "{}", text());
+    assert!(after.iter().all(|id| !before.contains(id)), "{before:?} -> {after:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{errors:?} of {ok}: {}", text());
+    assert!(serving("v3.0.0"));
+    let before = after;
+
+    // Rollback and pin do not apply to container mode, and say so.
+    let out = Command::new(env!("CARGO_BIN_EXE_dewy"))
+        .args(["rollback", "-w"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        answer.starts_with("HTTP/1.1 404") || answer.starts_with("HTTP/1.1 405"),
-        "{answer}"
+        out.status.code() == Some(1) && err.contains("do not apply to container mode"),
+        "{err}"
     );
 
     // A replica killed by hand is replaced.

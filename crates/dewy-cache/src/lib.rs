@@ -133,6 +133,20 @@ impl Error {
     }
 }
 
+/// Deletes every bad-release record in `cache` (what `dewy clear-bad`
+/// does) and returns how many there were. With a bucket cache the records
+/// are the fleet's: every host may try those releases again.
+pub async fn delete_bad_records(cache: &dyn Cache) -> Result<usize, Error> {
+    let mut n = 0;
+    for entry in cache.list().await? {
+        if entry.key.is_bad_record() {
+            cache.delete(&entry.key).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// A key-value store for artifacts and the `current` marker.
 ///
 /// Implementations must make every write atomic (old value or new value,

@@ -188,6 +188,8 @@ pub struct ContainerDeployer {
     replicas: Mutex<Vec<Replica>>,
     /// The container port of each mapping, once known.
     container_ports: Mutex<Vec<u16>>,
+    /// The release the replicas run, once a check has seen it.
+    current: Mutex<Option<Release>>,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -239,6 +241,7 @@ impl ContainerDeployer {
             config,
             proxies,
             replicas: Mutex::new(Vec::new()),
+            current: Mutex::new(None),
             lock: tokio::sync::Mutex::new(()),
         });
         let adopted = this.adopt().await;
@@ -275,6 +278,73 @@ impl ContainerDeployer {
 
     fn pulled(&self) -> images::Pulled {
         images::Pulled::new(&self.config.workdir)
+    }
+
+    fn set_current(&self, release: &Release) {
+        *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(release.clone());
+    }
+
+    /// Forgets every image recorded as bad (`dewy clear-bad`); the next
+    /// check may roll them out again.
+    pub async fn clear_bad(&self) -> Result<usize, Error> {
+        let n = dewy_cache::delete_bad_records(self.cache.as_ref())
+            .await
+            .map_err(Error::Cache)?;
+        tracing::info!(cleared = n, "Bad release records cleared");
+        Ok(n)
+    }
+
+    /// Replaces every replica with a fresh one of the same image, as a
+    /// rollout does (one at a time, each health-checked before it joins
+    /// the proxy, then the old ones drained and removed). A new replica
+    /// that fails removes the ones started so far and leaves the old ones
+    /// serving; the image is not recorded as bad. Waits for a check in
+    /// progress. Returns how many replicas run now.
+    pub async fn restart(&self) -> Result<usize, Error> {
+        let _guard = self.lock.lock().await;
+        let release = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                Error::Runtime(
+                    "the image the replicas run is not known until a check of the registry succeeded; nothing was restarted"
+                        .into(),
+                )
+            })?;
+        tracing::info!(tag = %release.tag, "Restarting the replicas");
+        let count = self.replace_all(&release).await?;
+        tracing::info!(tag = %release.tag, replicas = count, "Replicas restarted");
+        self.notify
+            .send(format!("Restarted `{count}` replicas of `{}`", release.tag));
+        Ok(count)
+    }
+
+    /// Starts a new set of replicas of `release` one at a time, then
+    /// retires the old set. On a failure the new ones are retired and the
+    /// old ones keep serving.
+    async fn replace_all(&self, release: &Release) -> Result<usize, Error> {
+        let old = self.replicas();
+        let mut new = Vec::new();
+        for i in 0..self.config.replicas.max(1) {
+            match self.start_replica(release, i).await {
+                Ok(r) => new.push(r),
+                Err(err) => {
+                    for r in &new {
+                        self.retire(&r.id).await;
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        let count = new.len();
+        self.set_replicas(new);
+        self.set_current(release);
+        for r in &old {
+            self.retire(&r.id).await;
+        }
+        Ok(count)
     }
 
     fn set_replicas(&self, list: Vec<Replica>) {
@@ -538,39 +608,28 @@ impl ContainerDeployer {
         self.pulled().record(&release.artifact_url);
         self.notify.send(format!("Pulled image for `{}`", release.tag));
         self.hook("Before", self.config.before_hook.as_ref(), release).await;
-        let old = self.replicas();
-        let mut new = Vec::new();
-        for i in 0..self.config.replicas.max(1) {
-            match self.start_replica(release, i).await {
-                Ok(r) => new.push(r),
-                Err(err) => {
-                    for r in &new {
-                        self.retire(&r.id).await;
+        let count = match self.replace_all(release).await {
+            Ok(n) => n,
+            Err(err) => {
+                if matches!(err, Error::Unhealthy { .. }) {
+                    let reason = err.to_string();
+                    if let Ok(key) = bad_key(release)
+                        && let Err(e) = self.cache.write(&key, reason.as_bytes()).await
+                    {
+                        tracing::warn!(error = %e, "Could not record the bad image");
                     }
-                    if matches!(err, Error::Unhealthy { .. }) {
-                        let reason = err.to_string();
-                        if let Ok(key) = bad_key(release)
-                            && let Err(e) = self.cache.write(&key, reason.as_bytes()).await
-                        {
-                            tracing::warn!(error = %e, "Could not record the bad image");
-                        }
-                    }
-                    return Err(err);
                 }
+                return Err(err);
             }
-        }
-        self.set_replicas(new.clone());
-        for r in &old {
-            self.retire(&r.id).await;
-        }
-        tracing::info!(tag = %release.tag, replicas = new.len(), "Container deployed");
+        };
+        tracing::info!(tag = %release.tag, replicas = count, "Container deployed");
         self.hook("After", self.config.after_hook.as_ref(), release).await;
         self.pulled()
             .keep(&self.runtime, self.config.keep_images, &[release.artifact_url.as_str()])
             .await;
         self.notify.send_important(format!(
             "Container deployed successfully: `{}/{}` replicas of `{}`",
-            new.len(),
+            count,
             self.config.replicas.max(1),
             release.tag
         ));
@@ -617,6 +676,7 @@ impl ContainerDeployer {
             replaced += 1;
         }
         self.set_replicas(kept);
+        self.set_current(release);
         Ok(if replaced == 0 {
             Outcome::Current
         } else {

@@ -121,13 +121,9 @@ impl Deployer {
     /// Returns how many were cleared.
     pub async fn clear_bad(&self) -> Result<usize, Error> {
         self.state().bad_key = None;
-        let mut n = 0;
-        for entry in self.cache.list().await.map_err(Error::Cache)? {
-            if entry.key.is_bad_record() {
-                self.cache.delete(&entry.key).await.map_err(Error::Cache)?;
-                n += 1;
-            }
-        }
+        let n = dewy_cache::delete_bad_records(self.cache.as_ref())
+            .await
+            .map_err(Error::Cache)?;
         tracing::info!(cleared = n, "Bad release records cleared");
         Ok(n)
     }
