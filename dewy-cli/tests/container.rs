@@ -296,7 +296,12 @@ fn rolling_updates_adoption_and_healing_with_podman() {
         text().matches("failed its health check").count() == tries + 1
     });
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(text().matches("failed its health check").count(), tries + 1, "{}", text());
+    assert_eq!(
+        text().matches("failed its health check").count(),
+        tries + 1,
+        "{}",
+        text()
+    );
     assert_eq!(load.version(), "v2.0.0");
 
     // v3 pushed again, fixed: a new digest, so a new release.
@@ -421,7 +426,10 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     // same image, one at a time, under load: no request fails.
     let load = Load::start(addr);
     let answer = post(socket(), "/api/restart", "");
-    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("restarted 2 replicas"), "{answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("restarted 2 replicas"),
+        "{answer}"
+    );
     let after = replicas(&registry, &app);
     assert_eq!(after.len(), 2, "{}", text());
     assert!(after.iter().all(|id| !before.contains(id)), "{before:?} -> {after:?}");
@@ -550,4 +558,80 @@ fn registry_faults_keep_the_current_version_serving() {
     )
     .unwrap();
     assert_eq!(second.wait().unwrap().code(), Some(0));
+}
+
+/// dewy SIGKILLed while a new image's replica is still being checked: the
+/// next dewy adopts the replicas that were in rotation (never the
+/// unchecked one, which it removes), serves at once, tries the new image
+/// again and records it bad; a replica of the running image killed by hand
+/// is still replaced while the newest image is recorded bad.
+#[test]
+fn dewy_killed_mid_rollout_adopts_only_replicas_that_were_in_rotation() {
+    let registry = ImageRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let app = format!("mid{}", std::process::id());
+    let _cleanup = Cleanup::new(&registry, &app);
+    let (proxy, admin) = (dewy_testkit::free_port(), dewy_testkit::free_port());
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy).into();
+    let log = dir.path().join("dewy.log");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let serving = |v: &str| {
+        dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with(&format!("version={v}")))
+    };
+    push_only_remote(&registry, "v1.0.0", "version=v1.0.0 \n", Some("ok"));
+    let mut child = dewy(&registry, &app, (proxy, admin), &log, dir.path());
+    wait_for("two v1 replicas", Duration::from_secs(60), || {
+        serving("v1.0.0") && text().contains("Container deployed") && replicas(&registry, &app).len() == 2
+    });
+    let before = replicas(&registry, &app);
+    // v2 has no health path: its first replica is checked for 15 s.
+    push_only_remote(&registry, "v2.0.0", "version=v2.0.0 \n", None);
+    wait_for("a v2 replica being checked", Duration::from_secs(60), || {
+        replicas(&registry, &app).len() == 3
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = dewy(&registry, &app, (proxy, admin), &log, dir.path());
+    let started = Instant::now();
+    wait_for("serving again", Duration::from_secs(10), || serving("v1.0.0"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    wait_for("the unchecked v2 replica removed", Duration::from_secs(30), || {
+        text().contains("was not in rotation")
+    });
+    let load = Load::start(addr);
+    wait_for("v2 tried again and recorded bad", Duration::from_secs(60), || {
+        text().contains("failed its health check")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{errors:?} of {ok}: {}", text());
+    assert!(ok > 0);
+    assert!(serving("v1.0.0"));
+    assert_eq!(
+        replicas(&registry, &app),
+        before,
+        "the v1 replicas kept, none restarted: {}",
+        text()
+    );
+
+    // v2 is recorded bad; a v1 replica killed by hand is replaced by v1.
+    registry.podman().args(["rm", "-f", &before[0]]).output().unwrap();
+    wait_for("the replacement", Duration::from_secs(60), || {
+        let now = replicas(&registry, &app);
+        now.len() == 2 && !now.contains(&before[0])
+    });
+    assert!(serving("v1.0.0"));
+    let status = json(admin, "/api/status");
+    assert_eq!(status["current_version"], "v1.0.0", "{status}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }

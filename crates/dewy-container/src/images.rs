@@ -28,29 +28,21 @@ impl Pulled {
     /// The recorded references, oldest first. An unreadable record is
     /// empty (nothing is removed on its account).
     fn load(&self) -> Vec<String> {
-        let Ok(text) = std::fs::read_to_string(&self.path) else {
-            return Vec::new();
-        };
-        match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(serde_json::Value::Array(items)) => items
-                .iter()
-                .filter_map(|i| i.get("image")?.as_str().map(str::to_owned))
-                .collect(),
-            _ => {
-                tracing::warn!(path = %self.path.display(), "Unreadable record of pulled images; starting a new one");
-                Vec::new()
-            }
-        }
+        crate::record::load(&self.path)
+            .and_then(|v| {
+                v.as_array().map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|i| i.get("image")?.as_str().map(str::to_owned))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
     }
 
     fn save(&self, images: &[String]) -> std::io::Result<()> {
         let list: Vec<serde_json::Value> = images.iter().map(|i| serde_json::json!({ "image": i })).collect();
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap_or_default())?;
-        std::fs::rename(&tmp, &self.path)
+        crate::record::save(&self.path, &serde_json::Value::Array(list))
     }
 
     /// Notes that `image` (`HOST/REPO@sha256:…`) was pulled now.

@@ -12,9 +12,12 @@
 //!   the old ones keep serving, and the release is recorded bad.
 //! - Everything runs `HOST/REPO@sha256:…`, so a re-pushed tag is a new
 //!   release.
-//! - At start, running containers dewy labelled for this app are adopted
-//!   into the proxy (a dewy restart neither drops nor restarts them); a
-//!   replica that stopped is replaced at the next check.
+//! - At start, the running containers the previous dewy had in rotation
+//!   (recorded in `<workdir>/.dewy/replicas.json` whenever the rotation
+//!   changes) are adopted into the proxy (a dewy restart neither drops nor
+//!   restarts them); containers of a rollout or restart it did not finish
+//!   are removed, never adopted unchecked. A replica that stopped is
+//!   replaced at the next check.
 //! - dewy stopping leaves the replicas running (the next dewy adopts them).
 //! - After a rollout, the images dewy pulled beyond the `keep_images` most
 //!   recent are removed with a plain `rmi` (never forced; images dewy did
@@ -24,6 +27,7 @@
 
 mod images;
 pub mod proxy;
+mod record;
 pub mod runtime;
 
 use std::net::SocketAddr;
@@ -188,8 +192,8 @@ pub struct ContainerDeployer {
     replicas: Mutex<Vec<Replica>>,
     /// The container port of each mapping, once known.
     container_ports: Mutex<Vec<u16>>,
-    /// The release the replicas run, once a check has seen it.
-    current: Mutex<Option<Release>>,
+    /// The image the replicas in rotation run.
+    current: Mutex<Option<Image>>,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -199,6 +203,27 @@ impl std::fmt::Debug for ContainerDeployer {
             .field("config", &self.config)
             .field("replicas", &self.replicas())
             .finish_non_exhaustive()
+    }
+}
+
+/// The image replicas run: what starting one more needs.
+#[derive(Debug, Clone)]
+struct Image {
+    /// The release's tag (`dewy.version`).
+    tag: String,
+    /// The manifest digest (`dewy.digest`).
+    digest: String,
+    /// `HOST/REPO@sha256:…`.
+    reference: String,
+}
+
+impl Image {
+    fn of(release: &Release) -> Self {
+        Self {
+            tag: release.tag.clone(),
+            digest: release.id.clone(),
+            reference: release.artifact_url.clone(),
+        }
     }
 }
 
@@ -249,7 +274,7 @@ impl ContainerDeployer {
             proxy.serve(listener);
             tracing::info!(proxy_port = m.proxy, "TCP proxy started");
         }
-        adopted?;
+        this.remove_leftovers(adopted?).await;
         Ok(this)
     }
 
@@ -280,8 +305,15 @@ impl ContainerDeployer {
         images::Pulled::new(&self.config.workdir)
     }
 
-    fn set_current(&self, release: &Release) {
-        *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(release.clone());
+    fn set_current(&self, image: &Image) {
+        *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(image.clone());
+    }
+
+    fn current(&self) -> Option<Image> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Forgets every image recorded as bad (`dewy clear-bad`); the next
@@ -302,33 +334,25 @@ impl ContainerDeployer {
     /// progress. Returns how many replicas run now.
     pub async fn restart(&self) -> Result<usize, Error> {
         let _guard = self.lock.lock().await;
-        let release = self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| {
-                Error::Runtime(
-                    "the image the replicas run is not known until a check of the registry succeeded; nothing was restarted"
-                        .into(),
-                )
-            })?;
-        tracing::info!(tag = %release.tag, "Restarting the replicas");
-        let count = self.replace_all(&release).await?;
-        tracing::info!(tag = %release.tag, replicas = count, "Replicas restarted");
+        let image = self
+            .current()
+            .ok_or_else(|| Error::Runtime("no replica runs yet; nothing was restarted".into()))?;
+        tracing::info!(tag = %image.tag, "Restarting the replicas");
+        let count = self.replace_all(&image).await?;
+        tracing::info!(tag = %image.tag, replicas = count, "Replicas restarted");
         self.notify
-            .send(format!("Restarted `{count}` replicas of `{}`", release.tag));
+            .send(format!("Restarted `{count}` replicas of `{}`", image.tag));
         Ok(count)
     }
 
-    /// Starts a new set of replicas of `release` one at a time, then
+    /// Starts a new set of replicas of `image` one at a time, then
     /// retires the old set. On a failure the new ones are retired and the
     /// old ones keep serving.
-    async fn replace_all(&self, release: &Release) -> Result<usize, Error> {
+    async fn replace_all(&self, image: &Image) -> Result<usize, Error> {
         let old = self.replicas();
         let mut new = Vec::new();
         for i in 0..self.config.replicas.max(1) {
-            match self.start_replica(release, i).await {
+            match self.start_replica(image, i).await {
                 Ok(r) => new.push(r),
                 Err(err) => {
                     for r in &new {
@@ -340,58 +364,131 @@ impl ContainerDeployer {
         }
         let count = new.len();
         self.set_replicas(new);
-        self.set_current(release);
+        self.set_current(image);
         for r in &old {
             self.retire(&r.id).await;
         }
         Ok(count)
     }
 
-    fn set_replicas(&self, list: Vec<Replica>) {
-        *self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
+    /// The record of the replicas in rotation, for the next dewy.
+    fn admitted(&self) -> record::Admitted {
+        record::Admitted::new(&self.config.workdir)
     }
 
-    /// Running containers labelled for this app join the proxy: those of
-    /// the most recently deployed image. Others (a rollout dewy was killed
-    /// in the middle of) are stopped and removed.
-    async fn adopt(&self) -> Result<(), Error> {
-        let running: Vec<_> = self
+    /// The replicas in rotation now (each passed its health check); also
+    /// recorded for the next dewy to adopt.
+    fn set_replicas(&self, list: Vec<Replica>) {
+        let ids: Vec<String> = list.iter().map(|r| r.id.clone()).collect();
+        *self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
+        self.admitted().save(&ids);
+    }
+
+    /// Running containers labelled for this app join the proxy: the ones
+    /// the previous dewy had in rotation (`.dewy/replicas.json`), which
+    /// passed their health check. Others are what a rollout or restart
+    /// that dewy did not finish left (a replica perhaps never healthy, or
+    /// an older image's): they are stopped and removed, and the next check
+    /// rolls out again. Without a record (a first start, a lost workdir),
+    /// the replicas of the most recently deployed image that answer a
+    /// health probe now are adopted, else those of the next older image.
+    async fn adopt(&self) -> Result<Vec<runtime::Container>, Error> {
+        let running: Vec<runtime::Container> = self
             .runtime
             .managed(&self.config.app)
             .await?
             .into_iter()
             .filter(|c| c.running && !c.digest.is_empty())
             .collect();
-        let Some(newest) = running.iter().max_by(|a, b| a.deployed_at.cmp(&b.deployed_at)) else {
-            return Ok(());
-        };
-        let digest = newest.digest.clone();
-        let ports = match self.ports_for("the adopted replicas", Some(&newest.image)).await {
-            Ok(p) => p,
-            Err(err) => {
-                tracing::warn!(error = %err, "Cannot adopt the running replicas; deploying anew");
-                return Ok(());
+        if running.is_empty() {
+            return Ok(Vec::new());
+        }
+        let admitted = self.admitted().load();
+        let recorded: Vec<&runtime::Container> = running.iter().filter(|c| admitted.contains(&c.id)).collect();
+        let (chosen, ports) = if recorded.is_empty() {
+            self.healthy_newest(&running).await
+        } else {
+            match self.ports_for("the adopted replicas", Some(&recorded[0].image)).await {
+                Ok(ports) => (recorded.iter().map(|c| c.id.clone()).collect(), ports),
+                Err(err) => {
+                    tracing::warn!(error = %err, "Cannot adopt the running replicas; deploying anew");
+                    return Ok(Vec::new());
+                }
             }
         };
         let mut adopted = Vec::new();
-        for c in running {
-            if c.digest != digest {
-                tracing::info!(container = %c.id, version = %c.version, "Removing a replica of an older image left by a previous dewy");
-                let _ = self.runtime.stop_and_remove(&c.id, self.config.stop_timeout).await;
-                continue;
-            }
+        for c in running.iter().filter(|c| chosen.contains(&c.id)) {
             match self.join(&c.id, &ports).await {
                 Ok(()) => adopted.push(Replica {
-                    id: c.id,
-                    digest: c.digest,
-                    version: c.version,
+                    id: c.id.clone(),
+                    digest: c.digest.clone(),
+                    version: c.version.clone(),
                 }),
                 Err(err) => tracing::warn!(container = %c.id, error = %err, "Cannot adopt a replica"),
             }
         }
         tracing::info!(count = adopted.len(), version = %adopted.first().map(|r| r.version.as_str()).unwrap_or(""), "Adopted running replicas");
+        if let Some(c) = running.iter().find(|c| adopted.iter().any(|r| r.id == c.id))
+            && !c.reference.is_empty()
+        {
+            self.set_current(&Image {
+                tag: c.version.clone(),
+                digest: c.digest.clone(),
+                reference: c.reference.clone(),
+            });
+        }
         self.set_replicas(adopted);
-        Ok(())
+        Ok(running.into_iter().filter(|c| !chosen.contains(&c.id)).collect())
+    }
+
+    /// Stops and removes what [`Self::adopt`] left out.
+    async fn remove_leftovers(&self, leftovers: Vec<runtime::Container>) {
+        for c in leftovers {
+            tracing::info!(container = %c.id, version = %c.version, "Removing a replica that was not in rotation (left by a rollout or restart a previous dewy did not finish)");
+            if let Err(err) = self.runtime.stop_and_remove(&c.id, self.config.stop_timeout).await {
+                tracing::warn!(container = %c.id, error = %err, "Could not remove a replica that was not in rotation");
+            }
+        }
+    }
+
+    /// Without a record of what was in rotation: the replicas of the most
+    /// recently deployed image that answer a health probe, else of the
+    /// next older image, and so on. Returns their ids and container ports.
+    async fn healthy_newest(&self, running: &[runtime::Container]) -> (Vec<String>, Vec<u16>) {
+        let mut digests: Vec<(&str, &str)> = Vec::new();
+        let mut by_age: Vec<&runtime::Container> = running.iter().collect();
+        by_age.sort_by(|a, b| b.deployed_at.cmp(&a.deployed_at));
+        for c in by_age {
+            if !digests.iter().any(|(d, _)| *d == c.digest) {
+                digests.push((&c.digest, &c.image));
+            }
+        }
+        for (digest, image) in digests {
+            let ports = match self.ports_for("the adopted replicas", Some(image)).await {
+                Ok(p) => p,
+                Err(err) => {
+                    tracing::warn!(error = %err, "Cannot adopt the running replicas");
+                    continue;
+                }
+            };
+            let mut healthy = Vec::new();
+            for c in running.iter().filter(|c| c.digest == digest) {
+                let probed = match self.runtime.host_port(&c.id, ports[0]).await {
+                    Ok(port) => self.probe(port).await,
+                    Err(e) => Err(e.to_string()),
+                };
+                match probed {
+                    Ok(()) => healthy.push(c.id.clone()),
+                    Err(why) => {
+                        tracing::warn!(container = %c.id, version = %c.version, reason = %why, "Not adopting a replica that fails its health probe")
+                    }
+                }
+            }
+            if !healthy.is_empty() {
+                return (healthy, ports);
+            }
+        }
+        (Vec::new(), Vec::new())
     }
 
     /// The container port of each mapping: given, or the image's single
@@ -462,12 +559,12 @@ impl ContainerDeployer {
         }
     }
 
-    /// Starts replica `index` of `release`, waits for its health check,
+    /// Starts replica `index` of `image`, waits for its health check,
     /// and puts it into the proxies. On failure it is removed.
-    async fn start_replica(&self, release: &Release, index: usize) -> Result<Replica, Error> {
-        let ports = self.ports_for(&release.tag, Some(&release.artifact_url)).await?;
+    async fn start_replica(&self, image: &Image, index: usize) -> Result<Replica, Error> {
+        let ports = self.ports_for(&image.tag, Some(&image.reference)).await?;
         let spec = RunSpec {
-            image: release.artifact_url.clone(),
+            image: image.reference.clone(),
             name: format!(
                 "{}-{}-{index}",
                 self.config.app,
@@ -476,8 +573,8 @@ impl ContainerDeployer {
             labels: vec![
                 ("dewy.managed".into(), "true".into()),
                 ("dewy.app".into(), self.config.app.clone()),
-                ("dewy.digest".into(), release.id.clone()),
-                ("dewy.version".into(), release.tag.clone()),
+                ("dewy.digest".into(), image.digest.clone()),
+                ("dewy.version".into(), image.tag.clone()),
                 ("dewy.replica".into(), index.to_string()),
                 ("dewy.deployed_at".into(), jiff::Timestamp::now().to_string()),
             ],
@@ -496,7 +593,7 @@ impl ContainerDeployer {
         if let Err(reason) = self.health(first).await {
             let _ = self.runtime.stop_and_remove(&id, Duration::from_secs(1)).await;
             return Err(Error::Unhealthy {
-                tag: release.tag.clone(),
+                tag: image.tag.clone(),
                 replica: index,
                 reason,
             });
@@ -508,11 +605,11 @@ impl ContainerDeployer {
             let _ = self.runtime.stop_and_remove(&id, Duration::from_secs(1)).await;
             return Err(e);
         }
-        tracing::info!(container = %id, version = %release.tag, replica = index, port = first, "Replica started and added to the proxy");
+        tracing::info!(container = %id, version = %image.tag, replica = index, port = first, "Replica started and added to the proxy");
         Ok(Replica {
             id,
-            digest: release.id.clone(),
-            version: release.tag.clone(),
+            digest: image.digest.clone(),
+            version: image.tag.clone(),
         })
     }
 
@@ -564,15 +661,27 @@ impl ContainerDeployer {
     /// replaced.
     pub async fn tick(&self) -> Result<Outcome, Error> {
         let _guard = self.lock.lock().await;
-        let release = self.registry.latest().await.map_err(Error::Registry)?;
+        let release = match self.registry.latest().await {
+            Ok(r) => r,
+            Err(e) => {
+                // The registry is down or refuses: the replicas are kept
+                // whole all the same.
+                if let Err(err) = self.heal_current().await {
+                    tracing::warn!(error = %err, "Could not replace a stopped replica");
+                }
+                return Err(Error::Registry(e));
+            }
+        };
         tracing::debug!(tag = %release.tag, digest = %release.id, "Found latest image");
         let running = self.replicas();
         if !running.is_empty() && running.iter().all(|r| r.digest == release.id) {
-            return self.heal(&release).await;
+            return self.heal(&Image::of(&release)).await;
         }
         let bad = bad_key(&release)?;
         if self.cache.read(&bad).await.ok().flatten().is_some() {
             tracing::debug!(tag = %release.tag, "Deploy skipped: this image is recorded as bad");
+            // The replicas keep the image they run, and stay whole.
+            self.heal_current().await?;
             return Ok(Outcome::KnownBad { tag: release.tag });
         }
         self.roll_out(&release).await
@@ -608,7 +717,7 @@ impl ContainerDeployer {
         self.pulled().record(&release.artifact_url);
         self.notify.send(format!("Pulled image for `{}`", release.tag));
         self.hook("Before", self.config.before_hook.as_ref(), release).await;
-        let count = match self.replace_all(release).await {
+        let count = match self.replace_all(&Image::of(release)).await {
             Ok(n) => n,
             Err(err) => {
                 if matches!(err, Error::Unhealthy { .. }) {
@@ -638,12 +747,24 @@ impl ContainerDeployer {
         })
     }
 
+    /// [`Self::heal`] with the image the replicas in rotation run (known
+    /// good: it passed its health checks), when one is known.
+    async fn heal_current(&self) -> Result<Outcome, Error> {
+        match self.current() {
+            Some(image) => self.heal(&image).await,
+            None => Ok(Outcome::Current),
+        }
+    }
+
     /// Replaces replicas that stopped (crashed, or killed by hand) and
-    /// puts backends that failed a connection back once they answer.
-    async fn heal(&self, release: &Release) -> Result<Outcome, Error> {
+    /// puts backends that failed a connection back once they answer. A
+    /// replacement that fails leaves the others as they are and is tried
+    /// again at the next check.
+    async fn heal(&self, image: &Image) -> Result<Outcome, Error> {
         let states = self.runtime.managed(&self.config.app).await?;
         let mut kept = Vec::new();
         let mut replaced = 0;
+        let mut failure = None;
         let replicas = self.replicas();
         for (i, r) in replicas.iter().enumerate() {
             let alive = states.iter().any(|c| c.id == r.id && c.running);
@@ -664,23 +785,38 @@ impl ContainerDeployer {
                 p.remove(&r.id);
             }
             let _ = self.runtime.stop_and_remove(&r.id, Duration::from_secs(1)).await;
-            let fresh = self.start_replica(release, i).await?;
-            self.notify
-                .send_error(format!("Replica of `{}` stopped and was replaced", r.version));
-            kept.push(fresh);
-            replaced += 1;
+            match self.start_replica(image, i).await {
+                Ok(fresh) => {
+                    self.notify
+                        .send_error(format!("Replica of `{}` stopped and was replaced", r.version));
+                    kept.push(fresh);
+                    replaced += 1;
+                }
+                Err(err) => failure = Some(err),
+            }
         }
-        // Fewer replicas than asked (a smaller adoption): start the rest.
-        for i in kept.len()..self.config.replicas.max(1) {
-            kept.push(self.start_replica(release, i).await?);
-            replaced += 1;
+        // Fewer replicas than asked (a smaller adoption, a failed
+        // replacement): start the rest.
+        if failure.is_none() {
+            for i in kept.len()..self.config.replicas.max(1) {
+                match self.start_replica(image, i).await {
+                    Ok(fresh) => {
+                        kept.push(fresh);
+                        replaced += 1;
+                    }
+                    Err(err) => {
+                        failure = Some(err);
+                        break;
+                    }
+                }
+            }
         }
         self.set_replicas(kept);
-        self.set_current(release);
-        Ok(if replaced == 0 {
-            Outcome::Current
-        } else {
-            Outcome::Healed { replaced }
-        })
+        self.set_current(image);
+        match failure {
+            Some(err) => Err(err),
+            None if replaced == 0 => Ok(Outcome::Current),
+            None => Ok(Outcome::Healed { replaced }),
+        }
     }
 }

@@ -30,6 +30,9 @@ pub struct Container {
     pub started_at: Option<i64>,
     /// The image id it runs.
     pub image: String,
+    /// The image reference it was started from (`HOST/REPO@sha256:…` for
+    /// dewy's replicas).
+    pub reference: String,
     /// Its name (without Docker's leading `/`).
     pub name: String,
     /// The runtime's state word (`running`, `exited`, …).
@@ -206,7 +209,7 @@ impl Runtime {
                 .run_cmd(&Self::args(&[
                     "inspect",
                     "--format",
-                    r#"{{.State.Running}}|{{index .Config.Labels "dewy.digest"}}|{{index .Config.Labels "dewy.version"}}|{{index .Config.Labels "dewy.deployed_at"}}|{{.State.StartedAt.Unix}}|{{.Image}}|{{.Name}}|{{.State.Status}}|{{json .Config.Labels}}"#,
+                    r#"{{.State.Running}}|{{index .Config.Labels "dewy.digest"}}|{{index .Config.Labels "dewy.version"}}|{{index .Config.Labels "dewy.deployed_at"}}|{{.State.StartedAt.Unix}}|{{.Image}}|{{.Config.Image}}|{{.Name}}|{{.State.Status}}|{{json .Config.Labels}}"#,
                     id,
                 ]))
                 .await
@@ -214,7 +217,7 @@ impl Runtime {
                 continue; // removed meanwhile
             };
             // The labels' JSON comes last: it may hold `|`.
-            let mut parts = line.splitn(9, '|');
+            let mut parts = line.splitn(10, '|');
             let mut next = || parts.next().unwrap_or_default().to_owned();
             out.push(Container {
                 id: id.to_owned(),
@@ -224,6 +227,7 @@ impl Runtime {
                 deployed_at: next(),
                 started_at: next().trim().parse().ok().filter(|t: &i64| *t > 0),
                 image: next(),
+                reference: next(),
                 name: next().trim_start_matches('/').to_owned(),
                 status: next(),
                 labels: serde_json::from_str(&next()).unwrap_or_default(),
