@@ -242,8 +242,18 @@ async fn run(s: Settings) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     // One ERROR line per failure, as in server mode.
     let mut failures = dewy_core::FailureLog::default();
+    // A signal stops a check in progress too: a rollout cut short leaves
+    // the replicas in rotation as they were recorded, and the next dewy
+    // adopts those, removes what the rollout had started and rolls out
+    // again (see ContainerDeployer::start).
+    let mut cut_short = false;
     loop {
-        match deployer.tick().await {
+        let checked = tokio::select! {
+            checked = deployer.tick() => checked,
+            _ = term.recv() => { cut_short = true; break }
+            _ = int.recv() => { cut_short = true; break }
+        };
+        match checked {
             Ok(outcome) => {
                 checks
                     .lock()
@@ -271,6 +281,7 @@ async fn run(s: Settings) -> Result<()> {
     }
     tracing::info!(
         replicas = deployer.replicas().len(),
+        check_cut_short = cut_short,
         "Shutting down; the replicas keep running for the next dewy to adopt"
     );
     notify.send("Stop receiving by `SIGTERM` signal");

@@ -10,10 +10,15 @@ use std::time::{Duration, Instant};
 use assert_cmd::cargo::CommandCargoExt;
 use dewy_testkit::{ImageRegistry, Load};
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+/// Waits until `f` holds; a timeout fails with dewy's log.
+fn wait_logged(what: &str, timeout: Duration, log: &std::path::Path, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; dewy's log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -178,7 +183,12 @@ fn dewy_via(
         cmd.env(k, v);
     }
     cmd.args(["container", "--registry", &format!("img://{host}/acme/web")])
-        .args(["--runtime", "podman", "-p", &proxy.to_string(), "--replicas", "2"])
+        .args(["--runtime", "podman", "-p", &proxy.to_string()])
+        .args(if extra.contains(&"--replicas") {
+            &[][..]
+        } else {
+            &["--replicas", "2"][..]
+        })
         .args([
             "--health-path",
             "/health",
@@ -217,8 +227,10 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     let serving = |v: &str| {
         dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with(&format!("version={v}")))
     };
-    wait_for("v1 behind the proxy", Duration::from_secs(60), || serving("v1.0.0"));
-    wait_for("two v1 replicas", Duration::from_secs(30), || {
+    wait_logged("v1 behind the proxy", Duration::from_secs(60), &log, || {
+        serving("v1.0.0")
+    });
+    wait_logged("two v1 replicas", Duration::from_secs(30), &log, || {
         text().contains("Container deployed") && replicas(&registry, &app).len() == 2
     });
     // The status API and the metrics say the same.
@@ -262,14 +274,14 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     // v1 -> v2 under load: no request fails.
     let load = Load::start(addr);
     let v2 = push_only_remote(&registry, "v2.0.0", &body("v2.0.0"), Some("ok"));
-    wait_for("v2", Duration::from_secs(60), || load.version() == "v2.0.0");
-    wait_for("the v1 replicas retired", Duration::from_secs(30), || {
+    wait_logged("v2", Duration::from_secs(60), &log, || load.version() == "v2.0.0");
+    wait_logged("the v1 replicas retired", Duration::from_secs(30), &log, || {
         replicas(&registry, &app).len() == 2 && text().matches("Container deployed").count() == 2
     });
 
     // A v3 whose health path is missing never gets traffic.
     let v3_bad = push_only_remote(&registry, "v3.0.0", &body("v3.0.0"), None);
-    wait_for("v3 refused", Duration::from_secs(60), || {
+    wait_logged("v3 refused", Duration::from_secs(60), &log, || {
         text().contains("failed its health check")
     });
     std::thread::sleep(Duration::from_secs(2));
@@ -292,7 +304,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
         "{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("v3 tried again", Duration::from_secs(60), || {
+    wait_logged("v3 tried again", Duration::from_secs(60), &log, || {
         text().matches("failed its health check").count() == tries + 1
     });
     std::thread::sleep(Duration::from_secs(3));
@@ -306,7 +318,9 @@ fn rolling_updates_adoption_and_healing_with_podman() {
 
     // v3 pushed again, fixed: a new digest, so a new release.
     let v3 = push_only_remote(&registry, "v3.0.0", &body("v3.0.0"), Some("ok"));
-    wait_for("the fixed v3", Duration::from_secs(60), || load.version() == "v3.0.0");
+    wait_logged("the fixed v3", Duration::from_secs(60), &log, || {
+        load.version() == "v3.0.0"
+    });
     std::thread::sleep(Duration::from_secs(1));
     let (ok, failed, errors) = load.finish();
     assert_eq!(failed, 0, "{errors:?} of {ok}: {}", text());
@@ -314,7 +328,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     // The after hook ran once per rollout (once the old replicas are
     // gone), in the workdir.
     let hooks_log = dir.path().join("hooks.log");
-    wait_for("the v3 after hook", Duration::from_secs(30), || {
+    wait_logged("the v3 after hook", Duration::from_secs(30), &log, || {
         std::fs::read_to_string(&hooks_log).is_ok_and(|h| h.contains("v3.0.0"))
     });
     let hooks = std::fs::read_to_string(&hooks_log).unwrap();
@@ -327,7 +341,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     // With --keep-images 2, the images of v1 and v2 went after the v3
     // rollout (pulled: v1, v2, the failing v3, the fixed v3); the two
     // most recently pulled stay.
-    wait_for("the old images removed", Duration::from_secs(30), || {
+    wait_logged("the old images removed", Duration::from_secs(30), &log, || {
         text().contains("removed=2")
     });
     assert!(
@@ -345,7 +359,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     assert!(keep.iter().all(|l| l.contains("count=2")), "{keep:?}");
 
     // dewy killed: the next one adopts the replicas and serves at once.
-    wait_for("the v2 replicas retired", Duration::from_secs(30), || {
+    wait_logged("the v2 replicas retired", Duration::from_secs(30), &log, || {
         replicas(&registry, &app).len() == 2
     });
     let before = replicas(&registry, &app);
@@ -362,7 +376,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
         dir.path(),
         &["--keep-images", "2", "--admin-token", "s3cret"],
     );
-    wait_for("serving again", Duration::from_secs(10), || serving("v3.0.0"));
+    wait_logged("serving again", Duration::from_secs(10), &log, || serving("v3.0.0"));
     let took = started.elapsed();
     assert!(took < Duration::from_secs(1), "took {took:?}");
     std::thread::sleep(Duration::from_secs(3));
@@ -409,7 +423,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     let tcp = || Box::new(std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap());
     let answer = post(socket(), "/api/check", "");
     assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
-    wait_for("the requested check", Duration::from_secs(5), || {
+    wait_logged("the requested check", Duration::from_secs(5), &log, || {
         text().contains("Check requested through the admin API")
     });
     for (auth, expected) in [
@@ -454,7 +468,7 @@ fn rolling_updates_adoption_and_healing_with_podman() {
     // A replica killed by hand is replaced.
     let victim = before[0].clone();
     registry.podman().args(["rm", "-f", &victim]).output().unwrap();
-    wait_for("the replacement", Duration::from_secs(60), || {
+    wait_logged("the replacement", Duration::from_secs(60), &log, || {
         let now = replicas(&registry, &app);
         now.len() == 2 && !now.contains(&victim)
     });
@@ -504,10 +518,10 @@ fn registry_faults_keep_the_current_version_serving() {
         dir.path(),
         &telemetry,
     );
-    wait_for("v1", Duration::from_secs(60), || {
+    wait_logged("v1", Duration::from_secs(60), &log, || {
         serving() && text().contains("Container deployed") && replicas(&registry, &app).len() == 2
     });
-    wait_for("the images kept", Duration::from_secs(10), || {
+    wait_logged("the images kept", Duration::from_secs(10), &log, || {
         text().contains("Keep images")
     });
     assert!(
@@ -517,7 +531,7 @@ fn registry_faults_keep_the_current_version_serving() {
         "{}",
         text()
     );
-    wait_for("the container metrics over OTLP", Duration::from_secs(20), || {
+    wait_logged("the container metrics over OTLP", Duration::from_secs(20), &log, || {
         let names = names.lock().unwrap();
         ["dewy_container_replicas", "dewy_proxy_connections_total"]
             .iter()
@@ -534,18 +548,18 @@ fn registry_faults_keep_the_current_version_serving() {
     let via = flaky.endpoint.trim_start_matches("http://").to_owned();
     registry.allow_insecure(&via);
     let mut second = dewy_via(&registry, &via, &app, (proxy, admin), &log, dir.path(), &[]);
-    wait_for("the proxy port", Duration::from_secs(10), || {
+    wait_logged("the proxy port", Duration::from_secs(10), &log, || {
         std::net::TcpStream::connect(addr).is_ok()
     });
     let load = Load::start(addr);
-    wait_for("the faults", Duration::from_secs(30), || flaky.connections() >= 6);
-    wait_for("the registry answering again", Duration::from_secs(30), || {
+    wait_logged("the faults", Duration::from_secs(30), &log, || flaky.connections() >= 6);
+    wait_logged("the registry answering again", Duration::from_secs(30), &log, || {
         text().contains("Dewy run recovered")
     });
     assert!(text().contains("answered HTTP 401"), "{}", text());
     // Then the registry goes away altogether.
     registry.stop();
-    wait_for("the outage noticed", Duration::from_secs(30), || {
+    wait_logged("the outage noticed", Duration::from_secs(30), &log, || {
         text().contains("OCI registry request for")
     });
     std::thread::sleep(Duration::from_secs(2));
@@ -580,13 +594,13 @@ fn dewy_killed_mid_rollout_adopts_only_replicas_that_were_in_rotation() {
     };
     push_only_remote(&registry, "v1.0.0", "version=v1.0.0 \n", Some("ok"));
     let mut child = dewy(&registry, &app, (proxy, admin), &log, dir.path());
-    wait_for("two v1 replicas", Duration::from_secs(60), || {
+    wait_logged("two v1 replicas", Duration::from_secs(60), &log, || {
         serving("v1.0.0") && text().contains("Container deployed") && replicas(&registry, &app).len() == 2
     });
     let before = replicas(&registry, &app);
     // v2 has no health path: its first replica is checked for 15 s.
     push_only_remote(&registry, "v2.0.0", "version=v2.0.0 \n", None);
-    wait_for("a v2 replica being checked", Duration::from_secs(60), || {
+    wait_logged("a v2 replica being checked", Duration::from_secs(60), &log, || {
         replicas(&registry, &app).len() == 3
     });
     child.kill().unwrap();
@@ -594,17 +608,20 @@ fn dewy_killed_mid_rollout_adopts_only_replicas_that_were_in_rotation() {
 
     let mut child = dewy(&registry, &app, (proxy, admin), &log, dir.path());
     let started = Instant::now();
-    wait_for("serving again", Duration::from_secs(10), || serving("v1.0.0"));
+    wait_logged("serving again", Duration::from_secs(10), &log, || serving("v1.0.0"));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "took {:?}",
         started.elapsed()
     );
-    wait_for("the unchecked v2 replica removed", Duration::from_secs(30), || {
-        text().contains("was not in rotation")
-    });
+    wait_logged(
+        "the unchecked v2 replica removed",
+        Duration::from_secs(30),
+        &log,
+        || text().contains("was not in rotation"),
+    );
     let load = Load::start(addr);
-    wait_for("v2 tried again and recorded bad", Duration::from_secs(60), || {
+    wait_logged("v2 tried again and recorded bad", Duration::from_secs(60), &log, || {
         text().contains("failed its health check")
     });
     std::thread::sleep(Duration::from_secs(2));
@@ -621,13 +638,98 @@ fn dewy_killed_mid_rollout_adopts_only_replicas_that_were_in_rotation() {
 
     // v2 is recorded bad; a v1 replica killed by hand is replaced by v1.
     registry.podman().args(["rm", "-f", &before[0]]).output().unwrap();
-    wait_for("the replacement", Duration::from_secs(60), || {
+    wait_logged("the replacement", Duration::from_secs(60), &log, || {
         let now = replicas(&registry, &app);
         now.len() == 2 && !now.contains(&before[0])
     });
     assert!(serving("v1.0.0"));
     let status = json(admin, "/api/status");
     assert_eq!(status["current_version"], "v1.0.0", "{status}");
+
+    // SIGTERM while a v3 replica is being checked: dewy stops at once
+    // (the check is cut short); the next one, with --replicas 1, adopts
+    // the v1 replicas, removes the v3 one, retires the extra v1 replica
+    // and records v3 bad.
+    push_only_remote(&registry, "v3.0.0", "version=v3.0.0 \n", None);
+    wait_logged("a v3 replica being checked", Duration::from_secs(60), &log, || {
+        replicas(&registry, &app).len() == 3
+    });
+    let stopping = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        stopping.elapsed()
+    );
+    assert!(text().contains("check_cut_short=true"), "{}", text());
+    let mut child = dewy_via(
+        &registry,
+        &registry.host,
+        &app,
+        (proxy, admin),
+        &log,
+        dir.path(),
+        &["--replicas", "1"],
+    );
+    let started = Instant::now();
+    wait_logged("serving again", Duration::from_secs(10), &log, || serving("v1.0.0"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    let load = Load::start(addr);
+    wait_logged("one v1 replica", Duration::from_secs(60), &log, || {
+        replicas(&registry, &app).len() == 1 && text().contains("Retiring a replica beyond --replicas")
+    });
+    wait_logged("v3 recorded bad", Duration::from_secs(60), &log, || {
+        text().matches("failed its health check").count() == 2
+    });
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{errors:?} of {ok}: {}", text());
+    assert!(serving("v1.0.0"));
+    let one = replicas(&registry, &app);
+    assert_eq!(one.len(), 1, "{}", text());
+
+    // A container of this app and workdir that is not in rotation (say, a
+    // `run` that finished after its check was cut short) is removed at
+    // the next check; one started from another workdir is another dewy's
+    // and stays.
+    let out = registry
+        .podman()
+        .args(["inspect", "--format", "{{.Config.Image}}", &one[0]])
+        .output()
+        .unwrap();
+    let image = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let stray = |workdir: &str| {
+        let out = registry
+            .podman()
+            .args(["run", "-d", "--label", "dewy.managed=true"])
+            .args(["--label", &format!("dewy.app={app}")])
+            .args(["--label", "dewy.digest=sha256:stray"])
+            .args(["--label", &format!("dewy.workdir={workdir}")])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let ours = stray(&dir.path().display().to_string());
+    let theirs = stray("/srv/another-dewy");
+    wait_logged("the stray container removed", Duration::from_secs(30), &log, || {
+        !replicas(&registry, &app).contains(&ours)
+    });
+    let now = replicas(&registry, &app);
+    assert!(
+        now.contains(&theirs) && now.contains(&one[0]) && now.len() == 2,
+        "{now:?}"
+    );
+    assert!(serving("v1.0.0"));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

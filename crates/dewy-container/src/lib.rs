@@ -393,26 +393,25 @@ impl ContainerDeployer {
     /// the replicas of the most recently deployed image that answer a
     /// health probe now are adopted, else those of the next older image.
     async fn adopt(&self) -> Result<Vec<runtime::Container>, Error> {
-        let running: Vec<runtime::Container> = self
-            .runtime
-            .managed(&self.config.app)
+        // Stopped ones (a crashed replica, a `run` cut short) are removed
+        // with the leftovers.
+        let (running, stopped): (Vec<runtime::Container>, Vec<runtime::Container>) = self
+            .ours()
             .await?
             .into_iter()
-            .filter(|c| c.running && !c.digest.is_empty())
-            .collect();
-        if running.is_empty() {
-            return Ok(Vec::new());
-        }
+            .partition(|c| c.running && !c.digest.is_empty());
         let admitted = self.admitted().load();
         let recorded: Vec<&runtime::Container> = running.iter().filter(|c| admitted.contains(&c.id)).collect();
-        let (chosen, ports) = if recorded.is_empty() {
+        let (chosen, ports) = if running.is_empty() {
+            (Vec::new(), Vec::new())
+        } else if recorded.is_empty() {
             self.healthy_newest(&running).await
         } else {
             match self.ports_for("the adopted replicas", Some(&recorded[0].image)).await {
                 Ok(ports) => (recorded.iter().map(|c| c.id.clone()).collect(), ports),
                 Err(err) => {
                     tracing::warn!(error = %err, "Cannot adopt the running replicas; deploying anew");
-                    return Ok(Vec::new());
+                    (Vec::new(), Vec::new())
                 }
             }
         };
@@ -438,13 +437,32 @@ impl ContainerDeployer {
             });
         }
         self.set_replicas(adopted);
-        Ok(running.into_iter().filter(|c| !chosen.contains(&c.id)).collect())
+        Ok(running
+            .into_iter()
+            .filter(|c| !chosen.contains(&c.id))
+            .chain(stopped)
+            .collect())
+    }
+
+    /// The app's containers that this dewy may adopt or remove: those
+    /// started from this workdir (label `dewy.workdir`; containers of
+    /// dewy versions without the label count as this workdir's). Another
+    /// dewy with the same `--name` elsewhere keeps its own.
+    async fn ours(&self) -> Result<Vec<runtime::Container>, Error> {
+        let here = self.config.workdir.display().to_string();
+        Ok(self
+            .runtime
+            .managed(&self.config.app)
+            .await?
+            .into_iter()
+            .filter(|c| c.labels.get("dewy.workdir").is_none_or(|w| *w == here))
+            .collect())
     }
 
     /// Stops and removes what [`Self::adopt`] left out.
     async fn remove_leftovers(&self, leftovers: Vec<runtime::Container>) {
         for c in leftovers {
-            tracing::info!(container = %c.id, version = %c.version, "Removing a replica that was not in rotation (left by a rollout or restart a previous dewy did not finish)");
+            tracing::info!(container = %c.id, version = %c.version, state = %c.status, "Removing a replica that was not in rotation (stopped, or left by a rollout or restart a previous dewy did not finish)");
             if let Err(err) = self.runtime.stop_and_remove(&c.id, self.config.stop_timeout).await {
                 tracing::warn!(container = %c.id, error = %err, "Could not remove a replica that was not in rotation");
             }
@@ -577,6 +595,7 @@ impl ContainerDeployer {
                 ("dewy.version".into(), image.tag.clone()),
                 ("dewy.replica".into(), index.to_string()),
                 ("dewy.deployed_at".into(), jiff::Timestamp::now().to_string()),
+                ("dewy.workdir".into(), self.config.workdir.display().to_string()),
             ],
             ports: ports.clone(),
             extra_args: self.config.extra_args.clone(),
@@ -761,11 +780,23 @@ impl ContainerDeployer {
     /// replacement that fails leaves the others as they are and is tried
     /// again at the next check.
     async fn heal(&self, image: &Image) -> Result<Outcome, Error> {
-        let states = self.runtime.managed(&self.config.app).await?;
+        let states = self.ours().await?;
         let mut kept = Vec::new();
         let mut replaced = 0;
         let mut failure = None;
         let replicas = self.replicas();
+        // Containers of this app and workdir that are not in rotation: a
+        // `run` that finished after the check that started it was cut
+        // short, a replica a runtime restarted under another id. Nothing
+        // else starts containers between checks.
+        let strays: Vec<runtime::Container> = states
+            .iter()
+            .filter(|c| !replicas.iter().any(|r| r.id == c.id))
+            .cloned()
+            .collect();
+        if !strays.is_empty() {
+            self.remove_leftovers(strays).await;
+        }
         for (i, r) in replicas.iter().enumerate() {
             let alive = states.iter().any(|c| c.id == r.id && c.running);
             if alive {
@@ -810,6 +841,13 @@ impl ContainerDeployer {
                     }
                 }
             }
+        }
+        // More replicas than asked (`--replicas` lowered since they
+        // started): the extra ones leave the proxy, drain and stop.
+        while kept.len() > self.config.replicas.max(1) {
+            let Some(extra) = kept.pop() else { break };
+            tracing::info!(container = %extra.id, replicas = self.config.replicas.max(1), "Retiring a replica beyond --replicas");
+            self.retire(&extra.id).await;
         }
         self.set_replicas(kept);
         self.set_current(image);

@@ -85,22 +85,37 @@ impl Runtime {
         &self.program
     }
 
+    /// Runs the runtime's command line. A command is never killed because
+    /// its caller went away (a check cut short by a signal, dewy exiting):
+    /// a `run` or `rm` killed half-way can leave a container running that
+    /// the runtime no longer lists. It finishes on its own, and what it
+    /// leaves is swept up (see `ContainerDeployer`). Only a command still
+    /// running after 10 minutes is killed.
     async fn run_cmd(&self, args: &[String]) -> Result<String, Error> {
+        let failed = |message: String| Error::Command {
+            command: format!("{} {}", self.program, args.join(" ")),
+            message,
+        };
         let mut cmd = tokio::process::Command::new(&self.program);
-        cmd.args(args).kill_on_drop(true).stdin(std::process::Stdio::null());
+        cmd.args(args)
+            .kill_on_drop(false)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
-            .await
-            .map_err(|_| Error::Command {
-                command: format!("{} {}", self.program, args.join(" ")),
-                message: "timed out after 10 minutes".into(),
-            })?
-            .map_err(|e| Error::Command {
-                command: format!("{} {}", self.program, args.join(" ")),
-                message: e.to_string(),
-            })?;
+        let child = cmd.spawn().map_err(|e| failed(e.to_string()))?;
+        let pid = child.id();
+        let out = match tokio::time::timeout(Duration::from_secs(600), child.wait_with_output()).await {
+            Ok(out) => out.map_err(|e| failed(e.to_string()))?,
+            Err(_) => {
+                if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                return Err(failed("timed out after 10 minutes".into()));
+            }
+        };
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             return Err(Error::Command {
