@@ -115,7 +115,8 @@ fn settings(args: &ContainerArgs) -> Result<Settings> {
     // nothing here (the metrics are always served).
     let admin_port = args.admin_port.unwrap_or(crate::admin::DEWY_ADMIN_PORT);
     let workdir = match &args.workdir {
-        Some(w) => std::path::PathBuf::from(w),
+        // Absolute: it is also the replicas' `dewy.workdir` label.
+        Some(w) => std::path::absolute(w).with_context(|| format!("invalid value `{w}` for --workdir"))?,
         None => std::env::current_dir().context("cannot read the current directory")?,
     };
     Ok(Settings {
