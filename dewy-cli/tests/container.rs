@@ -97,6 +97,41 @@ impl Drop for Cleanup {
     }
 }
 
+/// One test's world: a registry, a workdir holding dewy's log, free proxy
+/// and admin ports, and the cleanup of the app's containers and images.
+struct Scene {
+    registry: ImageRegistry,
+    dir: tempfile::TempDir,
+    app: String,
+    proxy: u16,
+    admin: u16,
+    addr: std::net::SocketAddr,
+    log: std::path::PathBuf,
+    cleanup: Cleanup,
+}
+
+impl Scene {
+    /// A scene whose app is named `prefix` and this process's id.
+    fn new(prefix: &str) -> Self {
+        let registry = ImageRegistry::start();
+        let dir = tempfile::tempdir().unwrap();
+        let app = format!("{prefix}{}", std::process::id());
+        let cleanup = Cleanup::new(&registry, &app);
+        let (proxy, admin) = (dewy_testkit::free_port(), dewy_testkit::free_port());
+        let log = dir.path().join("dewy.log");
+        Self {
+            registry,
+            dir,
+            app,
+            proxy,
+            admin,
+            addr: ([127, 0, 0, 1], proxy).into(),
+            log,
+            cleanup,
+        }
+    }
+}
+
 /// Pushes a web image as `acme/web:TAG`, then drops the test's own local
 /// name for it, so that the only name left is the one dewy pulls (and may
 /// remove); returns the image id.
@@ -160,6 +195,16 @@ fn dewy(
     )
 }
 
+/// SIGTERM to dewy, which must exit with status 0.
+fn stop(dewy: &mut Dewy) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dewy.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(dewy.wait().unwrap().code(), Some(0));
+}
+
 /// The JSON of `GET path` on 127.0.0.1:`port`.
 fn json(port: u16, path: &str) -> serde_json::Value {
     let (status, body) = dewy_testkit::http_get(([127, 0, 0, 1], port).into(), path).unwrap();
@@ -213,13 +258,16 @@ fn dewy_via(
 
 #[test]
 fn rolling_updates_adoption_and_healing_with_podman() {
-    let registry = ImageRegistry::start();
-    let dir = tempfile::tempdir().unwrap();
-    let app = format!("web{}", std::process::id());
-    let _cleanup = Cleanup::new(&registry, &app);
-    let (proxy, admin) = (dewy_testkit::free_port(), dewy_testkit::free_port());
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy).into();
-    let log = dir.path().join("dewy.log");
+    let Scene {
+        registry,
+        dir,
+        app,
+        proxy,
+        admin,
+        addr,
+        log,
+        cleanup: _cleanup,
+    } = Scene::new("web");
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     let body = |v: &str| format!("version={v} \n");
     let v1 = push_only_remote(&registry, "v1.0.0", &body("v1.0.0"), Some("ok"));
@@ -473,25 +521,23 @@ fn rolling_updates_adoption_and_healing_with_podman() {
         now.len() == 2 && !now.contains(&victim)
     });
     assert!(serving("v3.0.0"));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    stop(&mut child);
 }
 
 /// Registry faults (refused credentials, server errors, the registry down)
 /// never touch the replicas: the current version keeps serving.
 #[test]
 fn registry_faults_keep_the_current_version_serving() {
-    let mut registry = ImageRegistry::start();
-    let dir = tempfile::tempdir().unwrap();
-    let app = format!("faults{}", std::process::id());
-    let _cleanup = Cleanup::new(&registry, &app);
-    let (proxy, admin) = (dewy_testkit::free_port(), dewy_testkit::free_port());
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy).into();
-    let log = dir.path().join("dewy.log");
+    let Scene {
+        mut registry,
+        dir,
+        app,
+        proxy,
+        admin,
+        addr,
+        log,
+        cleanup: _cleanup,
+    } = Scene::new("faults");
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     registry.push_web_image("acme/web", "v1.0.0", "version=v1.0.0 \n", Some("ok"));
     let serving = || dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with("version=v1.0.0"));
@@ -566,12 +612,7 @@ fn registry_faults_keep_the_current_version_serving() {
     let (ok, failed, errors) = load.finish();
     assert!(ok > 0 && failed == 0, "{errors:?}: {}", text());
     assert_eq!(replicas(&registry, &app), before, "no replica was touched: {}", text());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(second.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_eq!(second.wait().unwrap().code(), Some(0));
+    stop(&mut second);
 }
 
 /// dewy SIGKILLed while a new image's replica is still being checked: the
@@ -581,13 +622,16 @@ fn registry_faults_keep_the_current_version_serving() {
 /// is still replaced while the newest image is recorded bad.
 #[test]
 fn dewy_killed_mid_rollout_adopts_only_replicas_that_were_in_rotation() {
-    let registry = ImageRegistry::start();
-    let dir = tempfile::tempdir().unwrap();
-    let app = format!("mid{}", std::process::id());
-    let _cleanup = Cleanup::new(&registry, &app);
-    let (proxy, admin) = (dewy_testkit::free_port(), dewy_testkit::free_port());
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy).into();
-    let log = dir.path().join("dewy.log");
+    let Scene {
+        registry,
+        dir,
+        app,
+        proxy,
+        admin,
+        addr,
+        log,
+        cleanup: _cleanup,
+    } = Scene::new("mid");
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     let serving = |v: &str| {
         dewy_testkit::http_get(addr, "/").is_ok_and(|(s, b)| s == 200 && b.starts_with(&format!("version={v}")))
@@ -655,12 +699,7 @@ fn dewy_killed_mid_rollout_adopts_only_replicas_that_were_in_rotation() {
         replicas(&registry, &app).len() == 3
     });
     let stopping = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    stop(&mut child);
     assert!(
         stopping.elapsed() < Duration::from_secs(5),
         "took {:?}",
@@ -730,10 +769,5 @@ fn dewy_killed_mid_rollout_adopts_only_replicas_that_were_in_rotation() {
         "{now:?}"
     );
     assert!(serving("v1.0.0"));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    stop(&mut child);
 }
