@@ -506,7 +506,11 @@ impl Deployer {
             });
         }
         let recorded_bad = self.cache.read(&Key::bad(&key)).await.ok().flatten().is_some();
-        if recorded_bad || self.state().bad_key.as_deref() == Some(key.as_str()) {
+        let remembered_bad = {
+            let state = self.state();
+            state.bad_key.as_deref() == Some(key.as_str()) && !state.bad_in_cache
+        };
+        if recorded_bad || remembered_bad {
             resumed?;
             // Once per release at INFO (a check every few seconds must not
             // repeat it), then at DEBUG.
@@ -974,12 +978,17 @@ impl Deployer {
         let Ok(key) = Key::artifact(&release.tag, &release.artifact_name) else {
             return;
         };
-        self.state().bad_key = Some(key.to_string());
+        {
+            let mut state = self.state();
+            state.bad_key = Some(key.to_string());
+            state.bad_in_cache = false;
+        }
         if by_this_host && self.config.rollout.is_some() {
             return;
         }
-        if let Err(err) = self.cache.write(&Key::bad(&key), reason.as_bytes()).await {
-            tracing::warn!(error = %chain(&err), "Could not record the bad release in the cache");
+        match self.cache.write(&Key::bad(&key), reason.as_bytes()).await {
+            Ok(()) => self.state().bad_in_cache = true,
+            Err(err) => tracing::warn!(error = %chain(&err), "Could not record the bad release in the cache"),
         }
     }
 

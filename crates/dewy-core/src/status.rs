@@ -46,6 +46,12 @@ pub(crate) struct State {
     /// A release whose application failed to start or become ready; it is
     /// not tried again until a newer release appears (or dewy restarts).
     pub(crate) bad_key: Option<String>,
+    /// Whether `bad_key` is also recorded in the cache. Then the cache
+    /// decides (an operator may clear it there for the whole fleet, from
+    /// any machine); otherwise (the write failed, or a staged rollout
+    /// counts the failure instead) this memory keeps the release from being
+    /// retried at every tick.
+    pub(crate) bad_in_cache: bool,
     /// When the last tick ended, and how.
     pub(crate) last_check: Option<jiff::Timestamp>,
     pub(crate) last_outcome: Option<String>,

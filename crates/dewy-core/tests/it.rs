@@ -560,6 +560,16 @@ async fn assets_health_command_rolls_back_and_the_record_survives_a_restart() {
         r.deployer.tick().await.unwrap(),
         TickOutcome::KnownBad { tag: "v2.0.0".into() }
     );
+    // Cleared in the shared cache from elsewhere (`dewy clear-bad --cache`
+    // on an operator's machine): the host that recorded it tries it again
+    // too, and records it again.
+    r.cache.delete(&bad).await.unwrap();
+    assert!(matches!(r.deployer.tick().await, Err(Error::Unhealthy { .. })));
+    assert!(r.cache.read(&bad).await.unwrap().is_some());
+    assert_eq!(
+        r.deployer.tick().await.unwrap(),
+        TickOutcome::KnownBad { tag: "v2.0.0".into() }
+    );
 
     // A restarted dewy (a new deployer on the same cache) still skips it.
     let notify = Notify::new(r.sent.clone(), Context::default(), false);
