@@ -15,7 +15,8 @@ pub(crate) fn root_from(workdir: Option<&str>) -> std::path::PathBuf {
 /// between ticks and restarts the app), else on the folder directly.
 pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process::ExitCode {
     let root = root_from(workdir);
-    if let Some(code) = refuse_in_container_mode(&root) {
+    let running = running_status(&root);
+    if let Some(code) = refuse_in_container_mode(running.as_ref(), &root) {
         return code;
     }
     let (path, version) = match crate::releases::rollback_target(&root, to) {
@@ -27,10 +28,7 @@ pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process:
     };
     let query = to.map(|v| format!("?to={}", percent_encode(v))).unwrap_or_default();
     // Say at once what happens to a deploy in flight.
-    if let Ok((200, body)) = crate::client::request(&root, "GET", "/api/status")
-        && let Ok(status) = serde_json::from_str::<serde_json::Value>(&body)
-        && let Some(tag) = status["deploying"].as_str()
-    {
+    if let Some(tag) = running.as_ref().and_then(|s| s["deploying"].as_str()) {
         eprintln!("cancelling the deploy of {tag} (it is undone), then rolling back to {version}");
     }
     match crate::client::request(&root, "POST", &format!("/api/rollback{query}")) {
@@ -64,15 +62,22 @@ pub(crate) fn rollback(workdir: Option<&str>, to: Option<&str>) -> std::process:
     std::process::ExitCode::SUCCESS
 }
 
-/// `dewy rollback`, `pin` and `unpin` against a running `dewy container`:
-/// it has no releases on disk to go back to, so say so rather than
-/// complain about the folder.
-fn refuse_in_container_mode(root: &std::path::Path) -> Option<std::process::ExitCode> {
+/// The running dewy's `/api/status`, when one answers in `root`.
+fn running_status(root: &std::path::Path) -> Option<serde_json::Value> {
     let Ok((200, body)) = crate::client::request(root, "GET", "/api/status") else {
         return None;
     };
-    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
-    (status["command"] == 2).then(|| {
+    serde_json::from_str(&body).ok()
+}
+
+/// `dewy rollback`, `pin` and `unpin` against a running `dewy container`:
+/// it has no releases on disk to go back to, so say so rather than
+/// complain about the folder.
+fn refuse_in_container_mode(
+    running: Option<&serde_json::Value>,
+    root: &std::path::Path,
+) -> Option<std::process::ExitCode> {
+    (running?["command"] == 2).then(|| {
         eprintln!(
             "error: rollback, pin and unpin do not apply to container mode (the dewy in {} runs `dewy container`): its replicas run the newest image not recorded as bad; to go back, publish the previous image under a newer tag. `dewy clear-bad` and `dewy container list` work there.",
             root.display()
@@ -161,7 +166,7 @@ pub(crate) fn cache_url_for(root: &std::path::Path, flag: Option<&str>) -> Strin
 /// `dewy unpin`.
 pub(crate) fn unpin(workdir: Option<&str>) -> std::process::ExitCode {
     let root = root_from(workdir);
-    if let Some(code) = refuse_in_container_mode(&root) {
+    if let Some(code) = refuse_in_container_mode(running_status(&root).as_ref(), &root) {
         return code;
     }
     if let Ok((200, _)) = crate::client::request(&root, "POST", "/api/unpin") {

@@ -28,21 +28,11 @@ impl Pulled {
     /// The recorded references, oldest first. An unreadable record is
     /// empty (nothing is removed on its account).
     fn load(&self) -> Vec<String> {
-        crate::record::load(&self.path)
-            .and_then(|v| {
-                v.as_array().map(|items| {
-                    items
-                        .iter()
-                        .filter_map(|i| i.get("image")?.as_str().map(str::to_owned))
-                        .collect()
-                })
-            })
-            .unwrap_or_default()
+        crate::record::load_list(&self.path, "image")
     }
 
     fn save(&self, images: &[String]) -> std::io::Result<()> {
-        let list: Vec<serde_json::Value> = images.iter().map(|i| serde_json::json!({ "image": i })).collect();
-        crate::record::save(&self.path, &serde_json::Value::Array(list))
+        crate::record::save_list(&self.path, "image", images)
     }
 
     /// Notes that `image` (`HOST/REPO@sha256:…`) was pulled now.

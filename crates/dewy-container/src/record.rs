@@ -5,25 +5,32 @@
 
 use std::path::{Path, PathBuf};
 
-/// Reads a JSON record; `None` when it is absent or unreadable (logged).
-pub(crate) fn load(path: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(path).ok()?;
-    match serde_json::from_str(&text) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "Unreadable record; ignored");
-            None
+/// Reads a record that is a JSON list of `{"<field>": "…"}`: the values,
+/// in order. Absent or unreadable (logged): empty.
+pub(crate) fn load_list(path: &Path, field: &str) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.get(field)?.as_str().map(str::to_owned))
+            .collect(),
+        _ => {
+            tracing::warn!(path = %path.display(), "Unreadable record; ignored");
+            Vec::new()
         }
     }
 }
 
-/// Replaces a JSON record atomically.
-pub(crate) fn save(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
+/// Replaces such a record atomically (a temporary file renamed over it).
+pub(crate) fn save_list(path: &Path, field: &str, values: &[String]) -> std::io::Result<()> {
+    let list: Vec<serde_json::Value> = values.iter().map(|v| serde_json::json!({ field: v })).collect();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value).unwrap_or_default())?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap_or_default())?;
     std::fs::rename(&tmp, path)
 }
 
@@ -44,22 +51,12 @@ impl Admitted {
 
     /// The recorded ids; empty when there is no readable record.
     pub(crate) fn load(&self) -> Vec<String> {
-        load(&self.path)
-            .and_then(|v| {
-                v.as_array().map(|items| {
-                    items
-                        .iter()
-                        .filter_map(|i| i["id"].as_str().map(str::to_owned))
-                        .collect()
-                })
-            })
-            .unwrap_or_default()
+        load_list(&self.path, "id")
     }
 
     /// Records `ids` as the replicas in rotation.
     pub(crate) fn save(&self, ids: &[String]) {
-        let list: Vec<serde_json::Value> = ids.iter().map(|id| serde_json::json!({ "id": id })).collect();
-        if let Err(e) = save(&self.path, &serde_json::Value::Array(list)) {
+        if let Err(e) = save_list(&self.path, "id", ids) {
             tracing::warn!(path = %self.path.display(), error = %e, "Could not record the replicas in rotation");
         }
     }
